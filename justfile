@@ -1,0 +1,63 @@
+# multilabel: entry points. Extra arguments pass through to the command,
+# e.g. `just train --epochs 1`, `just eval --thresh 0.48`.
+# Pick a GPU backend with `MULTILABEL_FEATURES=cuda just train` (or cudnn, metal).
+
+features := env("MULTILABEL_FEATURES", "")
+cargo_features := if features == "" { "" } else { "--features " + features }
+run := "cargo run --release --quiet " + cargo_features + " --"
+
+# list the recipes
+default:
+    @just --list
+
+# fine-tune ResNet-50 on PASCAL 2007 with fastai's chapter-6 recipe
+train *ARGS:
+    {{run}} train {{ARGS}}
+
+# evaluate the latest run (or --run DIR) at a threshold, e.g. --thresh 0.48
+eval *ARGS:
+    {{run}} eval {{ARGS}}
+
+# print the labels the latest run predicts for images
+predict *ARGS:
+    {{run}} predict {{ARGS}}
+
+# fastai's learning-rate finder
+lr-find *ARGS:
+    {{run}} lr-find {{ARGS}}
+
+# offline demo: synthetic data, narrow ResNet from scratch, CPU, a few minutes
+demo *ARGS:
+    {{run}} demo {{ARGS}}
+
+# write a synthetic PASCAL-layout dataset
+synth *ARGS:
+    {{run}} synth {{ARGS}}
+
+# draw a batch as a PNG grid with labels, e.g. --data DIR --out batch.png
+show-batch *ARGS:
+    {{run}} show-batch {{ARGS}}
+
+# download and verify PASCAL 2007 into data/
+download *ARGS:
+    {{run}} download {{ARGS}}
+
+# the whole test suite (what CI runs)
+test:
+    cargo test --workspace --all-targets
+
+# formatting and lints as CI would want them
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# every benchmark
+bench: bench-data bench-resnet
+
+# data pipeline images/s (1 thread and all threads); MULTILABEL_BENCH_DIR=folder adds a real dataset
+bench-data *ARGS:
+    cargo bench -p multilabel-data {{ARGS}}
+
+# ResNet-50 forward / forward+backward time per image, frozen and unfrozen
+bench-resnet *ARGS:
+    cargo bench -p multilabel-resnet {{ARGS}}
