@@ -1,0 +1,209 @@
+"""PyTorch side of `just bench-cpu`: the same measurements as our Rust bench.
+
+ResNet-50 (torchvision layout, random init: speed does not depend on the
+weights) with fastai's head written out in plain torch, 128 px, batch 64:
+
+- train_frozen   images/s: forward, BCE-with-logits, backward, Adam step with
+                 the body's conv weights frozen and every BatchNorm trainable
+                 (fastai's freeze() with train_bn=True)
+- train_unfrozen images/s: the same with everything trainable
+- eval           images/s: eval mode, no_grad
+- data           images/s: PIL decode + RandomResizedCrop(128, 0.35) squashed
+                 with bilinear + to float CHW + normalize, over a folder of
+                 JPEGs, in `--threads` worker processes (fastai's DataLoader
+                 does the same with worker processes)
+- peak_rss_mb    the process's peak resident memory
+
+Prints a JSON object on stdout; progress goes to stderr.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def fastai_head(torch, nf, n_classes):
+    nn = torch.nn
+
+    class ConcatPool(nn.Module):
+        def forward(self, x):
+            return torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1)
+
+    def bn(n):
+        layer = nn.BatchNorm1d(n)
+        layer.bias.data.fill_(1e-3)
+        return layer
+
+    head = nn.Sequential(
+        ConcatPool(),
+        bn(2 * nf),
+        nn.Dropout(0.25),
+        nn.Linear(2 * nf, 512, bias=False),
+        nn.ReLU(inplace=True),
+        bn(512),
+        nn.Dropout(0.5),
+        nn.Linear(512, n_classes, bias=False),
+    )
+    return head
+
+
+def build_model(torch, torchvision, n_classes):
+    body = torchvision.models.resnet50(weights=None)
+    body = torch.nn.Sequential(*list(body.children())[:-2])
+    return torch.nn.Sequential(body, fastai_head(torch, 2048, n_classes))
+
+
+def set_frozen(model, frozen):
+    norm_types = (
+        model[0][1].__class__,  # BatchNorm2d
+        model[1][1].__class__,  # BatchNorm1d
+    )
+    for module in model[0].modules():
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(not frozen or isinstance(module, norm_types))
+    for param in model[1].parameters():
+        param.requires_grad_(True)
+
+
+def time_train(torch, model, frozen, batch, targets, warmup, iters):
+    set_frozen(model, frozen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    batch = batch.clone().requires_grad_(False)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(model(batch), targets)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return iters * batch.shape[0] / (time.perf_counter() - start)
+
+
+def time_eval(torch, model, batch, warmup, iters):
+    model.eval()
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(batch)
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(batch)
+    return iters * batch.shape[0] / (time.perf_counter() - start)
+
+
+def random_resized_crop(img, size, min_scale, rng):
+    """fastai's RandomResizedCrop (train), then a squash to size x size."""
+    from PIL import Image
+
+    w, h = img.size
+    for _ in range(10):
+        area = rng.uniform(min_scale, 1.0) * w * h
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        nw = int(round(math.sqrt(area * ratio)))
+        nh = int(round(math.sqrt(area / ratio)))
+        if nw <= w and nh <= h:
+            left = rng.randint(0, w - nw)
+            top = rng.randint(0, h - nh)
+            break
+    else:
+        if w / h < 3 / 4:
+            nw, nh = w, int(w / (3 / 4))
+        elif w / h > 4 / 3:
+            nw, nh = int(h * 4 / 3), h
+        else:
+            nw, nh = w, h
+        left, top = (w - nw) // 2, (h - nh) // 2
+    return img.crop((left, top, left + nw, top + nh)).resize((size, size), Image.BILINEAR)
+
+
+def load_item(args):
+    import numpy as np
+    from PIL import Image
+
+    path, size, seed = args
+    rng = random.Random(seed)
+    img = Image.open(path).convert("RGB")
+    img = random_resized_crop(img, size, 0.35, rng)
+    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
+    return (arr - mean) / std
+
+
+def time_data(folder, threads, size, batch_size):
+    import multiprocessing
+
+    import numpy as np
+
+    paths = sorted(
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if f.lower().endswith((".jpg", ".jpeg", ".png"))
+    )
+    if not paths:
+        raise SystemExit(f"no images in {folder}")
+    jobs = [(p, size, i) for i, p in enumerate(paths)]
+    start = time.perf_counter()
+    if threads <= 1:
+        items = [load_item(job) for job in jobs]
+    else:
+        with multiprocessing.Pool(threads) as pool:
+            items = pool.map(load_item, jobs, chunksize=8)
+    for i in range(0, len(items), batch_size):
+        np.stack(items[i : i + batch_size])
+    return len(paths) / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--images", help="folder of JPEGs for the data-pipeline measurement")
+    args = parser.parse_args()
+
+    import torch
+    import torchvision
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n_classes = 20
+    model = build_model(torch, torchvision, n_classes)
+    batch = torch.randn(args.batch_size, 3, args.size, args.size)
+    targets = (torch.rand(args.batch_size, n_classes) < 0.1).float()
+
+    result = {"torch": torch.__version__, "threads": args.threads, "batch_size": args.batch_size, "size": args.size}
+    log(f"pytorch {torch.__version__}, {args.threads} threads: train (frozen)")
+    result["train_frozen"] = time_train(torch, model, True, batch, targets, args.warmup, args.iters)
+    log("pytorch: train (unfrozen)")
+    result["train_unfrozen"] = time_train(torch, model, False, batch, targets, args.warmup, args.iters)
+    log("pytorch: eval")
+    result["eval"] = time_eval(torch, model, batch, args.warmup, args.iters)
+    if args.images:
+        log("pytorch: data pipeline")
+        result["data"] = time_data(args.images, args.threads, args.size, args.batch_size)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+//! Batches of augmented images as candle tensors, decoded in parallel behind
+//! a bounded prefetch queue.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::Item;
+use crate::decode::decode_rgb;
+use crate::transform::{Augment, TransformConfig, normalize_into, transform_image};
+use crate::DataError;
+
+/// How a [`Loader`] groups, orders and augments items.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Shuffle the order each epoch (from `seed` and the epoch number).
+    pub shuffle: bool,
+    /// Drop the last batch when it is smaller than `batch_size`.
+    pub drop_last: bool,
+    pub augment: Augment,
+    /// Seeds the shuffle and every item's crop. Batches depend only on
+    /// `seed`, the epoch and the items, never on the thread count.
+    pub seed: u64,
+    /// Worker threads for decoding; `None` uses rayon's global pool (one per
+    /// core).
+    pub threads: Option<usize>,
+    /// Finished batches waiting in the queue. Memory stays at about
+    /// `prefetch + 2` batches.
+    pub prefetch: usize,
+}
+
+impl LoaderConfig {
+    /// fastai's training loader: shuffled, last partial batch dropped,
+    /// RandomResizedCrop.
+    pub fn train(batch_size: usize, seed: u64) -> Self {
+        LoaderConfig {
+            batch_size,
+            shuffle: true,
+            drop_last: true,
+            augment: Augment::Train,
+            seed,
+            threads: None,
+            prefetch: 2,
+        }
+    }
+
+    /// fastai's validation loader: dataset order, last partial batch kept,
+    /// squash and centre crop.
+    pub fn valid(batch_size: usize) -> Self {
+        LoaderConfig {
+            batch_size,
+            shuffle: false,
+            drop_last: false,
+            augment: Augment::Valid,
+            seed: 0,
+            threads: None,
+            prefetch: 2,
+        }
+    }
+}
+
+/// One batch: normalized images `[N, 3, S, S]`, multi-hot targets `[N, C]`
+/// (both `f32` on the loader's device) and each row's position in the
+/// loader's item list.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub images: Tensor,
+    pub targets: Tensor,
+    pub indices: Vec<usize>,
+}
+
+/// Turns a list of items into batches, epoch by epoch.
+pub struct Loader {
+    items: Arc<Vec<Item>>,
+    n_classes: usize,
+    transform: TransformConfig,
+    cfg: LoaderConfig,
+    device: Device,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    invalid: Option<String>,
+}
+
+impl Loader {
+    /// A loader over `items`, whose labels index a vocab of `n_classes`.
+    /// An invalid configuration is reported by the first batch of
+    /// [`Loader::epoch`].
+    pub fn new(
+        items: Vec<Item>,
+        n_classes: usize,
+        transform: TransformConfig,
+        cfg: LoaderConfig,
+        device: Device,
+    ) -> Loader {
+        let invalid = validate(&items, n_classes, &transform, &cfg).err();
+        // A pool that cannot be built (no threads left) falls back to the
+        // global one: slower, but the batches are the same.
+        let pool = cfg.threads.and_then(|n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n.max(1))
+                .thread_name(|i| format!("multilabel-data-{i}"))
+                .build()
+                .ok()
+                .map(Arc::new)
+        });
+        Loader {
+            items: Arc::new(items),
+            n_classes,
+            transform,
+            cfg,
+            device,
+            pool,
+            invalid,
+        }
+    }
+
+    /// Batches per epoch.
+    pub fn n_batches(&self) -> usize {
+        let bs = self.cfg.batch_size.max(1);
+        let n = self.items.len();
+        if self.cfg.drop_last { n / bs } else { n.div_ceil(bs) }
+    }
+
+    /// Items in the loader (some may be dropped each epoch by `drop_last`).
+    pub fn n_items(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn items(&self) -> &[Item] {
+        &self.items
+    }
+
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    pub fn transform(&self) -> &TransformConfig {
+        &self.transform
+    }
+
+    /// The item positions of each batch of `epoch`, in order.
+    pub fn batch_plan(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.items.len()).collect();
+        if self.cfg.shuffle {
+            order.shuffle(&mut shuffle_rng(self.cfg.seed, epoch));
+        }
+        let bs = self.cfg.batch_size.max(1);
+        order
+            .chunks(bs)
+            .filter(|chunk| !self.cfg.drop_last || chunk.len() == bs)
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    /// The batches of one epoch. Decoding starts at once on a background
+    /// thread and runs at most `prefetch` batches ahead; dropping the
+    /// iterator stops it.
+    pub fn epoch(&self, epoch: usize) -> EpochIter {
+        let plan = self.batch_plan(epoch);
+        let remaining = plan.len();
+        let (tx, rx) = bounded(self.cfg.prefetch.max(1));
+        let job = Job {
+            items: Arc::clone(&self.items),
+            n_classes: self.n_classes,
+            transform: self.transform.clone(),
+            augment: self.cfg.augment,
+            seed: self.cfg.seed,
+            epoch,
+        };
+        let pool = self.pool.clone();
+        let handle = match &self.invalid {
+            Some(message) => {
+                // Report the configuration error as the epoch's only item.
+                let _ = tx.send(Err(DataError::Config(message.clone())));
+                None
+            }
+            None => std::thread::Builder::new()
+                .name("multilabel-data-loader".into())
+                .spawn(move || produce(job, plan, pool, tx))
+                .ok(),
+        };
+        EpochIter {
+            rx: Some(rx),
+            handle,
+            device: self.device.clone(),
+            size: self.transform.size,
+            n_classes: self.n_classes,
+            remaining: if self.invalid.is_some() { 1 } else { remaining },
+        }
+    }
+}
+
+/// The batches of one epoch; see [`Loader::epoch`].
+pub struct EpochIter {
+    rx: Option<Receiver<Result<RawBatch, DataError>>>,
+    handle: Option<JoinHandle<()>>,
+    device: Device,
+    size: usize,
+    n_classes: usize,
+    remaining: usize,
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let received = self.rx.as_ref()?.recv();
+        self.remaining -= 1;
+        let raw = match received {
+            Ok(Ok(raw)) => raw,
+            Ok(Err(err)) => {
+                // Nothing useful follows an error: end the epoch after it.
+                self.remaining = 0;
+                return Some(Err(err));
+            }
+            Err(_) => {
+                self.remaining = 0;
+                return Some(Err(DataError::LoaderStopped));
+            }
+        };
+        let n = raw.indices.len();
+        let images = Tensor::from_vec(raw.images, (n, 3, self.size, self.size), &self.device)
+            .map_err(|e| DataError::tensor("moving a batch of images to the device", e));
+        let targets = Tensor::from_vec(raw.targets, (n, self.n_classes), &self.device)
+            .map_err(|e| DataError::tensor("moving a batch of targets to the device", e));
+        Some(images.and_then(|images| {
+            Ok(Batch {
+                images,
+                targets: targets?,
+                indices: raw.indices,
+            })
+        }))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, Some(self.remaining))
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        // Closing the channel makes the producer's next send fail, so it
+        // stops after the batch in hand.
+        self.rx.take();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The random generator for one item's augmentation: a function of the
+/// seed, the epoch and the item's position only.
+pub fn item_rng(seed: u64, epoch: usize, position: usize) -> ChaCha8Rng {
+    rng_from_words([seed, epoch as u64, position as u64, 0x6974_656d])
+}
+
+fn shuffle_rng(seed: u64, epoch: usize) -> ChaCha8Rng {
+    rng_from_words([seed, epoch as u64, u64::MAX, 0x7368_7566])
+}
+
+fn rng_from_words(words: [u64; 4]) -> ChaCha8Rng {
+    let mut seed = [0u8; 32];
+    for (chunk, word) in seed.chunks_exact_mut(8).zip(words) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    ChaCha8Rng::from_seed(seed)
+}
+
+fn validate(
+    items: &[Item],
+    n_classes: usize,
+    transform: &TransformConfig,
+    cfg: &LoaderConfig,
+) -> Result<(), String> {
+    if cfg.batch_size == 0 {
+        return Err("batch_size must be at least 1".into());
+    }
+    transform.validate().map_err(|e| e.to_string())?;
+    if let Some(item) = items
+        .iter()
+        .find(|item| item.labels.iter().any(|&l| l >= n_classes))
+    {
+        return Err(format!(
+            "{}: a label index is not below n_classes = {n_classes}",
+            item.path.display()
+        ));
+    }
+    Ok(())
+}
+
+struct RawBatch {
+    images: Vec<f32>,
+    targets: Vec<f32>,
+    indices: Vec<usize>,
+}
+
+struct Job {
+    items: Arc<Vec<Item>>,
+    n_classes: usize,
+    transform: TransformConfig,
+    augment: Augment,
+    seed: u64,
+    epoch: usize,
+}
+
+fn produce(
+    job: Job,
+    plan: Vec<Vec<usize>>,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    tx: Sender<Result<RawBatch, DataError>>,
+) {
+    for indices in plan {
+        let batch = match &pool {
+            Some(pool) => pool.install(|| make_batch(&job, indices)),
+            None => make_batch(&job, indices),
+        };
+        let failed = batch.is_err();
+        if tx.send(batch).is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn make_batch(job: &Job, indices: Vec<usize>) -> Result<RawBatch, DataError> {
+    let size = job.transform.size;
+    let per_image = 3 * size * size;
+    let mut images = vec![0f32; indices.len() * per_image];
+    let results: Vec<Result<(), DataError>> = images
+        .par_chunks_mut(per_image)
+        .zip(indices.par_iter())
+        .map(|(out, &position)| {
+            let item = &job.items[position];
+            let decoded = decode_rgb(&item.path)?;
+            let mut rng = item_rng(job.seed, job.epoch, position);
+            let image = transform_image(&decoded, &job.transform, job.augment, &mut rng);
+            normalize_into(&image, &job.transform.mean, &job.transform.std, out);
+            Ok(())
+        })
+        .collect();
+    // Report the first failing item in batch order, whatever thread hit it.
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+
+    let mut targets = vec![0f32; indices.len() * job.n_classes];
+    for (row, &position) in targets.chunks_exact_mut(job.n_classes.max(1)).zip(&indices) {
+        for &label in &job.items[position].labels {
+            row[label] = 1.0;
+        }
+    }
+    Ok(RawBatch {
+        images,
+        targets,
+        indices,
+    })
+}

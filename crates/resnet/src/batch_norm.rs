@@ -1,0 +1,138 @@
+//! BatchNorm over `[N, C]` or `[N, C, H, W]` with PyTorch's train/eval semantics.
+//!
+//! The affine weight and bias and the running mean and variance are all
+//! variables of the model's `VarMap`, so `VarMap::save` writes the running
+//! statistics that training produced. Only the affine pair is a parameter
+//! (it appears in a param group); the running statistics are buffers that
+//! train mode overwrites: `new = (1 - momentum)·old + momentum·batch`, with
+//! the unbiased batch variance, as `torch.nn.BatchNorm2d` does. All four stay
+//! f32 whatever the dtype of the activations.
+
+use candle_core::{DType, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use crate::error::{ResNetError, WithName};
+use crate::init;
+
+/// PyTorch's defaults.
+const EPS: f64 = 1e-5;
+const MOMENTUM: f64 = 0.1;
+
+#[derive(Debug, Clone)]
+pub(crate) struct BatchNorm {
+    pub(crate) name: String,
+    pub(crate) weight: Var,
+    pub(crate) bias: Var,
+    pub(crate) running_mean: Var,
+    pub(crate) running_var: Var,
+}
+
+/// Builds a variable of `vb` (a `VarMap` one when training) and whether it is fresh.
+pub(crate) fn get_var(
+    vb: &VarBuilder,
+    shape: &[usize],
+    name: &str,
+    dtype: DType,
+) -> std::result::Result<(Var, bool), ResNetError> {
+    let full = join(&vb.prefix(), name);
+    let tensor = vb
+        .get_with_hints_dtype(shape, name, Init::Const(0.), dtype)
+        .with_name(&full)?;
+    // A VarMap hands out the variable itself; any other backend (safetensors,
+    // for inference) hands out a plain tensor, which keeps its loaded value.
+    let fresh = tensor.is_variable();
+    Ok((Var::from_tensor(&tensor).with_name(&full)?, fresh))
+}
+
+pub(crate) fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl BatchNorm {
+    /// A BatchNorm of `channels` with affine weight `weight_init` and bias `bias_init`.
+    pub(crate) fn new(
+        vb: VarBuilder,
+        channels: usize,
+        weight_init: f64,
+        bias_init: f64,
+    ) -> std::result::Result<Self, ResNetError> {
+        let name = vb.prefix();
+        let mut vars = Vec::with_capacity(4);
+        for (tensor, value) in [
+            ("weight", weight_init),
+            ("bias", bias_init),
+            ("running_mean", 0.0),
+            ("running_var", 1.0),
+        ] {
+            let (var, fresh) = get_var(&vb, &[channels], tensor, DType::F32)?;
+            if fresh {
+                init::fill_var(&var, value).with_name(&join(&name, tensor))?;
+            }
+            vars.push(var);
+        }
+        let mut vars = vars.into_iter();
+        let mut next = || vars.next().expect("four batch-norm variables");
+        Ok(Self {
+            weight: next(),
+            bias: next(),
+            running_mean: next(),
+            running_var: next(),
+            name,
+        })
+    }
+
+    pub(crate) fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let channels = self.weight.dim(0)?;
+        let (reduce, bshape): (Vec<usize>, Vec<usize>) = match x.rank() {
+            2 => (vec![0], vec![1, channels]),
+            4 => (vec![0, 2, 3], vec![1, channels, 1, 1]),
+            rank => candle_core::bail!("batch-norm {}: expects rank 2 or 4, got {rank}", self.name),
+        };
+        let weight = self.weight.as_tensor().reshape(bshape.as_slice())?;
+        let bias = self.bias.as_tensor().reshape(bshape.as_slice())?;
+        let y = if train {
+            let count = x.elem_count() / channels;
+            if count < 2 {
+                candle_core::bail!(
+                    "batch-norm {}: train mode needs more than one value per channel, got {:?}; use a larger batch",
+                    self.name,
+                    x.dims()
+                )
+            }
+            let mean = x.mean_keepdim(reduce.as_slice())?;
+            let centred = x.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
+            let inv_std = (var.clone() + EPS)?.sqrt()?.recip()?;
+            self.update_running(&mean.detach(), &var.detach(), count)?;
+            centred
+                .broadcast_mul(&inv_std)?
+                .broadcast_mul(&weight)?
+                .broadcast_add(&bias)?
+        } else {
+            let running_mean = self.running_mean.as_tensor().reshape(bshape.as_slice())?;
+            let running_var = self.running_var.as_tensor().reshape(bshape.as_slice())?;
+            let scale = weight.broadcast_div(&(running_var + EPS)?.sqrt()?)?;
+            x.broadcast_sub(&running_mean)?
+                .broadcast_mul(&scale)?
+                .broadcast_add(&bias)?
+        };
+        y.to_dtype(dtype)
+    }
+
+    fn update_running(&self, mean: &Tensor, biased_var: &Tensor, count: usize) -> Result<()> {
+        let mean = mean.flatten_all()?;
+        let unbiased = (biased_var.flatten_all()? * (count as f64 / (count - 1) as f64))?;
+        let blend = |old: &Var, batch: &Tensor| -> Result<()> {
+            let new = ((old.as_detached_tensor() * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?;
+            old.set(&new)
+        };
+        blend(&self.running_mean, &mean)?;
+        blend(&self.running_var, &unbiased)
+    }
+}

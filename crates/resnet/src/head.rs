@@ -1,0 +1,127 @@
+//! fastai's classifier head (`create_head`) and a dropout driven by our own RNG.
+
+use std::sync::Mutex;
+
+use candle_core::{Result, Tensor, Var};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::batch_norm::{BatchNorm, get_var, join};
+use crate::config::HeadConfig;
+use crate::error::{ResNetError, WithName};
+use crate::init;
+
+/// fastai initialises every head BatchNorm with weight 1 and bias 1e-3.
+const HEAD_BN_BIAS: f64 = 1e-3;
+
+/// One `BatchNorm1d → Dropout → Linear(no bias)` block of the head.
+#[derive(Debug, Clone)]
+pub(crate) struct HeadLayer {
+    pub(crate) bn: BatchNorm,
+    pub(crate) dropout: f32,
+    pub(crate) linear: Var,
+    pub(crate) linear_name: String,
+}
+
+/// Pool → flatten → `HeadLayer`s with ReLU between them.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub(crate) layers: Vec<HeadLayer>,
+    concat_pool: bool,
+}
+
+impl Head {
+    /// The head for `num_features` body channels, under `vb` (e.g. prefix `head`).
+    pub(crate) fn new(
+        cfg: &HeadConfig,
+        num_features: usize,
+        vb: VarBuilder,
+        seed: u64,
+    ) -> std::result::Result<Self, ResNetError> {
+        let pooled = if cfg.concat_pool {
+            2 * num_features
+        } else {
+            num_features
+        };
+        let sizes: Vec<usize> = std::iter::once(pooled)
+            .chain(cfg.hidden.iter().copied())
+            .chain(std::iter::once(cfg.n_classes))
+            .collect();
+        let mut layers = Vec::with_capacity(sizes.len() - 1);
+        for (i, (pair, dropout)) in sizes.windows(2).zip(cfg.dropouts()).enumerate() {
+            let (n_in, n_out) = (pair[0], pair[1]);
+            let layer_vb = vb.pp(i.to_string());
+            let bn = BatchNorm::new(layer_vb.pp("bn"), n_in, 1.0, HEAD_BN_BIAS)?;
+            let linear_vb = layer_vb.pp("linear");
+            let (linear, fresh) = get_var(&linear_vb, &[n_out, n_in], "weight", vb.dtype())?;
+            let linear_name = join(&linear_vb.prefix(), "weight");
+            if fresh {
+                // kaiming_normal_ with PyTorch's defaults: fan_in, gain √2.
+                let values = init::kaiming_normal(seed, &linear_name, linear.shape(), n_in);
+                init::set_var(&linear, values, linear.device()).with_name(&linear_name)?;
+            }
+            layers.push(HeadLayer {
+                bn,
+                dropout,
+                linear,
+                linear_name,
+            });
+        }
+        Ok(Self {
+            layers,
+            concat_pool: cfg.concat_pool,
+        })
+    }
+
+    /// Logits `[N, n_classes]` from body features `[N, C, H, W]`.
+    pub(crate) fn forward_t(
+        &self,
+        features: &Tensor,
+        train: bool,
+        rng: &Mutex<ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let flat = features.flatten_from(2)?;
+        let avg = flat.mean(2)?;
+        // fastai's AdaptiveConcatPool2d puts the max first.
+        let mut x = if self.concat_pool {
+            Tensor::cat(&[&flat.max(2)?, &avg], 1)?
+        } else {
+            avg
+        };
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.bn.forward_t(&x, train)?;
+            if train {
+                x = dropout(&x, layer.dropout, rng)?;
+            }
+            x = x.matmul(&layer.linear.as_tensor().t()?)?;
+            if i < last {
+                x = x.relu()?;
+            }
+        }
+        Ok(x)
+    }
+}
+
+/// Zeroes each element with probability `p` and scales the rest by `1/(1-p)`,
+/// with a mask drawn from `rng` on the CPU so that it does not depend on the device.
+pub(crate) fn dropout(x: &Tensor, p: f32, rng: &Mutex<ChaCha8Rng>) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = {
+        let mut rng = rng.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
+            .collect()
+    };
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}
+
+/// A fresh dropout generator.
+pub(crate) fn dropout_rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}

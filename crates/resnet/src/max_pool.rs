@@ -1,0 +1,248 @@
+//! The stem's 3×3, stride-2, padding-1 max-pool, with a backward pass.
+//!
+//! candle's `max_pool2d` has no backward when the kernel and stride differ
+//! (candle issues #1593 and #1851), but fastai trains every BatchNorm even
+//! with the body frozen, so gradients must cross the stem's pool. Like
+//! PyTorch, padding never wins (it acts as -∞), the first maximum of a window
+//! in row-major order takes the whole gradient, and a NaN counts as a maximum.
+//!
+//! On the CPU this is a custom op with a direct kernel. Other devices use a
+//! composition of candle ops with the same forward value and gradient routing.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+const KERNEL: usize = 3;
+const STRIDE: usize = 2;
+const PADDING: usize = 1;
+
+/// Output side length of the pool for an input side of `len`.
+pub fn pooled_len(len: usize) -> usize {
+    (len + 2 * PADDING - KERNEL) / STRIDE + 1
+}
+
+/// Max-pool `x` `[N, C, H, W]` with a 3×3 window, stride 2 and padding 1.
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    let cpu_kernel = matches!(x.dtype(), DType::F32 | DType::F64);
+    if x.device().is_cpu() && cpu_kernel {
+        x.contiguous()?.apply_op1(MaxPool)
+    } else {
+        max_pool_composed(x)
+    }
+}
+
+/// The same pool built from candle ops, for devices without a custom kernel.
+///
+/// The forward value is the element-wise maximum of the nine shifted, strided
+/// views of the padded input. The gradient goes through `Σ mask_k · view_k`,
+/// where `mask_k` (detached) marks where view `k` is the first maximum, so it
+/// reaches exactly one input element per output element, as in PyTorch (a NaN
+/// window, which PyTorch routes to the NaN, gets no gradient here).
+pub fn max_pool_composed(x: &Tensor) -> Result<Tensor> {
+    let (_, _, height, width) = x.dims4()?;
+    let (out_h, out_w) = (pooled_len(height), pooled_len(width));
+    let padded = pad_lowest(x, 2, STRIDE * out_h + 1 - height)?;
+    let padded = pad_lowest(&padded, 3, STRIDE * out_w + 1 - width)?;
+    let mut views = Vec::with_capacity(KERNEL * KERNEL);
+    for dy in 0..KERNEL {
+        for dx in 0..KERNEL {
+            views.push(strided_view(&padded, dy, dx, out_h, out_w)?);
+        }
+    }
+    let mut best = views[0].detach();
+    for view in &views[1..] {
+        best = best.maximum(&view.detach())?;
+    }
+    if !x.track_op() {
+        return Ok(best);
+    }
+    let mut taken = best.zeros_like()?;
+    let mut routed: Option<Tensor> = None;
+    for view in &views {
+        let is_max = view.detach().eq(&best)?.to_dtype(x.dtype())?;
+        let first = (is_max * (1.0 - &taken)?)?;
+        taken = (taken + &first)?;
+        let term = view.mul(&first)?;
+        routed = Some(match routed {
+            None => term,
+            Some(sum) => (sum + term)?,
+        });
+    }
+    let routed = routed.expect("a 3x3 window has nine views");
+    // `routed - routed.detach()` is exactly zero but carries the gradient, so
+    // the value stays the exact maximum.
+    best + (routed.detach() - routed)?.neg()?
+}
+
+/// `padded[.., dy + 2i, dx + 2j]` for `i < out_h`, `j < out_w`.
+fn strided_view(
+    padded: &Tensor,
+    dy: usize,
+    dx: usize,
+    out_h: usize,
+    out_w: usize,
+) -> Result<Tensor> {
+    let (n, c, _, _) = padded.dims4()?;
+    let rows = padded.narrow(2, dy, STRIDE * out_h)?;
+    let rows = rows
+        .reshape((n, c, out_h, STRIDE, rows.dim(3)?))?
+        .narrow(3, 0, 1)?
+        .squeeze(3)?;
+    let cols = rows.narrow(3, dx, STRIDE * out_w)?;
+    cols.reshape((n, c, out_h, out_w, STRIDE))?
+        .narrow(4, 0, 1)?
+        .squeeze(4)
+}
+
+/// The most negative finite value of `dtype`: padding that never wins and
+/// whose product with a zero mask is zero, not NaN.
+fn lowest(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.38e38,
+        DType::F64 => f64::MIN,
+        _ => f64::from(f32::MIN),
+    }
+}
+
+/// One row/column of the lowest value before `dim` and `right` after it.
+fn pad_lowest(x: &Tensor, dim: usize, right: usize) -> Result<Tensor> {
+    let value = lowest(x.dtype());
+    let mut dims = x.dims().to_vec();
+    dims[dim] = 1;
+    let left = (Tensor::zeros(dims.as_slice(), x.dtype(), x.device())? + value)?;
+    dims[dim] = right;
+    let right = (Tensor::zeros(dims.as_slice(), x.dtype(), x.device())? + value)?;
+    Tensor::cat(&[&left, x, &right], dim)
+}
+
+struct MaxPool;
+
+struct MaxPoolBackward;
+
+/// Index (within the plane) of the first maximum of output cell (oy, ox).
+#[inline]
+fn arg_max<T: WithDType>(plane: &[T], height: usize, width: usize, oy: usize, ox: usize) -> usize {
+    let y0 = (oy * STRIDE).saturating_sub(PADDING);
+    let y1 = (oy * STRIDE + KERNEL - PADDING).min(height);
+    let x0 = (ox * STRIDE).saturating_sub(PADDING);
+    let x1 = (ox * STRIDE + KERNEL - PADDING).min(width);
+    let mut best_idx = y0 * width + x0;
+    let mut best: Option<T> = None;
+    for y in y0..y1 {
+        for x in x0..x1 {
+            let v = plane[y * width + x];
+            #[allow(clippy::eq_op)]
+            let is_nan = v != v;
+            let better = match best {
+                None => true,
+                Some(b) => v > b || is_nan,
+            };
+            if better {
+                best = Some(v);
+                best_idx = y * width + x;
+                if is_nan {
+                    return best_idx;
+                }
+            }
+        }
+    }
+    best_idx
+}
+
+fn dims_of(layout: &Layout) -> Result<(usize, usize, usize, usize)> {
+    layout.shape().dims4()
+}
+
+fn contiguous_slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
+        None => candle_core::bail!("max-pool: input must be contiguous"),
+    }
+}
+
+fn pool_forward<T: WithDType>(storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (n, c, height, width) = dims_of(layout)?;
+    let (out_h, out_w) = (pooled_len(height), pooled_len(width));
+    let input = contiguous_slice::<T>(storage, layout)?;
+    let mut out = vec![T::zero(); n * c * out_h * out_w];
+    out.par_chunks_mut(out_h * out_w)
+        .zip(input.par_chunks(height * width))
+        .for_each(|(out_plane, plane)| {
+            for oy in 0..out_h {
+                for ox in 0..out_w {
+                    out_plane[oy * out_w + ox] = plane[arg_max(plane, height, width, oy, ox)];
+                }
+            }
+        });
+    Ok((T::to_cpu_storage_owned(out), Shape::from((n, c, out_h, out_w))))
+}
+
+fn pool_backward<T: WithDType>(
+    x: &CpuStorage,
+    x_layout: &Layout,
+    grad: &CpuStorage,
+    grad_layout: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, c, height, width) = dims_of(x_layout)?;
+    let (out_h, out_w) = (pooled_len(height), pooled_len(width));
+    if grad_layout.shape().dims4()? != (n, c, out_h, out_w) {
+        candle_core::bail!("max-pool backward: gradient shape {:?}", grad_layout.shape())
+    }
+    let input = contiguous_slice::<T>(x, x_layout)?;
+    let grad = contiguous_slice::<T>(grad, grad_layout)?;
+    let mut out = vec![T::zero(); n * c * height * width];
+    out.par_chunks_mut(height * width)
+        .zip(input.par_chunks(height * width))
+        .zip(grad.par_chunks(out_h * out_w))
+        .for_each(|((out_plane, plane), grad_plane)| {
+            for oy in 0..out_h {
+                for ox in 0..out_w {
+                    out_plane[arg_max(plane, height, width, oy, ox)] += grad_plane[oy * out_w + ox];
+                }
+            }
+        });
+    Ok((T::to_cpu_storage_owned(out), Shape::from((n, c, height, width))))
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "max-pool-3x3-s2"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        match storage {
+            CpuStorage::F32(_) => pool_forward::<f32>(storage, layout),
+            CpuStorage::F64(_) => pool_forward::<f64>(storage, layout),
+            other => candle_core::bail!("max-pool: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(x.detach().apply_op2(&grad, MaxPoolBackward)?))
+    }
+}
+
+impl CustomOp2 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "max-pool-3x3-s2-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match x {
+            CpuStorage::F32(_) => pool_backward::<f32>(x, x_layout, grad, grad_layout),
+            CpuStorage::F64(_) => pool_backward::<f64>(x, x_layout, grad, grad_layout),
+            other => candle_core::bail!("max-pool backward: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+}
+

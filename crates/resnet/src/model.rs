@@ -1,0 +1,376 @@
+//! The network: [`ResNet`] (torchvision body + fastai head), its parameter
+//! groups and freezing.
+
+use std::sync::Mutex;
+
+use candle_core::{Result, Tensor, Var};
+use candle_nn::VarBuilder;
+use rand_chacha::ChaCha8Rng;
+
+use crate::batch_norm::{BatchNorm, get_var, join};
+use crate::config::{BlockKind, ResNetConfig};
+use crate::conv::conv2d;
+use crate::error::{ResNetError, WithName};
+use crate::head::{Head, dropout_rng};
+use crate::init;
+use crate::max_pool::max_pool_3x3_s2;
+
+/// Number of parameter groups ([`ResNet::param_groups`]).
+pub const N_GROUPS: usize = 3;
+
+/// One trainable tensor and what the optimizer needs to know about it.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// Its name in the `VarMap`, e.g. `layer1.0.conv1.weight`.
+    pub name: String,
+    pub var: Var,
+    /// A BatchNorm parameter or a bias: fastai applies no weight decay to it.
+    pub no_decay: bool,
+    /// A BatchNorm weight or bias: trained even in a frozen group (fastai's `train_bn`).
+    pub is_norm: bool,
+    /// Whether it trains under the current freezing ([`ResNet::freeze_to`]).
+    pub trainable: bool,
+}
+
+/// Parameters trained with one learning rate, as fastai's `_resnet_split`.
+#[derive(Debug, Clone)]
+pub struct ParamGroup {
+    /// `stem-layer2`, `layer3-layer4` or `head`.
+    pub name: String,
+    pub params: Vec<Param>,
+}
+
+/// A buffer of the model: a BatchNorm running statistic, saved but not trained.
+#[derive(Debug, Clone)]
+pub struct Buffer {
+    pub name: String,
+    pub var: Var,
+}
+
+#[derive(Debug, Clone)]
+struct Conv {
+    name: String,
+    weight: Var,
+    stride: usize,
+    padding: usize,
+    group: usize,
+}
+
+impl Conv {
+    fn new(
+        vb: &VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        group: usize,
+        seed: u64,
+    ) -> std::result::Result<Self, ResNetError> {
+        let (weight, fresh) = get_var(vb, &[c_out, c_in, kernel, kernel], "weight", vb.dtype())?;
+        let name = join(&vb.prefix(), "weight");
+        if fresh {
+            // torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+            let fan_out = c_out * kernel * kernel;
+            let values = init::kaiming_normal(seed, &name, weight.shape(), fan_out);
+            init::set_var(&weight, values, weight.device()).with_name(&name)?;
+        }
+        Ok(Self {
+            name,
+            weight,
+            stride,
+            padding: kernel / 2,
+            group,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, frozen_groups: usize) -> Result<Tensor> {
+        // A frozen kernel enters the graph detached, so backward computes no
+        // gradient for it (see `conv.rs`).
+        let weight = if self.group < frozen_groups {
+            self.weight.as_detached_tensor()
+        } else {
+            self.weight.as_tensor().clone()
+        };
+        conv2d(x, &weight, self.padding, self.stride)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    convs: Vec<(Conv, BatchNorm)>,
+    downsample: Option<(Conv, BatchNorm)>,
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vb: VarBuilder,
+        kind: BlockKind,
+        c_in: usize,
+        planes: usize,
+        stride: usize,
+        group: usize,
+        seed: u64,
+    ) -> std::result::Result<Self, ResNetError> {
+        let c_out = planes * kind.expansion();
+        // (in, out, kernel, stride) of conv1, conv2[, conv3]; torchvision v1.5
+        // puts the stride on the 3×3 conv.
+        let shapes: Vec<(usize, usize, usize, usize)> = match kind {
+            BlockKind::Basic => vec![(c_in, planes, 3, stride), (planes, planes, 3, 1)],
+            BlockKind::Bottleneck => vec![
+                (c_in, planes, 1, 1),
+                (planes, planes, 3, stride),
+                (planes, c_out, 1, 1),
+            ],
+        };
+        let mut convs = Vec::with_capacity(shapes.len());
+        for (j, (i, o, k, s)) in shapes.into_iter().enumerate() {
+            let conv = Conv::new(&vb.pp(format!("conv{}", j + 1)), i, o, k, s, group, seed)?;
+            let bn = BatchNorm::new(vb.pp(format!("bn{}", j + 1)), o, 1.0, 0.0)?;
+            convs.push((conv, bn));
+        }
+        let downsample = if stride != 1 || c_in != c_out {
+            let ds = vb.pp("downsample");
+            let conv = Conv::new(&ds.pp("0"), c_in, c_out, 1, stride, group, seed)?;
+            let bn = BatchNorm::new(ds.pp("1"), c_out, 1.0, 0.0)?;
+            Some((conv, bn))
+        } else {
+            None
+        };
+        Ok(Self { convs, downsample })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool, frozen_groups: usize) -> Result<Tensor> {
+        let last = self.convs.len() - 1;
+        let mut out = x.clone();
+        for (j, (conv, bn)) in self.convs.iter().enumerate() {
+            out = bn.forward_t(&conv.forward(&out, frozen_groups)?, train)?;
+            if j < last {
+                out = out.relu()?;
+            }
+        }
+        let identity = match &self.downsample {
+            Some((conv, bn)) => bn.forward_t(&conv.forward(x, frozen_groups)?, train)?,
+            None => x.clone(),
+        };
+        (out + identity)?.relu()
+    }
+
+    fn layers(&self) -> impl Iterator<Item = &(Conv, BatchNorm)> {
+        self.convs.iter().chain(self.downsample.iter())
+    }
+}
+
+/// A trainable torchvision ResNet body with fastai's head.
+///
+/// Variables are named as in torchvision and timm (`conv1.weight`,
+/// `layer3.0.downsample.1.running_var`, ...); the head's are
+/// `head.{i}.bn.*` and `head.{i}.linear.weight`.
+#[derive(Debug)]
+pub struct ResNet {
+    config: ResNetConfig,
+    stem: (Conv, BatchNorm),
+    stages: Vec<Vec<Block>>,
+    head: Head,
+    frozen_groups: usize,
+    dropout_rng: Mutex<ChaCha8Rng>,
+}
+
+impl ResNet {
+    /// Builds the network under `vb` and gives every variable its initial value.
+    ///
+    /// With a `VarBuilder` over a `VarMap`, all variables (parameters and
+    /// BatchNorm running statistics) live in that map and are initialised
+    /// from `init_seed` like torchvision (conv kaiming-normal fan-out, BatchNorm
+    /// 1/0) and fastai (head Linears kaiming-normal fan-in, head BatchNorm
+    /// 1/1e-3). Load pretrained weights afterwards ([`crate::load_pretrained`]).
+    /// With any other backend (e.g. safetensors) the stored values are used.
+    pub fn new(
+        cfg: &ResNetConfig,
+        vb: VarBuilder,
+        init_seed: u64,
+    ) -> std::result::Result<Self, ResNetError> {
+        cfg.validate()?;
+        let width = cfg.base_width;
+        let conv1 = Conv::new(&vb.pp("conv1"), 3, width, 7, 2, 0, init_seed)?;
+        let bn1 = BatchNorm::new(vb.pp("bn1"), width, 1.0, 0.0)?;
+        let kind = cfg.arch.block();
+        let mut c_in = width;
+        let mut stages = Vec::with_capacity(4);
+        for (k, &n_blocks) in cfg.arch.blocks_per_stage().iter().enumerate() {
+            let planes = width << k;
+            let stride = if k == 0 { 1 } else { 2 };
+            // fastai's `_resnet_split`: stem + layer1 + layer2 | layer3 + layer4 | head.
+            let group = if k < 2 { 0 } else { 1 };
+            let stage_vb = vb.pp(format!("layer{}", k + 1));
+            let mut blocks = Vec::with_capacity(n_blocks);
+            for i in 0..n_blocks {
+                let s = if i == 0 { stride } else { 1 };
+                blocks.push(Block::new(
+                    stage_vb.pp(i.to_string()),
+                    kind,
+                    c_in,
+                    planes,
+                    s,
+                    group,
+                    init_seed,
+                )?);
+                c_in = planes * kind.expansion();
+            }
+            stages.push(blocks);
+        }
+        let head = Head::new(&cfg.head, c_in, vb.pp("head"), init_seed)?;
+        Ok(Self {
+            config: cfg.clone(),
+            stem: (conv1, bn1),
+            stages,
+            head,
+            frozen_groups: 0,
+            dropout_rng: Mutex::new(dropout_rng(init_seed)),
+        })
+    }
+
+    pub fn config(&self) -> &ResNetConfig {
+        &self.config
+    }
+
+    /// Body features `[N, C, H/32, W/32]` (C = 2048 for a full ResNet-50).
+    pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let frozen = self.frozen_groups;
+        let (conv, bn) = &self.stem;
+        let x = bn.forward_t(&conv.forward(x, frozen)?, train)?.relu()?;
+        let mut x = max_pool_3x3_s2(&x)?;
+        for block in self.stages.iter().flatten() {
+            x = block.forward_t(&x, train, frozen)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits `[N, n_classes]`. `train` selects batch statistics (and updates
+    /// the running ones) and active dropout; eval mode uses the running
+    /// statistics and no dropout.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let features = self.features_t(x, train)?;
+        self.head.forward_t(&features, train, &self.dropout_rng)
+    }
+
+    /// Restarts the dropout masks from `seed`.
+    pub fn set_dropout_seed(&self, seed: u64) {
+        let mut rng = self
+            .dropout_rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *rng = dropout_rng(seed);
+    }
+
+    /// fastai's `freeze()`: only the head and every BatchNorm's affine parameters train.
+    pub fn freeze(&mut self) {
+        self.freeze_to(N_GROUPS - 1);
+    }
+
+    /// fastai's `unfreeze()`: everything trains.
+    pub fn unfreeze(&mut self) {
+        self.freeze_to(0);
+    }
+
+    /// fastai's `freeze_to(n)`: the first `n` groups train only their BatchNorm parameters.
+    /// `n` is clamped to the body's two groups (the head always trains).
+    pub fn freeze_to(&mut self, n: usize) {
+        self.frozen_groups = n.min(N_GROUPS - 1);
+    }
+
+    /// Whether any body group is frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen_groups > 0
+    }
+
+    /// How many leading groups are frozen.
+    pub fn frozen_groups(&self) -> usize {
+        self.frozen_groups
+    }
+
+    /// All parameters in three groups (stem+layer1+layer2, layer3+layer4,
+    /// head), each in PyTorch's `module.parameters()` order. Running
+    /// statistics are in no group ([`ResNet::buffers`]).
+    pub fn param_groups(&self) -> Vec<ParamGroup> {
+        let names = ["stem-layer2", "layer3-layer4", "head"];
+        let mut groups: Vec<ParamGroup> = names
+            .iter()
+            .map(|name| ParamGroup {
+                name: name.to_string(),
+                params: Vec::new(),
+            })
+            .collect();
+        let frozen = self.frozen_groups;
+        let mut push_conv = |conv: &Conv, groups: &mut Vec<ParamGroup>| {
+            groups[conv.group].params.push(Param {
+                name: conv.name.clone(),
+                var: conv.weight.clone(),
+                no_decay: false,
+                is_norm: false,
+                trainable: conv.group >= frozen,
+            });
+        };
+        let push_bn = |bn: &BatchNorm, group: usize, groups: &mut Vec<ParamGroup>| {
+            for (tensor, var) in [("weight", &bn.weight), ("bias", &bn.bias)] {
+                groups[group].params.push(Param {
+                    name: join(&bn.name, tensor),
+                    var: var.clone(),
+                    no_decay: true,
+                    is_norm: true,
+                    trainable: true,
+                });
+            }
+        };
+        push_conv(&self.stem.0, &mut groups);
+        push_bn(&self.stem.1, 0, &mut groups);
+        for block in self.stages.iter().flatten() {
+            for (conv, bn) in block.layers() {
+                push_conv(conv, &mut groups);
+                push_bn(bn, conv.group, &mut groups);
+            }
+        }
+        for layer in &self.head.layers {
+            push_bn(&layer.bn, 2, &mut groups);
+            groups[2].params.push(Param {
+                name: layer.linear_name.clone(),
+                var: layer.linear.clone(),
+                no_decay: false,
+                is_norm: false,
+                trainable: true,
+            });
+        }
+        groups
+    }
+
+    /// The parameters that train under the current freezing, in group order.
+    pub fn trainable_params(&self) -> Vec<Param> {
+        self.param_groups()
+            .into_iter()
+            .flat_map(|group| group.params)
+            .filter(|param| param.trainable)
+            .collect()
+    }
+
+    /// BatchNorm running means and variances, in module order.
+    pub fn buffers(&self) -> Vec<Buffer> {
+        let mut norms: Vec<&BatchNorm> = vec![&self.stem.1];
+        for block in self.stages.iter().flatten() {
+            norms.extend(block.layers().map(|(_, bn)| bn));
+        }
+        norms.extend(self.head.layers.iter().map(|layer| &layer.bn));
+        norms
+            .into_iter()
+            .flat_map(|bn| {
+                [
+                    ("running_mean", &bn.running_mean),
+                    ("running_var", &bn.running_var),
+                ]
+                .map(|(tensor, var)| Buffer {
+                    name: join(&bn.name, tensor),
+                    var: var.clone(),
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,529 @@
+//! The Learner: fastai's training loop over a [`ResNet`] and two [`Loader`]s.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use multilabel_data::Loader;
+use multilabel_resnet::ResNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CandleContext, Error, Result};
+use crate::events::{EpochRecord, Event, Sink, SmoothedLoss};
+use crate::loss::bce_with_logits;
+use crate::metrics::accuracy_multi;
+use crate::optim::{Adam, AdamConfig, AdamState, OptGroup, OptParam};
+use crate::run::{ModelMeta, RunDir, TrainState};
+use crate::schedule::{FineTune, OneCycle};
+
+/// Settings of the Learner that are not per-fit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LearnerConfig {
+    /// Seeds the dropout masks (per step); the loaders carry their own seed.
+    pub seed: u64,
+    /// Threshold of the accuracy_multi metric reported each epoch (fastai recipe: 0.2).
+    pub metric_thresh: f32,
+    pub adam: AdamConfig,
+    /// Optional per-class weight of the positive term of the loss.
+    pub pos_weight: Option<Vec<f32>>,
+}
+
+impl Default for LearnerConfig {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            metric_thresh: 0.2,
+            adam: AdamConfig::default(),
+            pos_weight: None,
+        }
+    }
+}
+
+/// The result of one pass over the validation set.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    /// Batch-size-weighted mean of the batch losses (fastai's `AvgLoss`).
+    pub valid_loss: f64,
+    pub accuracy_multi: f64,
+}
+
+/// Predictions in dataset order, as fastai's `get_preds`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preds {
+    /// Sigmoid probabilities, row-major `[n_items, n_classes]`.
+    pub probs: Vec<f32>,
+    /// 0/1 targets, same layout.
+    pub targets: Vec<f32>,
+    pub n_classes: usize,
+    /// Batch-size-weighted mean loss over the set.
+    pub loss: f64,
+}
+
+impl Preds {
+    pub fn n_items(&self) -> usize {
+        self.probs.len() / self.n_classes.max(1)
+    }
+}
+
+/// Trains a [`ResNet`] as fastai's `Learner` does: one-cycle fits,
+/// `fine_tune`, per-epoch validation, events to [`Sink`]s, checkpoints to a
+/// [`RunDir`], cancellation and resume.
+pub struct Learner {
+    model: ResNet,
+    varmap: VarMap,
+    train: Loader,
+    valid: Loader,
+    optimizer: Adam,
+    config: LearnerConfig,
+    n_classes: usize,
+    device: Device,
+    pos_weight: Option<Tensor>,
+    sinks: Vec<Box<dyn Sink>>,
+    run: Option<RunDir>,
+    cancel: Option<Arc<AtomicBool>>,
+    /// Parameters that must not move under the current freezing.
+    frozen_vars: Vec<Var>,
+    /// Fits started in this session; matched against a checkpoint's `fit`.
+    fits_started: usize,
+    /// Epochs of the fits before the current one: epochs are numbered
+    /// globally for the loader, so that every epoch of a session gets its
+    /// own shuffle and crops.
+    epoch_offset: usize,
+    global_step: u64,
+    resume: Option<TrainState>,
+    pending_optimizer: Option<AdamState>,
+}
+
+impl Learner {
+    /// A Learner over `model`, whose variables (parameters and running
+    /// statistics) live in `varmap`. The optimizer takes the model's param groups.
+    pub fn new(
+        model: ResNet,
+        varmap: VarMap,
+        train: Loader,
+        valid: Loader,
+        config: LearnerConfig,
+        device: Device,
+    ) -> Result<Self> {
+        let n_classes = model.config().head.n_classes;
+        let groups = model
+            .param_groups()
+            .into_iter()
+            .map(|g| OptGroup {
+                name: g.name,
+                params: g
+                    .params
+                    .into_iter()
+                    .map(|p| OptParam {
+                        name: p.name,
+                        var: p.var,
+                        no_decay: p.no_decay,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let optimizer = Adam::new(groups, config.adam)?;
+        let pos_weight = match &config.pos_weight {
+            None => None,
+            Some(w) if w.len() == n_classes => {
+                Some(Tensor::from_slice(w, n_classes, &device).ctx(|| "pos_weight".into())?)
+            }
+            Some(w) => {
+                return Err(Error::Invalid(format!(
+                    "pos_weight has {} values but the model has {n_classes} classes",
+                    w.len()
+                )));
+            }
+        };
+        let mut learner = Self {
+            model,
+            varmap,
+            train,
+            valid,
+            optimizer,
+            config,
+            n_classes,
+            device,
+            pos_weight,
+            sinks: Vec::new(),
+            run: None,
+            cancel: None,
+            frozen_vars: Vec::new(),
+            fits_started: 0,
+            epoch_offset: 0,
+            global_step: 0,
+            resume: None,
+            pending_optimizer: None,
+        };
+        learner.refresh_frozen();
+        Ok(learner)
+    }
+
+    /// Sends every event to `sink` too.
+    pub fn add_sink(&mut self, sink: Box<dyn Sink>) {
+        self.sinks.push(sink);
+    }
+
+    /// Saves a checkpoint to `run` after every epoch and on cancellation.
+    pub fn set_run(&mut self, run: RunDir) {
+        self.run = Some(run);
+    }
+
+    /// Checked after every batch: when set, training saves its state and
+    /// returns [`Error::Interrupted`].
+    pub fn set_cancel_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel = Some(flag);
+    }
+
+    pub fn model(&self) -> &ResNet {
+        &self.model
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    pub fn optimizer(&self) -> &Adam {
+        &self.optimizer
+    }
+
+    pub fn config(&self) -> &LearnerConfig {
+        &self.config
+    }
+
+    pub fn global_step(&self) -> u64 {
+        self.global_step
+    }
+
+    /// fastai's `freeze()`: head and BatchNorm parameters train; optimizer state cleared.
+    pub fn freeze(&mut self) {
+        self.model.freeze();
+        self.refresh_frozen();
+        self.optimizer.clear_state();
+    }
+
+    /// fastai's `unfreeze()`: everything trains; optimizer state cleared.
+    pub fn unfreeze(&mut self) {
+        self.model.unfreeze();
+        self.refresh_frozen();
+        self.optimizer.clear_state();
+    }
+
+    /// Loads the checkpoint of `run` (weights now, optimizer state and
+    /// position when the matching fit starts). Call the same sequence of
+    /// fits as the interrupted session; fits already done are skipped and
+    /// the result is the same as an uninterrupted run.
+    pub fn resume_from(&mut self, run: &RunDir) -> Result<TrainState> {
+        let checkpoint = run.load_checkpoint(&self.device)?.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} has no training state to resume; start a new run instead",
+                run.path().display()
+            ))
+        })?;
+        if checkpoint.state.seed != self.config.seed {
+            return Err(Error::Invalid(format!(
+                "the run was trained with seed {} but this Learner has seed {}; resume with the run's config.json",
+                checkpoint.state.seed, self.config.seed
+            )));
+        }
+        let data = self.varmap.data().lock().expect("VarMap lock poisoned");
+        for (name, var) in data.iter() {
+            let saved = checkpoint.weights.get(name).ok_or_else(|| Error::StateMismatch {
+                name: name.clone(),
+                reason: "missing from the checkpoint".into(),
+            })?;
+            if saved.dims() != var.dims() {
+                return Err(Error::StateMismatch {
+                    name: name.clone(),
+                    reason: format!("shape {:?}, model has {:?}", saved.dims(), var.dims()),
+                });
+            }
+            var.set(saved).ctx(|| format!("restoring {name}"))?;
+        }
+        drop(data);
+        self.pending_optimizer = Some(checkpoint.optimizer);
+        self.resume = Some(checkpoint.state.clone());
+        Ok(checkpoint.state)
+    }
+
+    /// fastai's `fine_tune`: freeze, one cycle of `freeze_epochs` at
+    /// `slice(base_lr)` with pct_start 0.99, unfreeze, one cycle of `epochs`
+    /// at `slice(base_lr/2/lr_mult, base_lr/2)`.
+    pub fn fine_tune(&mut self, plan: &FineTune) -> Result<()> {
+        let n_groups = self.optimizer.groups().len();
+        let [frozen, unfrozen] = plan.phases(n_groups, self.train.n_batches());
+        self.freeze();
+        if plan.freeze_epochs > 0 {
+            self.fit_one_cycle(&frozen, "frozen")?;
+        }
+        self.unfreeze();
+        self.fit_one_cycle(&unfrozen, "unfrozen")
+    }
+
+    /// One one-cycle fit; `phase` labels its events.
+    pub fn fit_one_cycle(&mut self, cycle: &OneCycle, phase: &str) -> Result<()> {
+        let fit = self.fits_started;
+        self.fits_started += 1;
+        let n_batches = self.train.n_batches();
+        if cycle.n_batches != n_batches {
+            return Err(Error::Invalid(format!(
+                "the schedule has {} batches per epoch but the training loader has {n_batches}",
+                cycle.n_batches
+            )));
+        }
+        if cycle.lr_max.len() != self.optimizer.groups().len() {
+            return Err(Error::Invalid(format!(
+                "{} learning rates for {} parameter groups",
+                cycle.lr_max.len(),
+                self.optimizer.groups().len()
+            )));
+        }
+        let epoch_offset = self.epoch_offset;
+        self.epoch_offset += cycle.epochs;
+        let mut smooth = SmoothedLoss::default();
+        let (mut start_epoch, mut start_batch) = (0, 0);
+        let mut resumed_at = None;
+        if let Some(state) = self.resume.clone() {
+            if state.fit > fit {
+                return Ok(());
+            }
+            self.resume = None;
+            if let Some(optimizer) = self.pending_optimizer.take() {
+                self.optimizer.import_state(&optimizer)?;
+            }
+            self.global_step = state.global_step;
+            smooth = state.smooth_loss;
+            (start_epoch, start_batch) = (state.epoch, state.batch);
+            resumed_at = Some((state.epoch, state.batch));
+        }
+        self.emit(Event::FitBegin {
+            phase: phase.into(),
+            n_epochs: cycle.epochs,
+            n_batches,
+            lr_max: cycle.lr_max.clone(),
+            resumed_at,
+        })?;
+        for epoch in start_epoch..cycle.epochs {
+            self.emit(Event::EpochBegin {
+                phase: phase.into(),
+                epoch,
+                n_epochs: cycle.epochs,
+            })?;
+            let started = Instant::now();
+            let first = if epoch == start_epoch { start_batch } else { 0 };
+            if first < n_batches {
+                let batches = self.train.epoch(epoch_offset + epoch);
+                for (index, batch) in batches.enumerate().skip(first) {
+                    let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
+                    let hypers = cycle.at(epoch, index);
+                    self.model
+                        .set_dropout_seed(dropout_seed(self.config.seed, self.global_step));
+                    let logits = self
+                        .model
+                        .forward_t(&batch.images, true)
+                        .map_err(|e| Error::Model(Box::new(e)))?;
+                    let loss = bce_with_logits(&logits, &batch.targets, self.pos_weight.as_ref())?;
+                    let loss_value = loss
+                        .to_dtype(DType::F32)
+                        .and_then(|l| l.to_scalar::<f32>())
+                        .ctx(|| "reading the loss".into())?;
+                    if !loss_value.is_finite() {
+                        // Nothing is written: the last checkpoint is the last good state.
+                        return Err(Error::NonFiniteLoss {
+                            epoch,
+                            batch: index,
+                            loss: loss_value,
+                        });
+                    }
+                    let mut grads = loss.backward().ctx(|| "backward pass".into())?;
+                    for var in &self.frozen_vars {
+                        grads.remove(var.as_tensor());
+                    }
+                    self.optimizer.step(&grads, &hypers)?;
+                    self.global_step += 1;
+                    let smooth_loss = smooth.push(f64::from(loss_value));
+                    self.emit(Event::BatchEnd {
+                        phase: phase.into(),
+                        epoch,
+                        batch: index,
+                        n_batches,
+                        loss: loss_value,
+                        smooth_loss,
+                        lrs: hypers.lrs,
+                        mom: hypers.mom,
+                    })?;
+                    if self.cancelled() {
+                        self.checkpoint(fit, epoch, index + 1, smooth)?;
+                        return Err(Error::Interrupted {
+                            epoch,
+                            batch: index + 1,
+                        });
+                    }
+                }
+            }
+            let validation = self.validate()?;
+            let last = epoch + 1 == cycle.epochs;
+            self.checkpoint(fit, epoch + 1, 0, smooth)?;
+            self.emit(Event::EpochEnd(EpochRecord {
+                phase: phase.into(),
+                epoch,
+                train_loss: smooth.value(),
+                valid_loss: validation.valid_loss,
+                metrics: vec![("accuracy_multi".into(), validation.accuracy_multi)],
+                seconds: started.elapsed().as_secs_f64(),
+            }))?;
+            if self.cancelled() && !last {
+                return Err(Error::Interrupted {
+                    epoch: epoch + 1,
+                    batch: 0,
+                });
+            }
+        }
+        self.emit(Event::FitEnd { phase: phase.into() })
+    }
+
+    /// valid_loss and accuracy_multi (at `metric_thresh`) on the validation loader.
+    pub fn validate(&mut self) -> Result<Validation> {
+        let preds = self.predict_loader(true)?;
+        Ok(Validation {
+            valid_loss: preds.loss,
+            accuracy_multi: accuracy_multi(&preds.probs, &preds.targets, self.config.metric_thresh)?,
+        })
+    }
+
+    /// fastai's `get_preds` on the validation set: eval mode, sigmoid
+    /// probabilities, rows in dataset order.
+    pub fn get_preds(&mut self) -> Result<Preds> {
+        self.predict_loader(false)
+    }
+
+    /// Writes `model.safetensors` and `model.json` to the run folder.
+    pub fn save_model(&self, meta: &ModelMeta) -> Result<()> {
+        let run = self.run.as_ref().ok_or_else(|| {
+            Error::Invalid("no run folder set; call set_run before save_model".into())
+        })?;
+        run.save_model(&self.varmap, meta)
+    }
+
+    /// Marks the checkpoint of the run as finished (nothing left to resume).
+    pub fn finish(&mut self) -> Result<()> {
+        if let Some(run) = &self.run {
+            if let Some(mut state) = run.load_checkpoint(&self.device)?.map(|c| c.state) {
+                state.finished = true;
+                run.save_checkpoint(&state, &self.varmap, &self.optimizer.export_state())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn predict_loader(&mut self, emit_progress: bool) -> Result<Preds> {
+        let n_items = self.valid.n_items();
+        let n_classes = self.n_classes;
+        let mut probs = vec![0f32; n_items * n_classes];
+        let mut targets = vec![0f32; n_items * n_classes];
+        let mut seen = vec![false; n_items];
+        let mut loss_sum = 0f64;
+        let n_batches = self.valid.n_batches();
+        let batches = self.valid.epoch(0);
+        for (index, batch) in batches.enumerate() {
+            let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
+            let logits = self
+                .model
+                .forward_t(&batch.images, false)
+                .map_err(|e| Error::Model(Box::new(e)))?
+                .detach();
+            let loss = bce_with_logits(&logits, &batch.targets, self.pos_weight.as_ref())?
+                .to_dtype(DType::F32)
+                .and_then(|l| l.to_scalar::<f32>())
+                .ctx(|| "validation loss".into())?;
+            let rows = batch.indices.len();
+            loss_sum += f64::from(loss) * rows as f64;
+            let batch_probs = candle_nn::ops::sigmoid(&logits)
+                .and_then(|p| p.to_dtype(DType::F32))
+                .and_then(|p| p.to_vec2::<f32>())
+                .ctx(|| "validation probabilities".into())?;
+            let batch_targets = batch
+                .targets
+                .to_dtype(DType::F32)
+                .and_then(|t| t.to_vec2::<f32>())
+                .ctx(|| "validation targets".into())?;
+            for (row, &item) in batch.indices.iter().enumerate() {
+                let at = item * n_classes;
+                probs[at..at + n_classes].copy_from_slice(&batch_probs[row]);
+                targets[at..at + n_classes].copy_from_slice(&batch_targets[row]);
+                seen[item] = true;
+            }
+            if emit_progress {
+                self.emit(Event::ValidBatchEnd {
+                    batch: index,
+                    n_batches,
+                })?;
+            }
+        }
+        if let Some(missing) = seen.iter().position(|s| !s) {
+            return Err(Error::Invalid(format!(
+                "the validation loader skipped item {missing}; it must not drop the last batch"
+            )));
+        }
+        Ok(Preds {
+            probs,
+            targets,
+            n_classes,
+            loss: loss_sum / n_items.max(1) as f64,
+        })
+    }
+
+    fn checkpoint(&mut self, fit: usize, epoch: usize, batch: usize, smooth: SmoothedLoss) -> Result<()> {
+        let Some(run) = &self.run else {
+            return Ok(());
+        };
+        let state = TrainState {
+            seed: self.config.seed,
+            fit,
+            epoch,
+            batch,
+            global_step: self.global_step,
+            smooth_loss: smooth,
+            frozen: self.model.is_frozen(),
+            finished: false,
+        };
+        run.save_checkpoint(&state, &self.varmap, &self.optimizer.export_state())?;
+        let path = run.state_path();
+        self.emit(Event::Checkpoint { path, epoch, batch })
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::SeqCst))
+    }
+
+    fn emit(&mut self, event: Event) -> Result<()> {
+        for sink in &mut self.sinks {
+            sink.on_event(&event)?;
+        }
+        Ok(())
+    }
+
+    fn refresh_frozen(&mut self) {
+        self.frozen_vars = self
+            .model
+            .param_groups()
+            .into_iter()
+            .flat_map(|g| g.params)
+            .filter(|p| !p.trainable)
+            .map(|p| p.var)
+            .collect();
+    }
+}
+
+/// The dropout seed of one optimizer step: a SplitMix64 mix of the run seed
+/// and the step, so masks differ between steps but are the same after a resume.
+pub fn dropout_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

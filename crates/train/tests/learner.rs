@@ -1,0 +1,201 @@
+//! The Learner end to end on a generated dataset with a narrow ResNet-18:
+//! training lowers the loss, get_preds keeps dataset order, cancellation
+//! saves a checkpoint, and resuming from it ends with the same weights as an
+//! uninterrupted run.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use multilabel_data::{Dataset, DatasetConfig, Loader, LoaderConfig, SynthConfig, TransformConfig};
+use multilabel_resnet::{Arch, ResNet, ResNetConfig};
+use multilabel_train::{Error, Event, FineTune, Learner, LearnerConfig, Recorder, RunDir, Sink, metrics};
+
+const SIZE: usize = 32;
+
+fn dataset(root: &Path) -> Dataset {
+    multilabel_data::synth(&SynthConfig {
+        out: root.to_path_buf(),
+        n_train: 96,
+        n_valid: 40,
+        classes: 4,
+        seed: 3,
+    })
+    .unwrap();
+    Dataset::load(&DatasetConfig::new(root)).unwrap()
+}
+
+fn learner(data: &Dataset) -> Learner {
+    let device = Device::Cpu;
+    let n_classes = data.vocab().len();
+    let transform = TransformConfig {
+        size: SIZE,
+        ..TransformConfig::default()
+    };
+    let train = Loader::new(
+        data.train().to_vec(),
+        n_classes,
+        transform.clone(),
+        LoaderConfig::train(16, 11),
+        device.clone(),
+    );
+    let valid = Loader::new(data.valid().to_vec(), n_classes, transform, LoaderConfig::valid(16), device.clone());
+    let varmap = VarMap::new();
+    let mut config = ResNetConfig::new(Arch::ResNet18, n_classes);
+    config.base_width = 4;
+    config.head.hidden = vec![32];
+    let model = ResNet::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &device), 5).unwrap();
+    Learner::new(model, varmap, train, valid, LearnerConfig::default(), device).unwrap()
+}
+
+fn plan() -> FineTune {
+    let mut plan = FineTune::new(2, 1e-2);
+    plan.freeze_epochs = 1;
+    plan
+}
+
+fn weights(learner: &Learner) -> Vec<(String, Vec<f32>)> {
+    let data = learner.varmap().data().lock().unwrap();
+    let mut all: Vec<_> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+/// Sets the cancel flag when a given global batch has been reported.
+struct CancelAt {
+    flag: Arc<AtomicBool>,
+    at: usize,
+    seen: usize,
+}
+
+impl Sink for CancelAt {
+    fn on_event(&mut self, event: &Event) -> multilabel_train::Result<()> {
+        if let Event::BatchEnd { .. } = event {
+            self.seen += 1;
+            if self.seen == self.at {
+                self.flag.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn fine_tune_lowers_loss_and_reports_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+    let mut learner = learner(&data);
+    let before = learner.validate().unwrap();
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    learner.add_sink(Box::new(recorder.clone()));
+    let mut plan = FineTune::new(3, 2e-2);
+    plan.freeze_epochs = 1;
+    learner.fine_tune(&plan).unwrap();
+    let events = recorder.lock().unwrap().events.clone();
+    let epochs: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::EpochEnd(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs.len(), 4);
+    assert_eq!((epochs[0].phase.as_str(), epochs[3].phase.as_str()), ("frozen", "unfrozen"));
+    let batches = events.iter().filter(|e| matches!(e, Event::BatchEnd { .. })).count();
+    assert_eq!(batches, 4 * 6);
+    let after = learner.validate().unwrap();
+    assert!(
+        after.valid_loss < before.valid_loss * 0.8,
+        "valid loss {} -> {}",
+        before.valid_loss,
+        after.valid_loss
+    );
+    // Frozen phase: conv weights of the body's first group must not move,
+    // but the head does; checked through the optimizer's state after phase 1
+    // is cleared, so here check that get_preds is in dataset order instead.
+    let preds = learner.get_preds().unwrap();
+    assert_eq!(preds.n_items(), 40);
+    let n_classes = preds.n_classes;
+    for (i, item) in data.valid().iter().enumerate() {
+        for j in 0..n_classes {
+            let expected = if item.labels.contains(&j) { 1.0 } else { 0.0 };
+            assert_eq!(preds.targets[i * n_classes + j], expected, "item {i} class {j}");
+        }
+    }
+    assert!(preds.probs.iter().all(|p| (0.0..=1.0).contains(p)));
+    let acc = metrics::accuracy_multi(&preds.probs, &preds.targets, 0.2).unwrap();
+    assert!((acc - after.accuracy_multi).abs() < 1e-12);
+    assert!((preds.loss - after.valid_loss).abs() < 1e-9);
+}
+
+#[test]
+fn frozen_fit_moves_only_head_and_batchnorm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+    let mut learner = learner(&data);
+    let before = weights(&learner);
+    learner.freeze();
+    let cycle = FineTune::new(1, 1e-2).phases(3, 6)[0].clone();
+    learner.fit_one_cycle(&cycle, "frozen").unwrap();
+    let after = weights(&learner);
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        let moved = a != b;
+        let is_conv = name.contains("conv") || name.contains("downsample.0");
+        if is_conv {
+            assert!(!moved, "{name} moved while frozen");
+        } else if name.starts_with("head.") || name.ends_with("bias") || name.contains("running") {
+            assert!(moved, "{name} did not move");
+        }
+    }
+}
+
+#[test]
+fn interrupted_then_resumed_run_matches_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+
+    let mut straight = learner(&data);
+    straight.set_run(RunDir::create(dir.path().join("runs/straight")).unwrap());
+    straight.fine_tune(&plan()).unwrap();
+
+    // Interrupt in the middle of the unfrozen phase's first epoch (batch 9 of 18).
+    let run = RunDir::create(dir.path().join("runs/interrupted")).unwrap();
+    let mut first = learner(&data);
+    let flag = Arc::new(AtomicBool::new(false));
+    first.set_cancel_flag(flag.clone());
+    first.add_sink(Box::new(CancelAt { flag, at: 9, seen: 0 }));
+    first.set_run(run.clone());
+    match first.fine_tune(&plan()) {
+        Err(Error::Interrupted { epoch: 0, batch: 3 }) => {}
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    let state = run.load_checkpoint(&Device::Cpu).unwrap().unwrap().state;
+    assert_eq!((state.fit, state.epoch, state.batch, state.global_step), (1, 0, 3, 9));
+    drop(first);
+
+    let mut resumed = learner(&data);
+    resumed.set_run(run.clone());
+    resumed.resume_from(&run).unwrap();
+    resumed.fine_tune(&plan()).unwrap();
+    assert_eq!(resumed.global_step(), straight.global_step());
+    let (a, b) = (weights(&straight), weights(&resumed));
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x, y, "{name} differs after resume");
+    }
+}
+
+#[test]
+fn resume_without_state_or_with_other_seed_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+    let run = RunDir::create(dir.path().join("runs/empty")).unwrap();
+    let mut l = learner(&data);
+    let err = l.resume_from(&run).unwrap_err().to_string();
+    assert!(err.contains("no training state"), "{err}");
+}

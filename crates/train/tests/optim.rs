@@ -1,0 +1,147 @@
+//! fastai Adam against the numpy transcription in fixtures/make_golden.py
+//! (`adam_case`): two groups, scheduled mom, no-decay bias, a step where one
+//! parameter has no gradient.
+
+mod common;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use common::{assert_close, flat_f32, golden};
+use multilabel_train::optim::{Adam, AdamConfig, OptGroup, OptParam, StepHypers};
+
+fn shape_of(v: &serde_json::Value) -> Vec<usize> {
+    match v {
+        serde_json::Value::Array(items) => {
+            let mut s = vec![items.len()];
+            s.extend(shape_of(&items[0]));
+            s
+        }
+        _ => vec![],
+    }
+}
+
+fn tensor(v: &serde_json::Value) -> Tensor {
+    Tensor::from_vec(flat_f32(v), shape_of(v), &Device::Cpu).unwrap()
+}
+
+fn build() -> (Adam, Vec<OptParam>, serde_json::Value) {
+    let g = golden()["adam"].clone();
+    let mut groups = vec![
+        OptGroup { name: "body".into(), params: vec![] },
+        OptGroup { name: "head".into(), params: vec![] },
+    ];
+    let mut all = Vec::new();
+    for p in g["params"].as_array().unwrap() {
+        let param = OptParam {
+            name: p["name"].as_str().unwrap().into(),
+            var: Var::from_tensor(&tensor(&p["value"])).unwrap(),
+            no_decay: p["no_decay"].as_bool().unwrap(),
+        };
+        groups[p["group"].as_u64().unwrap() as usize].params.push(param.clone());
+        all.push(param);
+    }
+    (Adam::new(groups, AdamConfig::default()).unwrap(), all, g)
+}
+
+fn grad_store(params: &[OptParam], grads: &serde_json::Value) -> GradStore {
+    // A GradStore can only be made by backward(): sum(p * g) has gradient g.
+    let mut total: Option<Tensor> = None;
+    for p in params {
+        if let Some(g) = grads.get(&p.name) {
+            let term = (p.var.as_tensor() * tensor(g)).unwrap().sum_all().unwrap();
+            total = Some(match total {
+                Some(t) => (t + term).unwrap(),
+                None => term,
+            });
+        }
+    }
+    total.unwrap().backward().unwrap()
+}
+
+#[test]
+fn adam_steps_match_fastai_update_rule() {
+    let (mut adam, params, g) = build();
+    for (k, step) in g["steps"].as_array().unwrap().iter().enumerate() {
+        let grads = grad_store(&params, &step["grads"]);
+        let hypers = StepHypers {
+            lrs: step["lrs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect(),
+            mom: step["mom"].as_f64().unwrap(),
+        };
+        adam.step(&grads, &hypers).unwrap();
+        for p in &params {
+            let actual = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let expected = flat_f32(&step["after"][&p.name]);
+            assert_close(&actual, &expected, 2e-5, &format!("step {k} {}", p.name));
+        }
+    }
+    // Step counts: the bias skipped one step.
+    assert_eq!(adam.param_state("body.weight").unwrap().step, 4);
+    assert_eq!(adam.param_state("body.bn.bias").unwrap().step, 3);
+    let final_state = &g["final_state"]["head.weight"];
+    let avg = adam.param_state("head.weight").unwrap().sqr_avg.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_close(&avg, &flat_f32(&final_state["sqr_avg"]), 1e-5, "sqr_avg");
+}
+
+#[test]
+fn exported_state_round_trips_and_continues_identically() {
+    let (mut a, params_a, g) = build();
+    let steps = g["steps"].as_array().unwrap();
+    let hypers = |s: &serde_json::Value| StepHypers {
+        lrs: s["lrs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect(),
+        mom: s["mom"].as_f64().unwrap(),
+    };
+    for s in &steps[..2] {
+        a.step(&grad_store(&params_a, &s["grads"]), &hypers(s)).unwrap();
+    }
+    // A second optimizer over copies of the parameters, loaded from the export.
+    let (mut b, params_b, _) = build();
+    for (pa, pb) in params_a.iter().zip(&params_b) {
+        pb.var.set(pa.var.as_tensor()).unwrap();
+    }
+    let exported = a.export_state();
+    assert_eq!(exported.tensors.len(), 6);
+    b.import_state(&exported).unwrap();
+    for s in &steps[2..] {
+        a.step(&grad_store(&params_a, &s["grads"]), &hypers(s)).unwrap();
+        b.step(&grad_store(&params_b, &s["grads"]), &hypers(s)).unwrap();
+    }
+    for (pa, pb) in params_a.iter().zip(&params_b) {
+        let va = pa.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vb = pb.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(va, vb, "{}", pa.name);
+    }
+}
+
+#[test]
+fn clear_state_restarts_moments_and_bad_state_is_rejected() {
+    let (mut adam, params, g) = build();
+    let s0 = &g["steps"][0];
+    let hypers = StepHypers { lrs: vec![1e-2, 1e-1], mom: 0.95 };
+    adam.step(&grad_store(&params, &s0["grads"]), &hypers).unwrap();
+    assert!(adam.param_state("head.weight").is_some());
+    adam.clear_state();
+    assert!(adam.param_state("head.weight").is_none());
+    assert!(adam.export_state().tensors.is_empty());
+
+    let mut bad = multilabel_train::optim::AdamState::default();
+    bad.steps.insert("head.weight".into(), 1);
+    bad.tensors.insert("head.weight.grad_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    bad.tensors.insert("head.weight.sqr_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    let err = adam.import_state(&bad).unwrap_err().to_string();
+    assert!(err.contains("head.weight.grad_avg"), "{err}");
+    let wrong_lrs = StepHypers { lrs: vec![1e-2], mom: 0.9 };
+    assert!(adam.step(&grad_store(&params, &s0["grads"]), &wrong_lrs).is_err());
+}
+
+#[test]
+fn frozen_parameter_without_gradient_is_untouched_even_by_weight_decay() {
+    let (mut adam, params, g) = build();
+    let before = params[0].var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // Only head.weight gets a gradient.
+    let mut grads = serde_json::Map::new();
+    grads.insert("head.weight".into(), g["steps"][0]["grads"]["head.weight"].clone());
+    adam.step(&grad_store(&params, &serde_json::Value::Object(grads)), &StepHypers { lrs: vec![1.0, 1e-2], mom: 0.9 }).unwrap();
+    let after = params[0].var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(before, after);
+    assert!(adam.param_state("body.weight").is_none());
+}
