@@ -271,7 +271,7 @@ fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
             path: csv.to_path_buf(),
             message: err.to_string(),
         })?;
-        Ok(text.into_iter().map(|v| v.map(str::to_string)).collect())
+        Ok(text.iter().map(|v| v.map(str::to_string)).collect())
     };
     let fnames = column(&cfg.fname_col)?;
     let labels = column(&cfg.labels_col)?;

@@ -40,6 +40,14 @@ pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<RgbImage, DataError
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
+    if !jpeg_is_complete(bytes) {
+        // zune-jpeg fills a cut-off scan with grey and reports success;
+        // Pillow refuses such files ("image file is truncated"), and so do we.
+        return Err(DataError::Decode {
+            path: path.to_path_buf(),
+            message: "the JPEG data stops before its end-of-image marker (truncated file)".into(),
+        });
+    }
     let image = reader.decode().map_err(|err| match err {
         ImageError::Limits(limit) => DataError::ImageTooLarge {
             path: path.to_path_buf(),
@@ -51,4 +59,43 @@ pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<RgbImage, DataError
         },
     })?;
     Ok(image.into_rgb8())
+}
+
+/// For a JPEG, whether the entropy-coded data is followed by an end-of-image
+/// marker; `true` for anything that is not a JPEG.
+///
+/// Marker segments are skipped by their lengths up to the first
+/// start-of-scan, so an EXIF thumbnail's own markers cannot be mistaken for
+/// the main image's. After it, `FF D9` can only be the end-of-image marker:
+/// inside scan data a literal `FF` byte is always followed by `00` or a
+/// restart marker.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return true;
+    }
+    let mut i = 2;
+    loop {
+        while i < bytes.len() && bytes[i] == 0xFF && bytes.get(i + 1) == Some(&0xFF) {
+            i += 1; // fill bytes
+        }
+        if i + 1 >= bytes.len() || bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        i += 2;
+        match marker {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        if i + 2 > bytes.len() {
+            return false;
+        }
+        let length = u16::from_be_bytes([bytes[i], bytes[i + 1]]) as usize;
+        if marker == 0xDA {
+            let scan = bytes.get(i + length..).unwrap_or(&[]);
+            return scan.windows(2).any(|w| w == [0xFF, 0xD9]);
+        }
+        i += length;
+    }
 }

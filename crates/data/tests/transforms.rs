@@ -109,6 +109,16 @@ fn bad_files_are_errors_naming_the_file() {
     let err = decode_rgb(&truncated).unwrap_err();
     assert!(matches!(err, DataError::Decode { .. }), "{err:?}");
 
+    // A PNG cut short.
+    let whole = std::fs::read(fixtures().join("src_c.png")).unwrap();
+    let truncated = dir.path().join("truncated.png");
+    std::fs::write(&truncated, &whole[..whole.len() * 2 / 3]).unwrap();
+    let err = decode_rgb(&truncated).unwrap_err();
+    assert!(matches!(err, DataError::Decode { .. }), "{err:?}");
+
+    // Whole files still decode, so the truncation check is not a blanket no.
+    assert_eq!(decode_rgb(&fixtures().join("mode_cmyk.jpg")).unwrap().dimensions(), (61, 47));
+
     let missing = dir.path().join("missing.png");
     assert!(matches!(decode_rgb(&missing), Err(DataError::Io { path, .. }) if path == missing));
 }

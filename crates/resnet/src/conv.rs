@@ -84,6 +84,7 @@ impl CustomOp3 for ConvGrad {
         &self,
         x: &Tensor,
         kernel: &Tensor,
+        _precomputed: &Tensor,
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -188,7 +189,9 @@ fn flip_transpose_kernel(kernel: &Tensor) -> Result<Tensor> {
     let rev_w: Vec<u32> = (0..k_w as u32).rev().collect();
     kernel
         .transpose(0, 1)?
+        .contiguous()?
         .index_select(&Tensor::new(rev_h.as_slice(), device)?, 2)?
+        .contiguous()?
         .index_select(&Tensor::new(rev_w.as_slice(), device)?, 3)?
         .contiguous()
 }

@@ -9,6 +9,7 @@
 //! On the CPU this is a custom op with a direct kernel. Other devices use a
 //! composition of candle ops with the same forward value and gradient routing.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };

@@ -302,7 +302,7 @@ impl ResNet {
             })
             .collect();
         let frozen = self.frozen_groups;
-        let mut push_conv = |conv: &Conv, groups: &mut Vec<ParamGroup>| {
+        let push_conv = |conv: &Conv, groups: &mut Vec<ParamGroup>| {
             groups[conv.group].params.push(Param {
                 name: conv.name.clone(),
                 var: conv.weight.clone(),

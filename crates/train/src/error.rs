@@ -20,7 +20,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A JSON file of the run could not be written or parsed.
-    #[error("invalid JSON in {path}: {source}; the run folder may be from another version, start a new run")]
+    #[error(
+        "invalid JSON in {path}: {source}; the run folder may be from another version, start a new run"
+    )]
     Json {
         path: PathBuf,
         #[source]
@@ -30,13 +32,19 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Invalid(String),
     /// The optimizer state in a run does not match the model's parameters.
-    #[error("optimizer state for tensor {name} does not match: {reason}; resume with the same model configuration")]
+    #[error(
+        "optimizer state for tensor {name} does not match: {reason}; resume with the same model configuration"
+    )]
     StateMismatch { name: String, reason: String },
     /// The training loss became NaN or infinite; the last good state was kept.
     #[error(
         "loss is {loss} at epoch {epoch}, batch {batch}; training stopped and the last good state was kept, try a lower learning rate"
     )]
-    NonFiniteLoss { epoch: usize, batch: usize, loss: f32 },
+    NonFiniteLoss {
+        epoch: usize,
+        batch: usize,
+        loss: f32,
+    },
     /// Training was cancelled (Ctrl-C); the state was saved when a run folder was set.
     #[error("training interrupted at epoch {epoch}, batch {batch}; resume it with --resume")]
     Interrupted { epoch: usize, batch: usize },

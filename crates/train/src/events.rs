@@ -40,11 +40,20 @@ pub enum Event {
         mom: f64,
     },
     /// After each validation batch (for progress bars).
-    ValidBatchEnd { batch: usize, n_batches: usize },
+    ValidBatchEnd {
+        batch: usize,
+        n_batches: usize,
+    },
     EpochEnd(EpochRecord),
-    FitEnd { phase: String },
+    FitEnd {
+        phase: String,
+    },
     /// Training state was written to a run folder.
-    Checkpoint { path: PathBuf, epoch: usize, batch: usize },
+    Checkpoint {
+        path: PathBuf,
+        epoch: usize,
+        batch: usize,
+    },
 }
 
 /// One row of fastai's epoch table.
@@ -142,7 +151,11 @@ impl<W: Write> Sink for EpochTable<W> {
             Event::EpochEnd(record) => {
                 let mut text = String::new();
                 if self.names.is_none() {
-                    let mut names = vec!["epoch".to_string(), "train_loss".into(), "valid_loss".into()];
+                    let mut names = vec![
+                        "epoch".to_string(),
+                        "train_loss".into(),
+                        "valid_loss".into(),
+                    ];
                     names.extend(record.metrics.iter().map(|(n, _)| n.clone()));
                     names.push("time".into());
                     let padded: Vec<String> = names.iter().map(|n| format!("{n:<8}")).collect();

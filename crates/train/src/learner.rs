@@ -230,10 +230,13 @@ impl Learner {
         }
         let data = self.varmap.data().lock().expect("VarMap lock poisoned");
         for (name, var) in data.iter() {
-            let saved = checkpoint.weights.get(name).ok_or_else(|| Error::StateMismatch {
-                name: name.clone(),
-                reason: "missing from the checkpoint".into(),
-            })?;
+            let saved = checkpoint
+                .weights
+                .get(name)
+                .ok_or_else(|| Error::StateMismatch {
+                    name: name.clone(),
+                    reason: "missing from the checkpoint".into(),
+                })?;
             if saved.dims() != var.dims() {
                 return Err(Error::StateMismatch {
                     name: name.clone(),
@@ -381,7 +384,9 @@ impl Learner {
                 });
             }
         }
-        self.emit(Event::FitEnd { phase: phase.into() })
+        self.emit(Event::FitEnd {
+            phase: phase.into(),
+        })
     }
 
     /// valid_loss and accuracy_multi (at `metric_thresh`) on the validation loader.
@@ -389,7 +394,11 @@ impl Learner {
         let preds = self.predict_loader(true)?;
         Ok(Validation {
             valid_loss: preds.loss,
-            accuracy_multi: accuracy_multi(&preds.probs, &preds.targets, self.config.metric_thresh)?,
+            accuracy_multi: accuracy_multi(
+                &preds.probs,
+                &preds.targets,
+                self.config.metric_thresh,
+            )?,
         })
     }
 
@@ -475,7 +484,13 @@ impl Learner {
         })
     }
 
-    fn checkpoint(&mut self, fit: usize, epoch: usize, batch: usize, smooth: SmoothedLoss) -> Result<()> {
+    fn checkpoint(
+        &mut self,
+        fit: usize,
+        epoch: usize,
+        batch: usize,
+        smooth: SmoothedLoss,
+    ) -> Result<()> {
         let Some(run) = &self.run else {
             return Ok(());
         };

@@ -24,48 +24,56 @@
 //!
 //! # Example
 //!
-//! Fine-tune a narrow ResNet-18 on a generated dataset, then score it:
-//!
-//! ```no_run
-//! use candle_core::{DType, Device};
-//! use candle_nn::{VarBuilder, VarMap};
-//! use multilabel_data::{Dataset, DatasetConfig, Loader, LoaderConfig, SynthConfig, TransformConfig};
-//! use multilabel_resnet::{Arch, ResNet, ResNetConfig};
-//! use multilabel_train::{metrics, EpochTable, FineTune, Learner, LearnerConfig, RunDir};
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let device = Device::Cpu;
-//! let root = std::env::temp_dir().join("multilabel-example");
-//! multilabel_data::synth(&SynthConfig { out: root.clone(), ..SynthConfig::default() })?;
-//! let data = Dataset::load(&DatasetConfig::new(&root))?;
-//! let n_classes = data.vocab().len();
-//! let transform = TransformConfig { size: 64, ..TransformConfig::default() };
-//! let train = Loader::new(data.train().to_vec(), n_classes, transform.clone(), LoaderConfig::train(32, 7), device.clone());
-//! let valid = Loader::new(data.valid().to_vec(), n_classes, transform, LoaderConfig::valid(32), device.clone());
-//!
-//! let varmap = VarMap::new();
-//! let mut config = ResNetConfig::new(Arch::ResNet18, n_classes);
-//! config.base_width = 8;
-//! let model = ResNet::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &device), 7)?;
-//!
-//! let mut learner = Learner::new(model, varmap, train, valid, LearnerConfig::default(), device)?;
-//! learner.add_sink(Box::new(EpochTable::new(std::io::stdout())));
-//! learner.set_run(RunDir::create(root.join("runs/example"))?);
-//! let mut plan = FineTune::new(2, 3e-3);
-//! plan.freeze_epochs = 1;
-//! learner.fine_tune(&plan)?;
-//!
-//! let preds = learner.get_preds()?;
-//! let sweep = metrics::threshold_sweep(&preds.probs, &preds.targets, &metrics::default_thresholds())?;
-//! let best = metrics::best_threshold(&sweep).expect("30 thresholds");
-//! let map = metrics::mean_average_precision(&preds.probs, &preds.targets, preds.n_classes)?;
-//! println!("best accuracy_multi {:.4} at {:.2}, mAP {:.4}", best.accuracy_multi, best.thresh, map.map);
-//! # Ok(())
-//! # }
-//! ```
+//! (With the default `learner` feature.)
+
+#![cfg_attr(
+    feature = "learner",
+    doc = r#"
+Fine-tune a narrow ResNet-18 on a generated dataset, then score it:
+
+```no_run
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use multilabel_data::{Dataset, DatasetConfig, Loader, LoaderConfig, SynthConfig, TransformConfig};
+use multilabel_resnet::{Arch, ResNet, ResNetConfig};
+use multilabel_train::{metrics, EpochTable, FineTune, Learner, LearnerConfig, RunDir};
+
+# fn main() -> Result<(), Box<dyn std::error::Error>> {
+let device = Device::Cpu;
+let root = std::env::temp_dir().join("multilabel-example");
+multilabel_data::synth(&SynthConfig { out: root.clone(), ..SynthConfig::default() })?;
+let data = Dataset::load(&DatasetConfig::new(&root))?;
+let n_classes = data.vocab().len();
+let transform = TransformConfig { size: 64, ..TransformConfig::default() };
+let train = Loader::new(data.train().to_vec(), n_classes, transform.clone(), LoaderConfig::train(32, 7), device.clone());
+let valid = Loader::new(data.valid().to_vec(), n_classes, transform, LoaderConfig::valid(32), device.clone());
+
+let varmap = VarMap::new();
+let mut config = ResNetConfig::new(Arch::ResNet18, n_classes);
+config.base_width = 8;
+let model = ResNet::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &device), 7)?;
+
+let mut learner = Learner::new(model, varmap, train, valid, LearnerConfig::default(), device)?;
+learner.add_sink(Box::new(EpochTable::new(std::io::stdout())));
+learner.set_run(RunDir::create(root.join("runs/example"))?);
+let mut plan = FineTune::new(2, 3e-3);
+plan.freeze_epochs = 1;
+learner.fine_tune(&plan)?;
+
+let preds = learner.get_preds()?;
+let sweep = metrics::threshold_sweep(&preds.probs, &preds.targets, &metrics::default_thresholds())?;
+let best = metrics::best_threshold(&sweep).expect("30 thresholds");
+let map = metrics::mean_average_precision(&preds.probs, &preds.targets, preds.n_classes)?;
+println!("best accuracy_multi {:.4} at {:.2}, mAP {:.4}", best.accuracy_multi, best.thresh, map.map);
+# Ok(())
+# }
+```
+"#
+)]
 
 pub mod error;
 pub mod events;
+#[cfg(feature = "learner")]
 pub mod learner;
 pub mod loss;
 pub mod metrics;
@@ -74,7 +82,10 @@ pub mod run;
 pub mod schedule;
 
 pub use error::{Error, Result};
-pub use events::{EpochRecord, EpochTable, Event, EventsJsonl, HistoryCsv, Recorder, Sink, SmoothedLoss};
+pub use events::{
+    EpochRecord, EpochTable, Event, EventsJsonl, HistoryCsv, Recorder, Sink, SmoothedLoss,
+};
+#[cfg(feature = "learner")]
 pub use learner::{Learner, LearnerConfig, Preds, Validation, dropout_seed};
 pub use loss::bce_with_logits;
 pub use optim::{Adam, AdamConfig, AdamState, OptGroup, OptParam, StepHypers};

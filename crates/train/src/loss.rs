@@ -65,5 +65,8 @@ pub fn bce_with_logits(
             (weight * softplus_neg).ctx(ctx)?
         }
     };
-    (negative_term + positive_term).ctx(ctx)?.mean_all().ctx(ctx)
+    (negative_term + positive_term)
+        .ctx(ctx)?
+        .mean_all()
+        .ctx(ctx)
 }

@@ -64,7 +64,11 @@ pub struct SweepPoint {
 }
 
 /// accuracy_multi at each threshold.
-pub fn threshold_sweep(probs: &[f32], targets: &[f32], thresholds: &[f32]) -> Result<Vec<SweepPoint>> {
+pub fn threshold_sweep(
+    probs: &[f32],
+    targets: &[f32],
+    thresholds: &[f32],
+) -> Result<Vec<SweepPoint>> {
     thresholds
         .iter()
         .map(|&thresh| {
@@ -167,7 +171,12 @@ pub struct ThresholdScores {
 }
 
 /// F1 (micro, macro, per class), exact match and accuracy_multi at `thresh`.
-pub fn scores_at(probs: &[f32], targets: &[f32], n_classes: usize, thresh: f32) -> Result<ThresholdScores> {
+pub fn scores_at(
+    probs: &[f32],
+    targets: &[f32],
+    n_classes: usize,
+    thresh: f32,
+) -> Result<ThresholdScores> {
     let n = rows(probs, targets, n_classes)?;
     let mut tp = vec![0usize; n_classes];
     let mut fp = vec![0usize; n_classes];
@@ -225,7 +234,9 @@ fn pr_curve(scores: &[f32], targets: &[f32]) -> Result<Option<Vec<(f64, f64)>>> 
     for (k, &i) in order.iter().enumerate() {
         seen += 1;
         tp += usize::from(targets[i] > 0.5);
-        let last_of_group = order.get(k + 1).is_none_or(|&next| scores[next] != scores[i]);
+        let last_of_group = order
+            .get(k + 1)
+            .is_none_or(|&next| scores[next] != scores[i]);
         if last_of_group {
             curve.push((tp as f64 / seen as f64, tp as f64 / n_positive as f64));
         }

@@ -198,7 +198,8 @@ impl Adam {
         for (name, s) in &self.state {
             out.tensors
                 .insert(format!("{name}.grad_avg"), s.grad_avg.clone());
-            out.tensors.insert(format!("{name}.sqr_avg"), s.sqr_avg.clone());
+            out.tensors
+                .insert(format!("{name}.sqr_avg"), s.sqr_avg.clone());
             out.steps.insert(name.clone(), s.step);
         }
         out
@@ -218,12 +219,15 @@ impl Adam {
                     name: name.clone(),
                     reason: "no parameter of that name".into(),
                 })?;
-            let mut get = |suffix: &str| -> Result<Tensor> {
+            let get = |suffix: &str| -> Result<Tensor> {
                 let key = format!("{name}.{suffix}");
-                let t = state.tensors.get(&key).ok_or_else(|| Error::StateMismatch {
-                    name: key.clone(),
-                    reason: "tensor missing".into(),
-                })?;
+                let t = state
+                    .tensors
+                    .get(&key)
+                    .ok_or_else(|| Error::StateMismatch {
+                        name: key.clone(),
+                        reason: "tensor missing".into(),
+                    })?;
                 if t.dims() != param.var.dims() {
                     return Err(Error::StateMismatch {
                         name: key,

@@ -165,7 +165,12 @@ impl RunDir {
 
     /// Writes weights, optimizer moments and `state` as one file, so the
     /// three can never disagree after a crash.
-    pub fn save_checkpoint(&self, state: &TrainState, varmap: &VarMap, optimizer: &AdamState) -> Result<()> {
+    pub fn save_checkpoint(
+        &self,
+        state: &TrainState,
+        varmap: &VarMap,
+        optimizer: &AdamState,
+    ) -> Result<()> {
         let mut tensors: BTreeMap<String, Tensor> = varmap_tensors(varmap)
             .into_iter()
             .map(|(k, v)| (format!("model.{k}"), v))
@@ -176,8 +181,9 @@ impl RunDir {
         let mut metadata = HashMap::new();
         metadata.insert(STATE_KEY.to_string(), to_json(state));
         metadata.insert(STEPS_KEY.to_string(), to_json(&optimizer.steps));
-        let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-            .map_err(|e| Error::Invalid(format!("cannot serialize the training state: {e}")))?;
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+                .map_err(|e| Error::Invalid(format!("cannot serialize the training state: {e}")))?;
         atomic_write(&self.state_path(), &bytes)
     }
 
@@ -188,21 +194,25 @@ impl RunDir {
             return Ok(None);
         }
         let bytes = read(&path)?;
-        let invalid = |what: &str| Error::Invalid(format!("{}: {what}; start a new run", path.display()));
+        let invalid =
+            |what: &str| Error::Invalid(format!("{}: {what}; start a new run", path.display()));
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| invalid(&format!("not a safetensors file ({e})")))?;
         let metadata = header.metadata().clone().unwrap_or_default();
         let parse = |key: &str| -> Result<serde_json::Value> {
-            let text = metadata.get(key).ok_or_else(|| invalid(&format!("metadata {key} missing")))?;
+            let text = metadata
+                .get(key)
+                .ok_or_else(|| invalid(&format!("metadata {key} missing")))?;
             serde_json::from_str(text).map_err(|source| Error::Json {
                 path: path.clone(),
                 source,
             })
         };
-        let state: TrainState = serde_json::from_value(parse(STATE_KEY)?).map_err(|source| Error::Json {
-            path: path.clone(),
-            source,
-        })?;
+        let state: TrainState =
+            serde_json::from_value(parse(STATE_KEY)?).map_err(|source| Error::Json {
+                path: path.clone(),
+                source,
+            })?;
         let steps: BTreeMap<String, u64> =
             serde_json::from_value(parse(STEPS_KEY)?).map_err(|source| Error::Json {
                 path: path.clone(),

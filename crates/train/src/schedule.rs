@@ -22,7 +22,11 @@ pub fn sched_cos(start: f64, end: f64, pos: f64) -> f64 {
 /// them in float32 and computes the position inside the phase in float32;
 /// this does the same so that steps next to a boundary match.
 pub fn combined_cos(pct_start: f64, start: f64, middle: f64, end: f64, pos: f64) -> f64 {
-    let boundaries = [0.0f32, pct_start as f32, pct_start as f32 + (1.0 - pct_start) as f32];
+    let boundaries = [
+        0.0f32,
+        pct_start as f32,
+        pct_start as f32 + (1.0 - pct_start) as f32,
+    ];
     let pos32 = pos as f32;
     let phase = if pos32 >= boundaries[1] { 1 } else { 0 };
     let local = (pos32 - boundaries[phase]) / (boundaries[phase + 1] - boundaries[phase]);
@@ -110,15 +114,7 @@ impl OneCycle {
         let lrs = self
             .lr_max
             .iter()
-            .map(|&lr| {
-                combined_cos(
-                    self.pct_start,
-                    lr / self.div,
-                    lr,
-                    lr / self.div_final,
-                    pos,
-                )
-            })
+            .map(|&lr| combined_cos(self.pct_start, lr / self.div, lr, lr / self.div_final, pos))
             .collect();
         let (m0, m1, m2) = self.moms;
         StepHypers {

@@ -43,13 +43,26 @@ fn epoch_table_has_fastai_layout() {
             resumed_at: None,
         })
         .unwrap();
-    table.on_event(&Event::EpochEnd(record("frozen", 0))).unwrap();
-    table.on_event(&Event::EpochEnd(record("frozen", 1))).unwrap();
+    table
+        .on_event(&Event::EpochEnd(record("frozen", 0)))
+        .unwrap();
+    table
+        .on_event(&Event::EpochEnd(record("frozen", 1)))
+        .unwrap();
     let text = String::from_utf8(table.into_inner()).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "epoch     train_loss  valid_loss  accuracy_multi  time    ");
-    assert_eq!(lines[1], "0         0.942663    0.703737    0.233307        00:08");
-    assert_eq!(lines[2], "1         0.942663    0.703737    0.233307        00:08");
+    assert_eq!(
+        lines[0],
+        "epoch     train_loss  valid_loss  accuracy_multi  time    "
+    );
+    assert_eq!(
+        lines[1],
+        "0         0.942663    0.703737    0.233307        00:08"
+    );
+    assert_eq!(
+        lines[2],
+        "1         0.942663    0.703737    0.233307        00:08"
+    );
     assert_eq!(format_time(3725.0), "1:02:05");
 }
 
@@ -65,9 +78,16 @@ fn history_csv_rewrites_and_keeps_rows_on_reopen() {
     h.on_event(&Event::EpochEnd(record("unfrozen", 0))).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "phase,epoch,train_loss,valid_loss,accuracy_multi,seconds");
+    assert_eq!(
+        lines[0],
+        "phase,epoch,train_loss,valid_loss,accuracy_multi,seconds"
+    );
     assert_eq!(lines.len(), 3);
-    assert!(lines[1].starts_with("frozen,0,0.942663,0.703737,0.233307,8.4"), "{}", lines[1]);
+    assert!(
+        lines[1].starts_with("frozen,0,0.942663,0.703737,0.233307,8.4"),
+        "{}",
+        lines[1]
+    );
     assert!(lines[2].starts_with("unfrozen,0,"));
     // No temporary file is left behind.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -78,7 +98,11 @@ fn events_jsonl_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.jsonl");
     let events = vec![
-        Event::EpochBegin { phase: "frozen".into(), epoch: 0, n_epochs: 2 },
+        Event::EpochBegin {
+            phase: "frozen".into(),
+            epoch: 0,
+            n_epochs: 2,
+        },
         Event::BatchEnd {
             phase: "frozen".into(),
             epoch: 0,
@@ -101,13 +125,31 @@ fn events_jsonl_round_trips() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(read, events);
-    assert!(std::fs::read_to_string(&path).unwrap().starts_with("{\"event\":\"epoch_begin\""));
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .starts_with("{\"event\":\"epoch_begin\"")
+    );
 }
 
 fn varmap() -> VarMap {
     let vm = VarMap::new();
-    vm.get((2, 3), "layer.weight", Init::Const(0.5), DType::F32, &Device::Cpu).unwrap();
-    vm.get(3, "bn.running_mean", Init::Const(0.1), DType::F32, &Device::Cpu).unwrap();
+    vm.get(
+        (2, 3),
+        "layer.weight",
+        Init::Const(0.5),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    vm.get(
+        3,
+        "bn.running_mean",
+        Init::Const(0.1),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     vm
 }
 
@@ -129,7 +171,10 @@ fn model_bundle_and_checkpoint_round_trip() {
     run.save_model(&vm, &meta).unwrap();
     assert_eq!(run.load_model_meta().unwrap(), meta);
     let weights = run.load_model_weights(&Device::Cpu).unwrap();
-    assert_eq!(weights["bn.running_mean"].to_vec1::<f32>().unwrap(), vec![0.1; 3]);
+    assert_eq!(
+        weights["bn.running_mean"].to_vec1::<f32>().unwrap(),
+        vec![0.1; 3]
+    );
 
     let state = TrainState {
         seed: 42,
@@ -137,19 +182,36 @@ fn model_bundle_and_checkpoint_round_trip() {
         epoch: 2,
         batch: 5,
         global_step: 17,
-        smooth_loss: SmoothedLoss { beta: 0.98, average: 0.3, count: 9 },
+        smooth_loss: SmoothedLoss {
+            beta: 0.98,
+            average: 0.3,
+            count: 9,
+        },
         frozen: false,
         finished: false,
     };
     let mut opt = AdamState::default();
-    opt.tensors.insert("layer.weight.grad_avg".into(), Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap());
+    opt.tensors.insert(
+        "layer.weight.grad_avg".into(),
+        Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
     opt.steps.insert("layer.weight".into(), 17);
     run.save_checkpoint(&state, &vm, &opt).unwrap();
     let ck = run.load_checkpoint(&Device::Cpu).unwrap().unwrap();
     assert_eq!(ck.state, state);
     assert_eq!(ck.optimizer.steps["layer.weight"], 17);
-    assert_eq!(ck.optimizer.tensors["layer.weight.grad_avg"].dims(), &[2, 3]);
-    assert_eq!(ck.weights["layer.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0.5; 6]);
+    assert_eq!(
+        ck.optimizer.tensors["layer.weight.grad_avg"].dims(),
+        &[2, 3]
+    );
+    assert_eq!(
+        ck.weights["layer.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        vec![0.5; 6]
+    );
 
     run.mark_latest().unwrap();
     let latest = RunDir::open(dir.path().join("runs/latest")).unwrap();
@@ -169,7 +231,9 @@ fn atomic_write_replaces_whole_file_and_reports_bad_paths() {
     atomic_write(&path, b"first").unwrap();
     atomic_write(&path, b"second").unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"second");
-    let err = atomic_write(&dir.path().join("missing/a.json"), b"x").unwrap_err().to_string();
+    let err = atomic_write(&dir.path().join("missing/a.json"), b"x")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing/a.json"), "{err}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     assert!(RunDir::open(dir.path().join("nope")).is_err());

@@ -25,9 +25,20 @@ fn loss_and_gradient_match_pytorch_formula_with_extreme_logits() {
     let loss = bce_with_logits(x.as_tensor(), &y, None).unwrap();
     let value = loss.to_vec0::<f32>().unwrap();
     assert!(value.is_finite());
-    assert_close(&[value], &[g["loss"].as_f64().unwrap() as f32], 1e-6, "loss");
+    assert_close(
+        &[value],
+        &[g["loss"].as_f64().unwrap() as f32],
+        1e-6,
+        "loss",
+    );
     let grads = loss.backward().unwrap();
-    let grad = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let grad = grads
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(grad.iter().all(|v| v.is_finite()));
     assert_close(&grad, &flat_f32(&g["grad"]), 1e-5, "grad");
 }
@@ -38,8 +49,19 @@ fn gradient_is_sigmoid_minus_target_over_numel() {
     let (x, y, _, _) = inputs();
     let loss = bce_with_logits(x.as_tensor(), &y, None).unwrap();
     let grads = loss.backward().unwrap();
-    let grad = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let xs = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let grad = grads
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let xs = x
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let ys = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let expected: Vec<f32> = xs
         .iter()
@@ -54,9 +76,20 @@ fn pos_weight_matches_pytorch_formula() {
     let (x, y, pw, g) = inputs();
     let loss = bce_with_logits(x.as_tensor(), &y, Some(&pw)).unwrap();
     let value = loss.to_vec0::<f32>().unwrap();
-    assert_close(&[value], &[g["loss_pos_weight"].as_f64().unwrap() as f32], 1e-6, "loss");
+    assert_close(
+        &[value],
+        &[g["loss_pos_weight"].as_f64().unwrap() as f32],
+        1e-6,
+        "loss",
+    );
     let grads = loss.backward().unwrap();
-    let grad = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let grad = grads
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_close(&grad, &flat_f32(&g["grad_pos_weight"]), 1e-5, "grad");
 }
 
@@ -68,7 +101,10 @@ fn naive_formula_is_not_finite_where_ours_is() {
     let y = Tensor::new(&[[1f32, 0.0]], &dev).unwrap();
     let naive = candle_nn::loss::binary_cross_entropy_with_logit(&x, &y).unwrap();
     assert!(!naive.to_vec0::<f32>().unwrap().is_finite());
-    let ours = bce_with_logits(&x, &y, None).unwrap().to_vec0::<f32>().unwrap();
+    let ours = bce_with_logits(&x, &y, None)
+        .unwrap()
+        .to_vec0::<f32>()
+        .unwrap();
     assert!((ours - 100.0).abs() < 1e-4, "{ours}");
 }
 

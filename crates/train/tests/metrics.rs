@@ -53,9 +53,19 @@ fn sweep_matches_and_best_threshold_is_its_maximum() {
         assert!((a - e).abs() <= 1e-7, "{a} vs {e}");
     }
     let sweep = threshold_sweep(&probs, &targets, &thresholds).unwrap();
-    let expected: Vec<f64> = g["sweep_accuracy"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let expected: Vec<f64> = g["sweep_accuracy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     for (p, e) in sweep.iter().zip(&expected) {
-        assert!(close(p.accuracy_multi, *e, 1e-12), "at {}: {} vs {e}", p.thresh, p.accuracy_multi);
+        assert!(
+            close(p.accuracy_multi, *e, 1e-12),
+            "at {}: {} vs {e}",
+            p.thresh,
+            p.accuracy_multi
+        );
     }
     let best = best_threshold(&sweep).unwrap();
     let max = expected.iter().cloned().fold(0.0, f64::max);
@@ -71,11 +81,31 @@ fn f1_exact_match_and_accuracy_at_threshold_match_sklearn() {
         let e = &g["at"][key];
         let t = e["thresh"].as_f64().unwrap() as f32;
         let s = scores_at(&probs, &targets, c, t).unwrap();
-        assert!(close(s.accuracy_multi, e["accuracy_multi"].as_f64().unwrap(), 1e-12), "{key}");
-        assert!(close(s.f1_micro, e["f1_micro"].as_f64().unwrap(), 1e-12), "{key}");
-        assert!(close(s.f1_macro, e["f1_macro"].as_f64().unwrap(), 1e-12), "{key}");
-        assert!(close(s.exact_match, e["exact_match"].as_f64().unwrap(), 1e-12), "{key}");
-        for (a, b) in s.f1_per_class.iter().zip(e["f1_per_class"].as_array().unwrap()) {
+        assert!(
+            close(
+                s.accuracy_multi,
+                e["accuracy_multi"].as_f64().unwrap(),
+                1e-12
+            ),
+            "{key}"
+        );
+        assert!(
+            close(s.f1_micro, e["f1_micro"].as_f64().unwrap(), 1e-12),
+            "{key}"
+        );
+        assert!(
+            close(s.f1_macro, e["f1_macro"].as_f64().unwrap(), 1e-12),
+            "{key}"
+        );
+        assert!(
+            close(s.exact_match, e["exact_match"].as_f64().unwrap(), 1e-12),
+            "{key}"
+        );
+        for (a, b) in s
+            .f1_per_class
+            .iter()
+            .zip(e["f1_per_class"].as_array().unwrap())
+        {
             assert!(close(*a, b.as_f64().unwrap(), 1e-12), "{key}");
         }
         assert_eq!(s.support[5], 0);
@@ -93,10 +123,18 @@ fn accuracy_multi_uses_strict_greater_than() {
 #[test]
 fn perfect_and_reversed_rankings() {
     let targets = [1.0, 0.0, 1.0, 0.0];
-    assert_eq!(average_precision(&[0.9, 0.1, 0.8, 0.2], &targets).unwrap(), Some(1.0));
-    assert_eq!(average_precision_voc07(&[0.9, 0.1, 0.8, 0.2], &targets).unwrap(), Some(1.0));
+    assert_eq!(
+        average_precision(&[0.9, 0.1, 0.8, 0.2], &targets).unwrap(),
+        Some(1.0)
+    );
+    assert_eq!(
+        average_precision_voc07(&[0.9, 0.1, 0.8, 0.2], &targets).unwrap(),
+        Some(1.0)
+    );
     // Positives ranked last: precision 1/3 then 2/4.
-    let ap = average_precision(&[0.1, 0.9, 0.2, 0.8], &targets).unwrap().unwrap();
+    let ap = average_precision(&[0.1, 0.9, 0.2, 0.8], &targets)
+        .unwrap()
+        .unwrap();
     assert!(close(ap, 0.5 * (1.0 / 3.0) + 0.5 * 0.5, 1e-12));
     // All scores tied: one threshold, AP = prevalence.
     assert_eq!(average_precision(&[0.3; 4], &targets).unwrap(), Some(0.5));

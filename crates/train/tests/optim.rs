@@ -27,8 +27,14 @@ fn tensor(v: &serde_json::Value) -> Tensor {
 fn build() -> (Adam, Vec<OptParam>, serde_json::Value) {
     let g = golden()["adam"].clone();
     let mut groups = vec![
-        OptGroup { name: "body".into(), params: vec![] },
-        OptGroup { name: "head".into(), params: vec![] },
+        OptGroup {
+            name: "body".into(),
+            params: vec![],
+        },
+        OptGroup {
+            name: "head".into(),
+            params: vec![],
+        },
     ];
     let mut all = Vec::new();
     for p in g["params"].as_array().unwrap() {
@@ -37,7 +43,9 @@ fn build() -> (Adam, Vec<OptParam>, serde_json::Value) {
             var: Var::from_tensor(&tensor(&p["value"])).unwrap(),
             no_decay: p["no_decay"].as_bool().unwrap(),
         };
-        groups[p["group"].as_u64().unwrap() as usize].params.push(param.clone());
+        groups[p["group"].as_u64().unwrap() as usize]
+            .params
+            .push(param.clone());
         all.push(param);
     }
     (Adam::new(groups, AdamConfig::default()).unwrap(), all, g)
@@ -64,12 +72,23 @@ fn adam_steps_match_fastai_update_rule() {
     for (k, step) in g["steps"].as_array().unwrap().iter().enumerate() {
         let grads = grad_store(&params, &step["grads"]);
         let hypers = StepHypers {
-            lrs: step["lrs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect(),
+            lrs: step["lrs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect(),
             mom: step["mom"].as_f64().unwrap(),
         };
         adam.step(&grads, &hypers).unwrap();
         for p in &params {
-            let actual = p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let actual = p
+                .var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let expected = flat_f32(&step["after"][&p.name]);
             assert_close(&actual, &expected, 2e-5, &format!("step {k} {}", p.name));
         }
@@ -78,7 +97,14 @@ fn adam_steps_match_fastai_update_rule() {
     assert_eq!(adam.param_state("body.weight").unwrap().step, 4);
     assert_eq!(adam.param_state("body.bn.bias").unwrap().step, 3);
     let final_state = &g["final_state"]["head.weight"];
-    let avg = adam.param_state("head.weight").unwrap().sqr_avg.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let avg = adam
+        .param_state("head.weight")
+        .unwrap()
+        .sqr_avg
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_close(&avg, &flat_f32(&final_state["sqr_avg"]), 1e-5, "sqr_avg");
 }
 
@@ -87,11 +113,17 @@ fn exported_state_round_trips_and_continues_identically() {
     let (mut a, params_a, g) = build();
     let steps = g["steps"].as_array().unwrap();
     let hypers = |s: &serde_json::Value| StepHypers {
-        lrs: s["lrs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect(),
+        lrs: s["lrs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect(),
         mom: s["mom"].as_f64().unwrap(),
     };
     for s in &steps[..2] {
-        a.step(&grad_store(&params_a, &s["grads"]), &hypers(s)).unwrap();
+        a.step(&grad_store(&params_a, &s["grads"]), &hypers(s))
+            .unwrap();
     }
     // A second optimizer over copies of the parameters, loaded from the export.
     let (mut b, params_b, _) = build();
@@ -102,12 +134,26 @@ fn exported_state_round_trips_and_continues_identically() {
     assert_eq!(exported.tensors.len(), 6);
     b.import_state(&exported).unwrap();
     for s in &steps[2..] {
-        a.step(&grad_store(&params_a, &s["grads"]), &hypers(s)).unwrap();
-        b.step(&grad_store(&params_b, &s["grads"]), &hypers(s)).unwrap();
+        a.step(&grad_store(&params_a, &s["grads"]), &hypers(s))
+            .unwrap();
+        b.step(&grad_store(&params_b, &s["grads"]), &hypers(s))
+            .unwrap();
     }
     for (pa, pb) in params_a.iter().zip(&params_b) {
-        let va = pa.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let vb = pb.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let va = pa
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let vb = pb
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(va, vb, "{}", pa.name);
     }
 }
@@ -116,8 +162,12 @@ fn exported_state_round_trips_and_continues_identically() {
 fn clear_state_restarts_moments_and_bad_state_is_rejected() {
     let (mut adam, params, g) = build();
     let s0 = &g["steps"][0];
-    let hypers = StepHypers { lrs: vec![1e-2, 1e-1], mom: 0.95 };
-    adam.step(&grad_store(&params, &s0["grads"]), &hypers).unwrap();
+    let hypers = StepHypers {
+        lrs: vec![1e-2, 1e-1],
+        mom: 0.95,
+    };
+    adam.step(&grad_store(&params, &s0["grads"]), &hypers)
+        .unwrap();
     assert!(adam.param_state("head.weight").is_some());
     adam.clear_state();
     assert!(adam.param_state("head.weight").is_none());
@@ -125,23 +175,57 @@ fn clear_state_restarts_moments_and_bad_state_is_rejected() {
 
     let mut bad = multilabel_train::optim::AdamState::default();
     bad.steps.insert("head.weight".into(), 1);
-    bad.tensors.insert("head.weight.grad_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
-    bad.tensors.insert("head.weight.sqr_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    bad.tensors.insert(
+        "head.weight.grad_avg".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    bad.tensors.insert(
+        "head.weight.sqr_avg".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = adam.import_state(&bad).unwrap_err().to_string();
     assert!(err.contains("head.weight.grad_avg"), "{err}");
-    let wrong_lrs = StepHypers { lrs: vec![1e-2], mom: 0.9 };
-    assert!(adam.step(&grad_store(&params, &s0["grads"]), &wrong_lrs).is_err());
+    let wrong_lrs = StepHypers {
+        lrs: vec![1e-2],
+        mom: 0.9,
+    };
+    assert!(
+        adam.step(&grad_store(&params, &s0["grads"]), &wrong_lrs)
+            .is_err()
+    );
 }
 
 #[test]
 fn frozen_parameter_without_gradient_is_untouched_even_by_weight_decay() {
     let (mut adam, params, g) = build();
-    let before = params[0].var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let before = params[0]
+        .var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     // Only head.weight gets a gradient.
     let mut grads = serde_json::Map::new();
-    grads.insert("head.weight".into(), g["steps"][0]["grads"]["head.weight"].clone());
-    adam.step(&grad_store(&params, &serde_json::Value::Object(grads)), &StepHypers { lrs: vec![1.0, 1e-2], mom: 0.9 }).unwrap();
-    let after = params[0].var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    grads.insert(
+        "head.weight".into(),
+        g["steps"][0]["grads"]["head.weight"].clone(),
+    );
+    adam.step(
+        &grad_store(&params, &serde_json::Value::Object(grads)),
+        &StepHypers {
+            lrs: vec![1.0, 1e-2],
+            mom: 0.9,
+        },
+    )
+    .unwrap();
+    let after = params[0]
+        .var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(before, after);
     assert!(adam.param_state("body.weight").is_none());
 }

@@ -2,7 +2,9 @@
 //! shared/reference/fastai-recipe.md §4 (fine_tune(3, 3e-3, freeze_epochs=4),
 //! N = 39 batches per epoch, three parameter groups).
 
-use multilabel_train::schedule::{FineTune, LrSpec, OneCycle, combined_cos, even_mults, sched_cos, train_position};
+use multilabel_train::schedule::{
+    FineTune, LrSpec, OneCycle, combined_cos, even_mults, sched_cos, train_position,
+};
 
 fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * b.abs().max(1e-12)
@@ -25,8 +27,16 @@ fn recipe() -> [OneCycle; 2] {
 fn fine_tune_spreads_lrs_like_fastai_slice() {
     let [frozen, unfrozen] = recipe();
     assert_lrs(&frozen.lr_max, &[3e-4, 3e-4, 3e-3], 1e-12, "phase 1 lr_max");
-    assert_lrs(&unfrozen.lr_max, &[1.5e-5, 1.5e-4, 1.5e-3], 1e-12, "phase 2 lr_max");
-    assert_eq!((frozen.pct_start, frozen.div, frozen.div_final), (0.99, 25.0, 1e5));
+    assert_lrs(
+        &unfrozen.lr_max,
+        &[1.5e-5, 1.5e-4, 1.5e-3],
+        1e-12,
+        "phase 2 lr_max",
+    );
+    assert_eq!(
+        (frozen.pct_start, frozen.div, frozen.div_final),
+        (0.99, 25.0, 1e5)
+    );
     assert_eq!((unfrozen.pct_start, unfrozen.div), (0.3, 5.0));
     assert_eq!((frozen.total_steps(), unfrozen.total_steps()), (156, 117));
 }
@@ -72,11 +82,20 @@ fn schedule_shape_invariants() {
     let moms: Vec<f64> = steps.iter().map(|&(e, b)| cycle.at(e, b).mom).collect();
     let peak = lrs.iter().cloned().fold(0.0, f64::max);
     let peak_at = lrs.iter().position(|&l| l == peak).unwrap();
-    assert!(lrs[..=peak_at].windows(2).all(|w| w[0] <= w[1]), "warm-up rises");
-    assert!(lrs[peak_at..].windows(2).all(|w| w[0] >= w[1]), "anneal falls");
+    assert!(
+        lrs[..=peak_at].windows(2).all(|w| w[0] <= w[1]),
+        "warm-up rises"
+    );
+    assert!(
+        lrs[peak_at..].windows(2).all(|w| w[0] >= w[1]),
+        "anneal falls"
+    );
     assert!((peak_at as f64 / 100.0 - 0.25).abs() <= 0.02);
     assert!(moms[peak_at] <= 0.8501 && moms[0] == 0.95);
-    assert!(*lrs.last().unwrap() > 1e-3 / 1e5, "last step stops short of lr/div_final");
+    assert!(
+        *lrs.last().unwrap() > 1e-3 / 1e5,
+        "last step stops short of lr/div_final"
+    );
     assert_eq!(sched_cos(1.0, 3.0, 0.0), 1.0);
     assert!((sched_cos(1.0, 3.0, 0.5) - 2.0).abs() < 1e-12);
     assert!((combined_cos(0.25, 1.0, 2.0, 0.0, 1.0) - 0.0).abs() < 1e-12);

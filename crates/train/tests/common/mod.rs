@@ -6,7 +6,8 @@ use serde_json::Value;
 
 pub fn golden() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read golden.json")).expect("parse golden.json")
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read golden.json"))
+        .expect("parse golden.json")
 }
 
 pub fn flat_f32(v: &Value) -> Vec<f32> {

@@ -1,0 +1,683 @@
+//! 2-D convolution on the CPU: im2col + `gemm`, with a backward pass that
+//! computes only the gradients something needs.
+//!
+//! Shapes: input `[N, C, H, W]`, kernel `[O, C, kh, kw]`, output
+//! `[N, O, OH, OW]`, one group, no dilation, the same padding and stride on
+//! both axes. Per image, with `K = C·kh·kw` and `P = OH·OW`:
+//!
+//! - forward: `Y[n] = W · col(X[n])`, `W` as `[O, K]`, `col` as `[K, P]`;
+//! - input gradient: `dX[n] = col2im(Wᵀ · dY[n])`;
+//! - kernel gradient: `dW = Σₙ dY[n] · col(X[n])ᵀ`.
+//!
+//! A 1×1 stride-1 convolution needs no `col`: `X[n]` already is `[C, P]`.
+//! Where `P` is small (the last stages at 128 px have 4×4 pixels) several
+//! images share one matrix product, so `gemm` sees a useful width. Images
+//! (or groups of images) run in parallel on rayon's pool with single-threaded
+//! products, which beats splitting each product across threads at these
+//! sizes; when there are fewer groups than threads, the products are split
+//! instead.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Shapes of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    padding: usize,
+    stride: usize,
+    oh: usize,
+    ow: usize,
+}
+
+/// Matrix width below which images are grouped into one product.
+const MIN_COLUMNS: usize = 256;
+
+impl Geometry {
+    fn new(
+        x: (usize, usize, usize, usize),
+        k: (usize, usize, usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let (n, c, h, w) = x;
+        let (o, c_k, kh, kw) = k;
+        if c != c_k {
+            candle_core::bail!(
+                "cpu conv2d: input has {c} channels but the kernel expects {c_k}; check the kernel shape"
+            )
+        }
+        if stride == 0 {
+            candle_core::bail!("cpu conv2d: stride must be at least 1")
+        }
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!(
+                "cpu conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input with padding {padding}"
+            )
+        }
+        let oh = (h + 2 * padding - kh) / stride + 1;
+        let ow = (w + 2 * padding - kw) / stride + 1;
+        Ok(Self {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            padding,
+            stride,
+            oh,
+            ow,
+        })
+    }
+
+    /// Rows of `col`: `C·kh·kw`.
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Output pixels per image.
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Whether the input itself is `col` (1×1, stride 1, no padding).
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Images per matrix product.
+    fn group(&self) -> usize {
+        MIN_COLUMNS.div_ceil(self.p()).clamp(1, self.n.max(1))
+    }
+
+    fn out_dims(&self) -> (usize, usize, usize, usize) {
+        (self.n, self.o, self.oh, self.ow)
+    }
+}
+
+/// Writes `col(x)` of one image `[C, H, W]` into `col`, a `[K, ld]` row-major
+/// matrix, at column offset `at`.
+fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
+    let (oh, ow, p, s) = (g.oh, g.ow, g.padding, g.stride);
+    for ci in 0..g.c {
+        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let r = (ci * g.kh + ki) * g.kw + kj;
+                let row = &mut col[r * ld + at..r * ld + at + oh * ow];
+                // Output columns whose input column `ow·s + kj − p` is inside.
+                let lo = p.saturating_sub(kj).div_ceil(s).min(ow);
+                let hi = if g.w + p > kj {
+                    ((g.w + p - kj - 1) / s + 1).min(ow)
+                } else {
+                    0
+                }
+                .max(lo);
+                for y in 0..oh {
+                    let out = &mut row[y * ow..(y + 1) * ow];
+                    let iy = (y * s + ki) as isize - p as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if hi == lo {
+                        continue;
+                    }
+                    let first = lo * s + kj - p;
+                    if s == 1 {
+                        out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                    } else {
+                        for (dst, src) in out[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
+                            *dst = *src;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds `col`, a `[K, ld]` matrix read at column offset `at`, back into the
+/// image gradient `dx` `[C, H, W]` (the adjoint of [`im2col`]).
+fn col2im(g: &Geometry, col: &[f32], ld: usize, at: usize, dx: &mut [f32]) {
+    let (oh, ow, p, s) = (g.oh, g.ow, g.padding, g.stride);
+    for ci in 0..g.c {
+        let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let r = (ci * g.kh + ki) * g.kw + kj;
+                let row = &col[r * ld + at..r * ld + at + oh * ow];
+                let lo = p.saturating_sub(kj).div_ceil(s).min(ow);
+                let hi = if g.w + p > kj {
+                    ((g.w + p - kj - 1) / s + 1).min(ow)
+                } else {
+                    0
+                }
+                .max(lo);
+                for y in 0..oh {
+                    let iy = (y * s + ki) as isize - p as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    if hi == lo {
+                        continue;
+                    }
+                    let src = &row[y * ow + lo..y * ow + hi];
+                    let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    let first = lo * s + kj - p;
+                    if s == 1 {
+                        for (d, v) in dst[first..first + hi - lo].iter_mut().zip(src) {
+                            *d += *v;
+                        }
+                    } else {
+                        for (d, v) in dst[first..].iter_mut().step_by(s).zip(src) {
+                            *d += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A row-major `rows × cols` view with leading dimension `ld`, possibly transposed.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+// SAFETY: a `Mat` only reads, from buffers that outlive the parallel loops using it.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    fn rows(ptr: *const f32, ld: usize) -> Self {
+        Self {
+            ptr,
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`; `dst` is row-major with leading dimension `ld`.
+///
+/// # Safety
+/// The views must cover the stated shapes and `dst` must not alias them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    ld: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    threads: usize,
+) {
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller guarantees the shapes and strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            ld as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// How to spread `groups` independent pieces of work over rayon's pool:
+/// `(parallel over groups, threads inside each product)`.
+fn plan(groups: usize) -> (bool, usize) {
+    let threads = rayon::current_num_threads();
+    if groups >= threads { (true, 1) } else { (false, threads) }
+}
+
+
+fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
+    let (k, p, o) = (g.k(), g.p(), g.o);
+    let img_in = g.c * g.h * g.w;
+    let img_out = o * p;
+    let group = g.group();
+    let groups = g.n.div_ceil(group);
+    let mut out = vec![0f32; g.n * img_out];
+    let (par, threads) = plan(groups);
+    let run = |(gi, out): (usize, &mut [f32]), col: &mut Vec<f32>, tmp: &mut Vec<f32>| {
+        let first = gi * group;
+        let count = out.len() / img_out;
+        let lhs = Mat::rows(kernel.as_ptr(), k);
+        if count == 1 {
+            let xs = &x[first * img_in..(first + 1) * img_in];
+            let rhs = if g.pointwise() {
+                Mat::rows(xs.as_ptr(), p)
+            } else {
+                col.resize(k * p, 0.0);
+                im2col(g, xs, col, p, 0);
+                Mat::rows(col.as_ptr(), p)
+            };
+            // SAFETY: `out` is `[O, P]`, `lhs` `[O, K]`, `rhs` `[K, P]`.
+            unsafe { matmul(o, p, k, out.as_mut_ptr(), p, false, lhs, rhs, threads) };
+            return;
+        }
+        let ld = count * p;
+        col.resize(k * ld, 0.0);
+        for b in 0..count {
+            let xs = &x[(first + b) * img_in..(first + b + 1) * img_in];
+            im2col(g, xs, col, ld, b * p);
+        }
+        tmp.resize(o * ld, 0.0);
+        // SAFETY: `tmp` is `[O, ld]`, `col` `[K, ld]`.
+        unsafe {
+            matmul(o, ld, k, tmp.as_mut_ptr(), ld, false, lhs, Mat::rows(col.as_ptr(), ld), threads)
+        };
+        for b in 0..count {
+            for oc in 0..o {
+                out[b * img_out + oc * p..b * img_out + (oc + 1) * p]
+                    .copy_from_slice(&tmp[oc * ld + b * p..oc * ld + (b + 1) * p]);
+            }
+        }
+    };
+    if par {
+        out.par_chunks_mut(group * img_out)
+            .enumerate()
+            .for_each_init(|| (Vec::new(), Vec::new()), |(col, tmp), job| run(job, col, tmp));
+    } else {
+        let (mut col, mut tmp) = (Vec::new(), Vec::new());
+        out.chunks_mut(group * img_out)
+            .enumerate()
+            .for_each(|job| run(job, &mut col, &mut tmp));
+    }
+    out
+}
+
+fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
+    let (k, p, o) = (g.k(), g.p(), g.o);
+    let img_in = g.c * g.h * g.w;
+    let img_out = o * p;
+    let group = g.group();
+    let groups = g.n.div_ceil(group);
+    let mut dx = vec![0f32; g.n * img_in];
+    let (par, threads) = plan(groups);
+    // Wᵀ: `[K, O]`.
+    let lhs = Mat::rows(kernel.as_ptr(), k).t();
+    let run = |(gi, dx): (usize, &mut [f32]), dcol: &mut Vec<f32>, tmp: &mut Vec<f32>| {
+        let first = gi * group;
+        let count = dx.len() / img_in;
+        let (rhs, ld) = if count == 1 {
+            let gs = &grad[first * img_out..(first + 1) * img_out];
+            if g.pointwise() {
+                // SAFETY: `dx` is `[C, P]` = `[K, P]`.
+                unsafe {
+                    matmul(k, p, o, dx.as_mut_ptr(), p, false, lhs, Mat::rows(gs.as_ptr(), p), threads)
+                };
+                return;
+            }
+            (Mat::rows(gs.as_ptr(), p), p)
+        } else {
+            let ld = count * p;
+            tmp.resize(o * ld, 0.0);
+            for b in 0..count {
+                let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
+                for oc in 0..o {
+                    tmp[oc * ld + b * p..oc * ld + (b + 1) * p]
+                        .copy_from_slice(&gs[oc * p..(oc + 1) * p]);
+                }
+            }
+            (Mat::rows(tmp.as_ptr(), ld), ld)
+        };
+        dcol.resize(k * ld, 0.0);
+        // SAFETY: `dcol` is `[K, ld]`, `lhs` `[K, O]`, `rhs` `[O, ld]`.
+        unsafe { matmul(k, ld, o, dcol.as_mut_ptr(), ld, false, lhs, rhs, threads) };
+        for b in 0..count {
+            col2im(g, dcol, ld, b * p, &mut dx[b * img_in..(b + 1) * img_in]);
+        }
+    };
+    if par {
+        dx.par_chunks_mut(group * img_in)
+            .enumerate()
+            .for_each_init(|| (Vec::new(), Vec::new()), |(dcol, tmp), job| run(job, dcol, tmp));
+    } else {
+        let (mut dcol, mut tmp) = (Vec::new(), Vec::new());
+        dx.chunks_mut(group * img_in)
+            .enumerate()
+            .for_each(|job| run(job, &mut dcol, &mut tmp));
+    }
+    dx
+}
+
+fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (k, p, o) = (g.k(), g.p(), g.o);
+    let img_in = g.c * g.h * g.w;
+    let img_out = o * p;
+    let group = g.group();
+    let groups = g.n.div_ceil(group);
+    let (par, threads) = plan(groups);
+    // Each task sums a contiguous range of groups into its own `[O, K]`.
+    let tasks = if par { rayon::current_num_threads().min(groups) } else { 1 };
+    let per_task = groups.div_ceil(tasks);
+    let partial = |t: usize| -> Vec<f32> {
+        let mut dw = vec![0f32; o * k];
+        let (mut col, mut tmp) = (Vec::new(), Vec::new());
+        let mut accumulate = false;
+        for gi in t * per_task..((t + 1) * per_task).min(groups) {
+            let first = gi * group;
+            let count = group.min(g.n - first);
+            let ld = count * p;
+            let (lhs, rhs) = if count == 1 {
+                let gs = &grad[first * img_out..(first + 1) * img_out];
+                let xs = &x[first * img_in..(first + 1) * img_in];
+                let rhs = if g.pointwise() {
+                    Mat::rows(xs.as_ptr(), p)
+                } else {
+                    col.resize(k * p, 0.0);
+                    im2col(g, xs, &mut col, p, 0);
+                    Mat::rows(col.as_ptr(), p)
+                };
+                (Mat::rows(gs.as_ptr(), p), rhs)
+            } else {
+                col.resize(k * ld, 0.0);
+                tmp.resize(o * ld, 0.0);
+                for b in 0..count {
+                    let xs = &x[(first + b) * img_in..(first + b + 1) * img_in];
+                    im2col(g, xs, &mut col, ld, b * p);
+                    let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
+                    for oc in 0..o {
+                        tmp[oc * ld + b * p..oc * ld + (b + 1) * p]
+                            .copy_from_slice(&gs[oc * p..(oc + 1) * p]);
+                    }
+                }
+                (Mat::rows(tmp.as_ptr(), ld), Mat::rows(col.as_ptr(), ld))
+            };
+            // SAFETY: `dw` is `[O, K]`, `lhs` `[O, ld]`, `rhs`ᵀ `[ld, K]`.
+            unsafe { matmul(o, k, ld, dw.as_mut_ptr(), k, accumulate, lhs, rhs.t(), threads) };
+            accumulate = true;
+        }
+        dw
+    };
+    if tasks == 1 {
+        return partial(0);
+    }
+    let parts: Vec<Vec<f32>> = (0..tasks).into_par_iter().map(partial).collect();
+    let mut parts = parts.into_iter();
+    let mut dw = parts.next().expect("at least one task");
+    for part in parts {
+        for (a, b) in dw.iter_mut().zip(&part) {
+            *a += *b;
+        }
+    }
+    dw
+}
+
+/// The contiguous `f32` data of a CPU operand.
+fn data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("cpu conv2d: the {what} must be contiguous; call .contiguous() first")
+    };
+    match storage {
+        CpuStorage::F32(v) => Ok(&v[start..end]),
+        other => candle_core::bail!(
+            "cpu conv2d: the {what} must be f32, got {:?}",
+            other.dtype()
+        ),
+    }
+}
+
+use candle_core::backend::BackendStorage;
+
+/// The convolution as a graph node: `x.apply_op2(kernel, Conv2d { .. })`.
+struct Conv2d {
+    padding: usize,
+    stride: usize,
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(xl.shape().dims4()?, kl.shape().dims4()?, self.padding, self.stride)?;
+        let out = forward(&g, data(xs, xl, "input")?, data(ks, kl, "kernel")?);
+        Ok((CpuStorage::F32(out), Shape::from(g.out_dims())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // A detached (frozen) kernel and an input that tracks nothing (the
+        // image) get no gradient: that work is skipped, not thrown away.
+        let grad = grad.contiguous()?;
+        let dx = if x.track_op() {
+            Some(conv2d_input_grad(&grad, kernel, x.dims4()?, self.padding, self.stride)?)
+        } else {
+            None
+        };
+        let dk = if kernel.track_op() {
+            Some(conv2d_kernel_grad(x, &grad, kernel.dims4()?, self.padding, self.stride)?)
+        } else {
+            None
+        };
+        Ok((dx, dk))
+    }
+}
+
+/// `grad.apply_op2_no_bwd(kernel, InputGrad { .. })`.
+struct InputGrad {
+    x_h: usize,
+    x_w: usize,
+    padding: usize,
+    stride: usize,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, o, oh, ow) = gl.shape().dims4()?;
+        let (o_k, c, kh, kw) = kl.shape().dims4()?;
+        let g = Geometry::new((n, c, self.x_h, self.x_w), (o_k, c, kh, kw), self.padding, self.stride)?;
+        if (g.o, g.oh, g.ow) != (o, oh, ow) {
+            candle_core::bail!(
+                "cpu conv2d input grad: gradient shape {:?} does not match the output {:?}",
+                gl.shape().dims(),
+                g.out_dims()
+            )
+        }
+        let dx = input_grad(&g, data(gs, gl, "output gradient")?, data(ks, kl, "kernel")?);
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, self.x_h, self.x_w))))
+    }
+}
+
+/// `x.apply_op2_no_bwd(grad, KernelGrad { .. })`.
+struct KernelGrad {
+    kh: usize,
+    kw: usize,
+    padding: usize,
+    stride: usize,
+}
+
+impl CustomOp2 for KernelGrad {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-kernel-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        let (n_g, o, oh, ow) = gl.shape().dims4()?;
+        let g = Geometry::new((n, c, h, w), (o, c, self.kh, self.kw), self.padding, self.stride)?;
+        if (n, g.oh, g.ow) != (n_g, oh, ow) {
+            candle_core::bail!(
+                "cpu conv2d kernel grad: gradient shape {:?} does not match the output {:?}",
+                gl.shape().dims(),
+                g.out_dims()
+            )
+        }
+        let dw = kernel_grad(&g, data(xs, xl, "input")?, data(gs, gl, "output gradient")?);
+        Ok((CpuStorage::F32(dw), Shape::from((o, c, self.kh, self.kw))))
+    }
+}
+
+/// Whether the fast CPU kernels handle `t` (an `f32` tensor on the CPU).
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// `conv2d(x, kernel)` with square `padding` and `stride`, no dilation, one
+/// group, like `x.conv2d(kernel, padding, stride, 1, 1)`.
+///
+/// `x` is `[N, C, H, W]` and `kernel` `[O, C, kh, kw]`. On the CPU in `f32`
+/// this runs [the im2col kernels](self); backward computes the input gradient
+/// only if `x` tracks gradients and the kernel gradient only if `kernel` does
+/// (pass `var.as_detached_tensor()` for a frozen kernel). Elsewhere it is
+/// candle's own convolution.
+pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if !supported(x) || !supported(kernel) {
+        return x.conv2d(kernel, padding, stride, 1, 1);
+    }
+    x.contiguous()?
+        .apply_op2(&kernel.contiguous()?, Conv2d { padding, stride })
+}
+
+/// The gradient of [`conv2d`] with respect to an input of shape `x_dims`,
+/// given the output gradient `grad` `[N, O, OH, OW]`. Carries no graph.
+pub fn conv2d_input_grad(
+    grad: &Tensor,
+    kernel: &Tensor,
+    x_dims: (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (_, _, x_h, x_w) = x_dims;
+    grad.detach().contiguous()?.apply_op2_no_bwd(
+        &kernel.detach().contiguous()?,
+        &InputGrad {
+            x_h,
+            x_w,
+            padding,
+            stride,
+        },
+    )
+}
+
+/// The gradient of [`conv2d`] with respect to a kernel of shape `k_dims`,
+/// given the input `x` and the output gradient `grad`. Carries no graph.
+pub fn conv2d_kernel_grad(
+    x: &Tensor,
+    grad: &Tensor,
+    k_dims: (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (_, _, kh, kw) = k_dims;
+    x.detach().contiguous()?.apply_op2_no_bwd(
+        &grad.detach().contiguous()?,
+        &KernelGrad {
+            kh,
+            kw,
+            padding,
+            stride,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The valid-column bounds of `im2col` agree with a direct definition.
+    #[test]
+    fn im2col_matches_definition() {
+        for &(h, w, kh, p, s) in &[(5, 7, 3, 1, 2), (4, 4, 7, 3, 2), (6, 5, 1, 0, 2), (3, 3, 3, 0, 1)] {
+            let g = Geometry::new((1, 2, h, w), (1, 2, kh, kh), p, s).unwrap();
+            let x: Vec<f32> = (0..2 * h * w).map(|i| i as f32 + 1.0).collect();
+            let mut col = vec![f32::NAN; g.k() * g.p()];
+            im2col(&g, &x, &mut col, g.p(), 0);
+            for ci in 0..2 {
+                for ki in 0..kh {
+                    for kj in 0..kh {
+                        for y in 0..g.oh {
+                            for xo in 0..g.ow {
+                                let iy = (y * s + ki) as isize - p as isize;
+                                let ix = (xo * s + kj) as isize - p as isize;
+                                let inside = iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize;
+                                let want = if inside {
+                                    x[ci * h * w + iy as usize * w + ix as usize]
+                                } else {
+                                    0.0
+                                };
+                                let r = (ci * kh + ki) * kh + kj;
+                                assert_eq!(col[r * g.p() + y * g.ow + xo], want);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! BatchNorm (train and eval) fused with the ReLU after it, and the residual
+//! `relu(a + b)`, as parallel CPU ops.
+//!
+//! Activations are `[N, C, ...]`: `C` channels of `M = N·(H·W)` values each.
+//! Train-mode BatchNorm works channel by channel, so a channel's values are
+//! read for the mean, again for the variance and once more for the output
+//! while they are still in cache; its backward needs two passes. Channels
+//! run in parallel on rayon's pool.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::conv::supported;
+
+/// Elements per parallel task in element-wise ops.
+const CHUNK: usize = 1 << 15;
+
+/// `(N, C, H·W)` of an `[N, C, ...]` activation.
+fn dims(shape: &Shape, what: &str) -> Result<(usize, usize, usize)> {
+    let d = shape.dims();
+    if d.len() < 2 {
+        candle_core::bail!("cpu {what}: expects [N, C, ...], got {d:?}")
+    }
+    Ok((d[0], d[1], d[2..].iter().product()))
+}
+
+fn data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("cpu {what}: operands must be contiguous; call .contiguous() first")
+    };
+    match storage {
+        CpuStorage::F32(v) => Ok(&v[start..end]),
+        other => candle_core::bail!("cpu {what}: operands must be f32, got {:?}", other.dtype()),
+    }
+}
+
+/// A pointer to an output buffer whose disjoint parts parallel tasks write.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes only its own channel's rows.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `at..at + len` lies in the buffer and no other task touches it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
+}
+
+const LANES: usize = 16;
+
+/// `Σ f(x)` with independent lane accumulators, so the loop vectorises.
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += f(x);
+        }
+    }
+    let mut total: f64 = acc.iter().map(|&a| f64::from(a)).sum();
+    for &x in rest {
+        total += f64::from(f(x));
+    }
+    total
+}
+
+/// Per-channel batch statistics kept for the backward pass.
+#[derive(Debug, Clone)]
+struct Stats {
+    mean: Vec<f32>,
+    /// Biased variance, as used for normalising.
+    var: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+/// Train-mode BatchNorm: `x.apply_op3(weight, bias, BatchNormTrain { .. })`.
+struct BatchNormTrain {
+    eps: f64,
+    relu: bool,
+    /// Written by the forward pass; read by the caller (running statistics)
+    /// and by the backward pass.
+    stats: Arc<Mutex<Option<Stats>>>,
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "cpu-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "batch-norm";
+        let (n, c, hw) = dims(xl.shape(), what)?;
+        let x = data(xs, xl, what)?;
+        let (w, b) = (data(ws, wl, what)?, data(bs, bl, what)?);
+        if w.len() != c || b.len() != c {
+            candle_core::bail!(
+                "cpu batch-norm: {c} channels but weight/bias have {}/{} values",
+                w.len(),
+                b.len()
+            )
+        }
+        let count = n * hw;
+        if count < 2 {
+            candle_core::bail!(
+                "cpu batch-norm: train mode needs more than one value per channel, got {:?}; use a larger batch",
+                xl.shape().dims()
+            )
+        }
+        let mut out = vec![0f32; x.len()];
+        let ptr = OutPtr(out.as_mut_ptr());
+        let relu = self.relu;
+        let per_channel: Vec<(f32, f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ci| {
+                let rows = || (0..n).map(|ni| &x[(ni * c + ci) * hw..(ni * c + ci + 1) * hw]);
+                let mean = rows().map(|r| lane_sum(r, |v| v)).sum::<f64>() / count as f64;
+                let m = mean as f32;
+                let var = rows()
+                    .map(|r| lane_sum(r, |v| (v - m) * (v - m)))
+                    .sum::<f64>()
+                    / count as f64;
+                let inv_std = 1.0 / (var + self.eps).sqrt();
+                let scale = (f64::from(w[ci]) * inv_std) as f32;
+                let shift = (f64::from(b[ci]) - mean * f64::from(scale)) as f32;
+                for (ni, row) in rows().enumerate() {
+                    // SAFETY: row (ni, ci) belongs to this channel's task only.
+                    let dst = unsafe { ptr.slice((ni * c + ci) * hw, hw) };
+                    if relu {
+                        for (d, &v) in dst.iter_mut().zip(row) {
+                            *d = (v * scale + shift).max(0.0);
+                        }
+                    } else {
+                        for (d, &v) in dst.iter_mut().zip(row) {
+                            *d = v * scale + shift;
+                        }
+                    }
+                }
+                (m, var as f32, inv_std as f32)
+            })
+            .collect();
+        let stats = Stats {
+            mean: per_channel.iter().map(|s| s.0).collect(),
+            var: per_channel.iter().map(|s| s.1).collect(),
+            inv_std: per_channel.iter().map(|s| s.2).collect(),
+        };
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need_x = x.track_op();
+        if !need_x && !weight.track_op() && !bias.track_op() {
+            return Ok((None, None, None));
+        }
+        let Some(stats) = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            candle_core::bail!("cpu batch-norm: backward before forward")
+        };
+        let c = stats.mean.len();
+        let op = BatchNormGrad {
+            mean: stats.mean,
+            inv_std: stats.inv_std,
+            weight: weight.detach().to_vec1::<f32>()?,
+            relu: self.relu,
+            need_x,
+        };
+        let flat = x
+            .detach()
+            .apply_op3_no_bwd(&y.detach(), &grad.detach().contiguous()?, &op)?;
+        let dw = weight.track_op().then(|| flat.narrow(0, 0, c)).transpose()?;
+        let db = bias.track_op().then(|| flat.narrow(0, c, c)).transpose()?;
+        let dx = if need_x {
+            Some(flat.narrow(0, 2 * c, x.elem_count())?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// Backward of [`BatchNormTrain`]: `x.apply_op3_no_bwd(y, grad, ..)` gives
+/// `[dweight (C), dbias (C), dx (N·C·H·W, if need_x)]` flattened.
+struct BatchNormGrad {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    weight: Vec<f32>,
+    relu: bool,
+    need_x: bool,
+}
+
+impl CustomOp3 for BatchNormGrad {
+    fn name(&self) -> &'static str {
+        "cpu-batch-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "batch-norm backward";
+        let (n, c, hw) = dims(xl.shape(), what)?;
+        let (x, y, g) = (data(xs, xl, what)?, data(ys, yl, what)?, data(gs, gl, what)?);
+        if y.len() != x.len() || g.len() != x.len() {
+            candle_core::bail!("cpu batch-norm backward: operand shapes differ")
+        }
+        let count = (n * hw) as f64;
+        let len = 2 * c + if self.need_x { x.len() } else { 0 };
+        let mut out = vec![0f32; len];
+        let ptr = OutPtr(out.as_mut_ptr());
+        let relu = self.relu;
+        (0..c).into_par_iter().for_each(|ci| {
+            let row = |ni: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
+            let m = self.mean[ci];
+            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+            for ni in 0..n {
+                let (xr, yr, gr) = (&x[row(ni)], &y[row(ni)], &g[row(ni)]);
+                let mut acc_g = [0f32; LANES];
+                let mut acc_gx = [0f32; LANES];
+                let mut i = 0;
+                while i + LANES <= hw {
+                    for l in 0..LANES {
+                        let k = i + l;
+                        let gv = if relu && yr[k] <= 0.0 { 0.0 } else { gr[k] };
+                        acc_g[l] += gv;
+                        acc_gx[l] += gv * (xr[k] - m);
+                    }
+                    i += LANES;
+                }
+                for k in i..hw {
+                    let gv = if relu && yr[k] <= 0.0 { 0.0 } else { gr[k] };
+                    sum_g += f64::from(gv);
+                    sum_gx += f64::from(gv * (xr[k] - m));
+                }
+                sum_g += acc_g.iter().map(|&v| f64::from(v)).sum::<f64>();
+                sum_gx += acc_gx.iter().map(|&v| f64::from(v)).sum::<f64>();
+            }
+            let inv_std = f64::from(self.inv_std[ci]);
+            let dw = sum_gx * inv_std;
+            let db = sum_g;
+            // SAFETY: entries ci and c + ci belong to this task only.
+            unsafe {
+                ptr.slice(ci, 1)[0] = dw as f32;
+                ptr.slice(c + ci, 1)[0] = db as f32;
+            }
+            if !self.need_x {
+                return;
+            }
+            // dx = w·σ⁻¹·(g − db/M − x̂·dw/M), x̂ = (x − mean)·σ⁻¹.
+            let k1 = f64::from(self.weight[ci]) * inv_std;
+            let k2 = (k1 * db / count) as f32;
+            let k3 = (k1 * inv_std * dw / count) as f32;
+            let k1 = k1 as f32;
+            for ni in 0..n {
+                let r = row(ni);
+                // SAFETY: row (ni, ci) of dx belongs to this task only.
+                let dst = unsafe { ptr.slice(2 * c + r.start, hw) };
+                let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
+                for k in 0..hw {
+                    let gv = if relu && yr[k] <= 0.0 { 0.0 } else { gr[k] };
+                    dst[k] = k1 * gv - k2 - k3 * (xr[k] - m);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// `relu?(x · scale[c] + shift[c])`: `x.apply_op3(scale, shift, ScaleShift { .. })`.
+struct ScaleShift {
+    relu: bool,
+}
+
+impl CustomOp3 for ScaleShift {
+    fn name(&self) -> &'static str {
+        "cpu-scale-shift"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "scale-shift";
+        let (_, c, hw) = dims(xl.shape(), what)?;
+        let x = data(xs, xl, what)?;
+        let (scale, shift) = (data(ss, sl, what)?, data(bs, bl, what)?);
+        if scale.len() != c || shift.len() != c {
+            candle_core::bail!("cpu scale-shift: {c} channels but scale/shift have {}/{} values", scale.len(), shift.len())
+        }
+        let mut out = vec![0f32; x.len()];
+        let relu = self.relu;
+        let rows_per_task = CHUNK.div_ceil(hw.max(1)).max(1);
+        out.par_chunks_mut(rows_per_task * hw.max(1))
+            .enumerate()
+            .for_each(|(t, dst)| {
+                for (r, dst) in dst.chunks_mut(hw.max(1)).enumerate() {
+                    let row = t * rows_per_task + r;
+                    let ci = row % c;
+                    let (a, b) = (scale[ci], shift[ci]);
+                    let src = &x[row * hw..(row + 1) * hw];
+                    if relu {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = (v * a + b).max(0.0);
+                        }
+                    } else {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = v * a + b;
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Eval mode rarely needs gradients: plain tensor ops suffice.
+        let grad = if self.relu { relu_grad(y, grad)? } else { grad.clone() };
+        let mut bshape = vec![1; x.rank()];
+        bshape[1] = x.dim(1)?;
+        let reduce: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+        let dx = x
+            .track_op()
+            .then(|| grad.broadcast_mul(&scale.detach().reshape(bshape.as_slice())?))
+            .transpose()?;
+        let dscale = scale
+            .track_op()
+            .then(|| (&grad * x.detach())?.sum(reduce.as_slice()))
+            .transpose()?;
+        let dshift = shift.track_op().then(|| grad.sum(reduce.as_slice())).transpose()?;
+        Ok((dx, dscale, dshift))
+    }
+}
+
+/// `relu(a + b)`: `a.apply_op2(b, AddRelu)`.
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "cpu-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (data(s1, l1, "add-relu")?, data(s2, l2, "add-relu")?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "cpu add-relu: shapes {:?} and {:?} differ",
+                l1.shape().dims(),
+                l2.shape().dims()
+            )
+        }
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(t, dst)| {
+            let at = t * CHUNK;
+            for ((d, &u), &v) in dst.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+                *d = (u + v).max(0.0);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !a.track_op() && !b.track_op() {
+            return Ok((None, None));
+        }
+        let g = relu_grad(y, grad)?;
+        Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
+    }
+}
+
+/// `grad · (y > 0)`: `y.apply_op2_no_bwd(grad, ReluGrad)`.
+struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "cpu-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (data(s1, l1, "relu-grad")?, data(s2, l2, "relu-grad")?);
+        if y.len() != g.len() {
+            candle_core::bail!("cpu relu-grad: operand shapes differ")
+        }
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(t, dst)| {
+            let at = t * CHUNK;
+            for ((d, &u), &v) in dst.iter_mut().zip(&y[at..]).zip(&g[at..]) {
+                *d = if u > 0.0 { v } else { 0.0 };
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `grad` where `y > 0`, zero elsewhere (the ReLU backward from its output).
+fn relu_grad(y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if supported(y) && supported(grad) {
+        y.detach()
+            .contiguous()?
+            .apply_op2_no_bwd(&grad.detach().contiguous()?, &ReluGrad)
+    } else {
+        grad.mul(&y.detach().gt(0.0)?.to_dtype(grad.dtype())?)
+    }
+}
+
+/// Train-mode BatchNorm over `x` `[N, C, ...]`, optionally followed by ReLU:
+/// `relu?((x − mean) / sqrt(var + eps) · weight + bias)` with the batch's
+/// per-channel mean and biased variance.
+///
+/// Returns `(y, mean, var)`: the output (with gradients for whichever of `x`,
+/// `weight`, `bias` track them) and the detached batch mean and biased
+/// variance `[C]`, for updating running statistics (PyTorch blends in the
+/// unbiased variance: multiply by `M / (M − 1)`, `M = N·H·W`).
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if supported(x) && supported(weight) && supported(bias) {
+        let stats = Arc::new(Mutex::new(None));
+        let op = BatchNormTrain {
+            eps,
+            relu,
+            stats: stats.clone(),
+        };
+        let y = x
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+        let Some(stats) = stats.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            candle_core::bail!("cpu batch-norm: the forward pass left no statistics")
+        };
+        let c = stats.mean.len();
+        let mean = Tensor::from_vec(stats.mean, c, x.device())?;
+        let var = Tensor::from_vec(stats.var, c, x.device())?;
+        return Ok((y, mean, var));
+    }
+    let c = x.dim(1)?;
+    let mut bshape = vec![1; x.rank()];
+    bshape[1] = c;
+    let reduce: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+    let mean = x.mean_keepdim(reduce.as_slice())?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
+    let inv_std = (var.clone() + eps)?.sqrt()?.recip()?;
+    let y = centred
+        .broadcast_mul(&inv_std)?
+        .broadcast_mul(&weight.reshape(bshape.as_slice())?)?
+        .broadcast_add(&bias.reshape(bshape.as_slice())?)?;
+    let y = if relu { y.relu()? } else { y };
+    Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
+}
+
+/// `relu?(x · scale[c] + shift[c])` over `x` `[N, C, ...]`: eval-mode
+/// BatchNorm with `scale = weight / sqrt(running_var + eps)` and
+/// `shift = bias − running_mean · scale`.
+pub fn scale_shift(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
+    if supported(x) && supported(scale) && supported(shift) {
+        return x.contiguous()?.apply_op3(
+            &scale.contiguous()?,
+            &shift.contiguous()?,
+            ScaleShift { relu },
+        );
+    }
+    let mut bshape = vec![1; x.rank()];
+    bshape[1] = x.dim(1)?;
+    let y = x
+        .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
+        .broadcast_add(&shift.reshape(bshape.as_slice())?)?;
+    if relu { y.relu() } else { Ok(y) }
+}
+
+/// `relu(a + b)` for two tensors of the same shape (a residual connection).
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if supported(a) && supported(b) && a.dtype() == DType::F32 {
+        return a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu);
+    }
+    (a + b)?.relu()
+}

@@ -1,0 +1,189 @@
+//! The evaluation report behind `multilabel eval`: every metric of a set of
+//! predictions at one threshold, the threshold sweep and per-class scores.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::learner::Preds;
+use crate::metrics::{
+    SweepPoint, best_threshold, mean_average_precision, scores_at, threshold_sweep,
+};
+
+/// Scores of one class.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassReport {
+    pub name: String,
+    /// Non-interpolated AP (scikit-learn's); `None` when the class has no positives.
+    pub ap: Option<f64>,
+    /// VOC2007 11-point interpolated AP; `None` when the class has no positives.
+    pub ap_voc07: Option<f64>,
+    /// F1 at the report's threshold.
+    pub f1: f64,
+    /// Positive targets of the class.
+    pub support: usize,
+}
+
+/// Everything `multilabel eval` prints and writes as JSON. Field names are
+/// the JSON keys users script against: keep them stable.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub thresh: f32,
+    pub accuracy_multi: f64,
+    pub valid_loss: f64,
+    pub map: f64,
+    pub map_voc07: f64,
+    pub f1_micro: f64,
+    pub f1_macro: f64,
+    pub exact_match: f64,
+    pub best: SweepPoint,
+    pub sweep: Vec<SweepPoint>,
+    pub per_class: Vec<ClassReport>,
+    pub n_images: usize,
+}
+
+impl EvalReport {
+    /// Scores `preds` at `thresh` and over `thresholds`; `vocab` names the columns.
+    pub fn compute(preds: &Preds, vocab: &[String], thresh: f32, thresholds: &[f32]) -> Result<Self> {
+        if vocab.len() != preds.n_classes {
+            return Err(Error::Invalid(format!(
+                "the vocab has {} names but the predictions have {} classes",
+                vocab.len(),
+                preds.n_classes
+            )));
+        }
+        let at = scores_at(&preds.probs, &preds.targets, preds.n_classes, thresh)?;
+        let ap = mean_average_precision(&preds.probs, &preds.targets, preds.n_classes)?;
+        let sweep = threshold_sweep(&preds.probs, &preds.targets, thresholds)?;
+        let best = best_threshold(&sweep)
+            .ok_or_else(|| Error::Invalid("the threshold sweep has no thresholds".into()))?;
+        let per_class = vocab
+            .iter()
+            .enumerate()
+            .map(|(j, name)| ClassReport {
+                name: name.clone(),
+                ap: ap.per_class[j],
+                ap_voc07: ap.per_class_voc07[j],
+                f1: at.f1_per_class[j],
+                support: at.support[j],
+            })
+            .collect();
+        Ok(Self {
+            thresh,
+            accuracy_multi: at.accuracy_multi,
+            valid_loss: preds.loss,
+            map: ap.map,
+            map_voc07: ap.map_voc07,
+            f1_micro: at.f1_micro,
+            f1_macro: at.f1_macro,
+            exact_match: at.exact_match,
+            best,
+            sweep,
+            per_class,
+            n_images: preds.n_items(),
+        })
+    }
+
+    /// The report as text tables, for a terminal.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let line = |out: &mut String, text: String| {
+            out.push_str(&text);
+            out.push('\n');
+        };
+        line(&mut out, format!("images          {}", self.n_images));
+        line(&mut out, format!("valid_loss      {:.6}", self.valid_loss));
+        line(
+            &mut out,
+            format!("accuracy_multi  {:.6}  (thresh {})", self.accuracy_multi, self.thresh),
+        );
+        line(&mut out, format!("mAP             {:.4}  (non-interpolated)", self.map));
+        line(&mut out, format!("mAP VOC07       {:.4}  (11-point)", self.map_voc07));
+        line(&mut out, format!("F1 micro/macro  {:.4} / {:.4}", self.f1_micro, self.f1_macro));
+        line(&mut out, format!("exact match     {:.4}", self.exact_match));
+        line(&mut out, String::new());
+        line(&mut out, "thresh  accuracy_multi".into());
+        for point in &self.sweep {
+            let mark = if point.thresh == self.best.thresh { "  <- best" } else { "" };
+            line(
+                &mut out,
+                format!("{:<6.4}  {:.6}{mark}", point.thresh, point.accuracy_multi),
+            );
+        }
+        line(
+            &mut out,
+            format!(
+                "best threshold {:.4}: accuracy_multi {:.6}",
+                self.best.thresh, self.best.accuracy_multi
+            ),
+        );
+        line(&mut out, String::new());
+        let width = self.per_class.iter().map(|c| c.name.len()).max().unwrap_or(5).max(5);
+        line(
+            &mut out,
+            format!("{:<width$}  {:>6}  {:>8}  {:>6}  {:>7}", "class", "AP", "AP VOC07", "F1", "support"),
+        );
+        let show = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+        for class in &self.per_class {
+            line(
+                &mut out,
+                format!(
+                    "{:<width$}  {:>6}  {:>8}  {:>6.4}  {:>7}",
+                    class.name,
+                    show(class.ap),
+                    show(class.ap_voc07),
+                    class.f1,
+                    class.support
+                ),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn preds() -> Preds {
+        // Two classes, four images: class "a" perfectly ranked, "b" inverted.
+        Preds {
+            probs: vec![0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.2, 0.6],
+            targets: vec![1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+            n_classes: 2,
+            loss: 0.5,
+        }
+    }
+
+    #[test]
+    fn report_agrees_with_the_metric_functions() {
+        let preds = preds();
+        let vocab = vec!["a".to_string(), "b".to_string()];
+        let report = EvalReport::compute(&preds, &vocab, 0.5, &[0.25, 0.5, 0.75]).unwrap();
+        assert_eq!(report.n_images, 4);
+        assert_eq!(report.per_class[0].ap, Some(1.0));
+        assert_eq!(report.per_class[0].support, 2);
+        assert_eq!(report.per_class[1].support, 1);
+        // b's only positive has the lowest score of four: AP = 1/4.
+        assert_eq!(report.per_class[1].ap, Some(0.25));
+        assert!((report.map - 0.625).abs() < 1e-12);
+        // At 0.5: row 0 (1,0) vs (1,1) wrong on b; row 1 (1,0) right; row 2 (0,1) wrong on b;
+        // row 3 (0,1) wrong on b → 5 of 8 elements right.
+        assert!((report.accuracy_multi - 5.0 / 8.0).abs() < 1e-12);
+        assert_eq!(report.sweep.len(), 3);
+        assert!(report.sweep.iter().all(|p| p.accuracy_multi <= report.best.accuracy_multi));
+        let json = serde_json::to_value(&report).unwrap();
+        for key in [
+            "thresh", "accuracy_multi", "valid_loss", "map", "map_voc07", "f1_micro", "f1_macro",
+            "exact_match", "best", "sweep", "per_class", "n_images",
+        ] {
+            assert!(json.get(key).is_some(), "missing {key}");
+        }
+        assert!(report.render().contains("best threshold"));
+    }
+
+    #[test]
+    fn vocab_must_match_the_columns() {
+        let err = EvalReport::compute(&preds(), &["a".to_string()], 0.5, &[0.5]).unwrap_err();
+        assert!(err.to_string().contains("vocab"));
+    }
+}

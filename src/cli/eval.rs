@@ -1,0 +1,225 @@
+//! `eval`, `predict` and `demo`: use a saved run.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use candle_core::Tensor;
+use clap::Args;
+use multilabel_data::{DatasetConfig, SynthConfig, load_image_for_eval, synth};
+use multilabel_train::metrics::default_thresholds;
+use multilabel_train::{EvalReport, get_preds};
+
+use super::common::{
+    load_dataset, load_run_model, parse_device, resolve_run, run_transform, valid_items_for_vocab,
+    valid_loader,
+};
+use super::plot;
+use super::train::{TrainConfig, check_thresh, demo_train_args};
+
+/// Flags of `multilabel eval`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Threshold on the sigmoid probability for accuracy_multi, F1 and exact match [default: the run's best]
+    #[arg(long)]
+    pub thresh: Option<f32>,
+    /// Run folder [default: runs/latest]
+    #[arg(long, value_name = "DIR")]
+    pub run: Option<PathBuf>,
+    /// Dataset folder to evaluate on (its validation rows) [default: the run's dataset]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Where to write the JSON report [default: <run>/eval.json]
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Where to write the threshold-sweep plot [default: <run>/eval_sweep.png]
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Batch size
+    #[arg(long, default_value_t = 64)]
+    pub bs: usize,
+    /// Compute device: auto, cpu, cuda, cuda:N, metal
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// `multilabel eval`.
+pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    if let Some(thresh) = args.thresh {
+        check_thresh(thresh)?;
+    }
+    if args.bs == 0 {
+        bail!("--bs must be at least 1");
+    }
+    let run = resolve_run(args.run.as_deref())?;
+    let device = parse_device(&args.device)?;
+    let loaded = load_run_model(&run, &device)?;
+    let meta = &loaded.meta;
+    let thresh = args.thresh.unwrap_or(meta.threshold);
+    let data_config = match &args.data {
+        Some(dir) => DatasetConfig::new(dir),
+        None => {
+            let config: TrainConfig = run.load_config().with_context(|| {
+                format!(
+                    "{} has no readable config.json to find its dataset; pass --data DIR",
+                    run.path().display()
+                )
+            })?;
+            config.data
+        }
+    };
+    let data = load_dataset(&data_config)?;
+    let items = valid_items_for_vocab(&data, &meta.vocab)?;
+    if items.is_empty() {
+        bail!("{}: no validation rows to evaluate", data_config.csv_path().display());
+    }
+    let loader = valid_loader(items, meta.vocab.len(), run_transform(meta), args.bs, &device);
+    let preds = get_preds(&loaded.model, &loader, None)?;
+    let report = EvalReport::compute(&preds, &meta.vocab, thresh, &default_thresholds())?;
+    print!("{}", report.render());
+
+    let json_path = args.json.unwrap_or_else(|| run.path().join("eval.json"));
+    let mut text = serde_json::to_string_pretty(&report)?;
+    text.push('\n');
+    multilabel_train::atomic_write(&json_path, text.as_bytes())
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let plot_path = args.plot.unwrap_or_else(|| run.path().join("eval_sweep.png"));
+    plot::sweep_plot(&report.sweep, report.best, &plot_path)?;
+    println!();
+    println!("report: {}", json_path.display());
+    println!("sweep plot: {}", plot_path.display());
+    Ok(())
+}
+
+/// Flags of `multilabel predict`.
+#[derive(Debug, Clone, Args)]
+pub struct PredictArgs {
+    /// Image files (JPEG or PNG)
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// Run folder [default: runs/latest]
+    #[arg(long, value_name = "DIR")]
+    pub run: Option<PathBuf>,
+    /// Report labels whose probability is above this [default: the run's threshold]
+    #[arg(long)]
+    pub thresh: Option<f32>,
+    /// Compute device: auto, cpu, cuda, cuda:N, metal
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// `multilabel predict`.
+pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
+    if let Some(thresh) = args.thresh {
+        check_thresh(thresh)?;
+    }
+    let run = resolve_run(args.run.as_deref())?;
+    let device = parse_device(&args.device)?;
+    let loaded = load_run_model(&run, &device)?;
+    let meta = &loaded.meta;
+    let thresh = args.thresh.unwrap_or(meta.threshold);
+    let transform = run_transform(meta);
+    // Check every file before running the model on any.
+    let mut inputs = Vec::with_capacity(args.images.len());
+    for path in &args.images {
+        let image = load_image_for_eval(path, &transform)?;
+        inputs.push(image);
+    }
+    for (paths, images) in args.images.chunks(32).zip(inputs.chunks(32)) {
+        let batch = Tensor::stack(images, 0)?.to_device(&device)?;
+        let probs = candle_nn::ops::sigmoid(&loaded.model.forward_t(&batch, false)?)?.to_vec2::<f32>()?;
+        for (path, row) in paths.iter().zip(probs) {
+            let mut found: Vec<(usize, f32)> = row
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|&(_, p)| p > thresh)
+                .collect();
+            found.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let labels: Vec<String> = found
+                .iter()
+                .map(|&(j, p)| format!("{} {p:.3}", meta.vocab[j]))
+                .collect();
+            let shown = if labels.is_empty() {
+                "(no label above the threshold)".to_string()
+            } else {
+                labels.join(", ")
+            };
+            println!("{}: {shown}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Flags of `multilabel demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Folder for the generated dataset and the run
+    #[arg(long, default_value = "runs/demo")]
+    pub dir: PathBuf,
+    /// Epochs after the first (frozen) one
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    /// Image side in pixels
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Training images to generate
+    #[arg(long, default_value_t = 480)]
+    pub n_train: usize,
+    /// Validation images to generate
+    #[arg(long, default_value_t = 160)]
+    pub n_valid: usize,
+    /// Seed of the data and the training
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `multilabel demo`: offline, on the CPU, in a few minutes.
+pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let data = args.dir.join("data");
+    let run_dir = args.dir.join("run");
+    if run_dir.exists() {
+        bail!(
+            "{} already holds a demo run; remove it (or pass --dir) to run the demo again",
+            run_dir.display()
+        );
+    }
+    if !data.join("train.csv").exists() {
+        println!("writing a synthetic dataset to {}", data.display());
+        let summary = synth(&SynthConfig {
+            out: data.clone(),
+            n_train: args.n_train,
+            n_valid: args.n_valid,
+            classes: 6,
+            seed: args.seed,
+        })?;
+        println!(
+            "{} train + {} valid images, classes: {}",
+            summary.n_train,
+            summary.n_valid,
+            summary.vocab.join(", ")
+        );
+    }
+    println!("training a narrow ResNet-18 from scratch on the CPU");
+    super::train::train(demo_train_args(
+        data.clone(),
+        run_dir.clone(),
+        args.epochs,
+        args.size,
+        args.seed,
+    ))?;
+    println!();
+    eval(EvalArgs {
+        thresh: None,
+        run: Some(run_dir.clone()),
+        data: None,
+        json: None,
+        plot: None,
+        bs: 64,
+        device: "cpu".into(),
+    })?;
+    println!();
+    println!("demo data: {}", data.display());
+    println!("demo run:  {} (model, history.csv, events.jsonl, plots)", run_dir.display());
+    println!("try: multilabel predict --run {} {}/train/<image>.jpg", run_dir.display(), data.display());
+    Ok(())
+}

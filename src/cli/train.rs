@@ -1,0 +1,570 @@
+//! `train` and `lr-find`: fastai's `fine_tune` recipe from the command line.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use clap::Args;
+use multilabel_data::{
+    DatasetConfig, IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, SplitConfig, TransformConfig,
+    default_cache_dir, download_pascal_2007,
+};
+use multilabel_resnet::{Arch, DEFAULT_HUB_REPO, ResNet, ResNetConfig, WeightsSource, load_pretrained};
+use multilabel_train::metrics::{best_threshold, default_thresholds, threshold_sweep};
+use multilabel_train::{
+    AdamConfig, EpochTable, EventsJsonl, FineTune, HistoryCsv, Learner, LearnerConfig, LrFindConfig,
+    ModelMeta, RunDir,
+};
+use serde::{Deserialize, Serialize};
+
+use super::common::{RUNS_DIR, device_name, load_dataset, parse_device};
+use super::plot;
+use super::progress::ProgressSink;
+
+/// Flags of `multilabel train`. The defaults are the seed's recipe:
+/// `fine_tune(3, base_lr=3e-3, freeze_epochs=3)` of an ImageNet ResNet-50
+/// (torchvision V1 weights) on PASCAL 2007 at 128 px.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Dataset folder holding train.csv and train/ [default: PASCAL 2007 in data/, downloaded when absent]
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Architecture: resnet18, resnet34, resnet50, resnet101 or resnet152
+    #[arg(long, default_value = "resnet50")]
+    pub arch: String,
+    /// Channels of the stem (64 = the ImageNet networks; smaller = narrow, for tests and the demo)
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// Initial body weights: a hub repo id, a .safetensors file, or `none` for random init [default: timm/<arch>.tv_in1k]
+    #[arg(long, value_name = "HUB_ID|FILE|none")]
+    pub weights: Option<String>,
+    /// Use only the local hub cache for --weights (also HF_HUB_OFFLINE=1)
+    #[arg(long)]
+    pub offline: bool,
+    /// Side of the square training images, in pixels
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Smallest fraction of the image area a training crop keeps (RandomResizedCrop)
+    #[arg(long, default_value_t = 0.35)]
+    pub min_scale: f64,
+    /// Also flip training images horizontally at random (off in the recipe)
+    #[arg(long)]
+    pub flip: bool,
+    /// Batch size, training and validation
+    #[arg(long, default_value_t = 64)]
+    pub bs: usize,
+    /// Epochs with everything trainable (fine_tune's `epochs`)
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Epochs with the body frozen first (fine_tune's `freeze_epochs`)
+    #[arg(long, default_value_t = 3)]
+    pub freeze_epochs: usize,
+    /// Peak learning rate of the head (fine_tune's `base_lr`)
+    #[arg(long, default_value_t = 3e-3)]
+    pub base_lr: f64,
+    /// Threshold of the accuracy_multi printed each epoch
+    #[arg(long, default_value_t = 0.2)]
+    pub thresh: f32,
+    /// Compute device: auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N, metal
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Seed of the shuffles, crops, initialisation and dropout
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Hold out this fraction of rows at random instead of using the is_valid column
+    #[arg(long, value_name = "FRACTION")]
+    pub valid_pct: Option<f64>,
+    /// Run folder to create [default: runs/<date>-<arch>]
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub run: Option<PathBuf>,
+    /// Continue an interrupted run from its folder, with its saved settings
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+}
+
+/// The resolved settings of a training run, saved as `config.json` so that
+/// `--resume` and `eval` rebuild exactly the same thing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub data: DatasetConfig,
+    pub model: ResNetConfig,
+    pub weights: String,
+    pub offline: bool,
+    pub transform: TransformConfig,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub freeze_epochs: usize,
+    pub base_lr: f64,
+    pub metric_thresh: f32,
+    pub seed: u64,
+}
+
+impl TrainArgs {
+    /// Checks every flag before any work starts.
+    fn plan(&self) -> anyhow::Result<TrainConfig> {
+        let arch: Arch = self
+            .arch
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--arch {}: {e}", self.arch))?;
+        if self.width == 0 {
+            bail!("--width must be at least 1");
+        }
+        check_thresh(self.thresh)?;
+        if self.bs == 0 {
+            bail!("--bs must be at least 1");
+        }
+        if self.size < 32 {
+            bail!("--size {} is too small: the network downsamples by 32", self.size);
+        }
+        if !(self.min_scale > 0.0 && self.min_scale <= 1.0) {
+            bail!("--min-scale must be in (0, 1], got {}", self.min_scale);
+        }
+        if !(self.base_lr > 0.0 && self.base_lr.is_finite()) {
+            bail!("--base-lr must be a positive number, got {}", self.base_lr);
+        }
+        if self.epochs == 0 && self.freeze_epochs == 0 {
+            bail!("nothing to train: --epochs and --freeze-epochs are both 0");
+        }
+        let root = match &self.data {
+            Some(dir) => dir.clone(),
+            None => default_cache_dir().join("pascal_2007"),
+        };
+        let mut data = DatasetConfig::new(root);
+        if let Some(pct) = self.valid_pct {
+            if !(pct > 0.0 && pct < 1.0) {
+                bail!("--valid-pct must be between 0 and 1, got {pct}");
+            }
+            data.split = SplitConfig::Random {
+                valid_pct: pct,
+                seed: self.seed,
+            };
+        }
+        let weights = match &self.weights {
+            Some(w) => w.clone(),
+            None if self.width == 64 => {
+                if arch == Arch::ResNet50 {
+                    DEFAULT_HUB_REPO.to_string()
+                } else {
+                    format!("timm/{}.tv_in1k", arch.name())
+                }
+            }
+            None => "none".into(),
+        };
+        let mut model = ResNetConfig::new(arch, 1);
+        model.base_width = self.width;
+        let transform = TransformConfig {
+            size: self.size,
+            min_scale: self.min_scale,
+            flip: self.flip,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        };
+        transform.validate()?;
+        Ok(TrainConfig {
+            data,
+            model,
+            weights,
+            offline: self.offline,
+            transform,
+            batch_size: self.bs,
+            epochs: self.epochs,
+            freeze_epochs: self.freeze_epochs,
+            base_lr: self.base_lr,
+            metric_thresh: self.thresh,
+            seed: self.seed,
+        })
+    }
+}
+
+/// `--thresh` must be a probability strictly between 0 and 1.
+pub fn check_thresh(thresh: f32) -> anyhow::Result<()> {
+    if !(thresh > 0.0 && thresh < 1.0) {
+        bail!("--thresh must be between 0 and 1 (a sigmoid probability), got {thresh}");
+    }
+    Ok(())
+}
+
+/// The weights flag as a source.
+fn weights_source(spec: &str, offline: bool) -> WeightsSource {
+    let offline = offline
+        || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if spec.eq_ignore_ascii_case("none") {
+        WeightsSource::None
+    } else if Path::new(spec).exists() || spec.ends_with(".safetensors") {
+        WeightsSource::File(PathBuf::from(spec))
+    } else {
+        WeightsSource::Hub {
+            repo: spec.to_string(),
+            offline,
+        }
+    }
+}
+
+/// Everything a training session holds, built from a [`TrainConfig`].
+pub struct Session {
+    pub learner: Learner,
+    pub vocab: Vec<String>,
+    pub config: TrainConfig,
+    pub device: Device,
+}
+
+/// Builds data, model and Learner; downloads the dataset if the default one
+/// is absent. Loads pretrained weights unless `load_weights` is false (a
+/// resumed run loads its own).
+pub fn build_session(config: &TrainConfig, device: &Device, load_weights: bool) -> anyhow::Result<Session> {
+    let mut config = config.clone();
+    ensure_dataset(&config.data.root)?;
+    let data = load_dataset(&config.data)?;
+    for skipped in data.skipped() {
+        eprintln!("warning: skipped {skipped:?}");
+    }
+    let vocab = data.vocab().to_vec();
+    if data.train().is_empty() {
+        bail!("{}: no training rows", config.data.csv_path().display());
+    }
+    if data.valid().is_empty() {
+        bail!(
+            "{}: no validation rows; mark some with the is_valid column or pass --valid-pct",
+            config.data.csv_path().display()
+        );
+    }
+    if data.train().len() < config.batch_size {
+        bail!(
+            "{} training images are fewer than one batch of {}; lower --bs",
+            data.train().len(),
+            config.batch_size
+        );
+    }
+    config.model.head.n_classes = vocab.len();
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = ResNet::new(&config.model, vb, config.seed).context("building the model")?;
+    if load_weights {
+        let source = weights_source(&config.weights, config.offline);
+        if !matches!(source, WeightsSource::None) {
+            eprintln!("loading weights {}", config.weights);
+            load_pretrained(&varmap, &source).with_context(|| {
+                format!(
+                    "loading weights `{}`; without network, pass --weights FILE.safetensors, \
+                     set HF_HOME to a folder holding the hub cache (with --offline), or use --weights none",
+                    config.weights
+                )
+            })?;
+        }
+    }
+    let train = Loader::new(
+        data.train().to_vec(),
+        vocab.len(),
+        config.transform.clone(),
+        LoaderConfig::train(config.batch_size, config.seed),
+        device.clone(),
+    );
+    let valid = Loader::new(
+        data.valid().to_vec(),
+        vocab.len(),
+        config.transform.clone(),
+        LoaderConfig::valid(config.batch_size),
+        device.clone(),
+    );
+    let learner_config = LearnerConfig {
+        seed: config.seed,
+        metric_thresh: config.metric_thresh,
+        adam: AdamConfig::default(),
+        pos_weight: None,
+    };
+    let learner = Learner::new(model, varmap, train, valid, learner_config, device.clone())?;
+    Ok(Session {
+        learner,
+        vocab,
+        config,
+        device: device.clone(),
+    })
+}
+
+/// When the dataset folder has no CSV and it is the default PASCAL folder,
+/// download it; otherwise say what is missing.
+fn ensure_dataset(root: &Path) -> anyhow::Result<()> {
+    if root.join("train.csv").exists() {
+        return Ok(());
+    }
+    let default = default_cache_dir().join("pascal_2007");
+    if root != default {
+        bail!(
+            "{}: no train.csv there; pass --data with a folder holding train.csv and train/ \
+             (`multilabel synth --out DIR` makes one)",
+            root.display()
+        );
+    }
+    eprintln!("PASCAL 2007 is not in {}: downloading it", root.display());
+    let cache = root.parent().unwrap_or(Path::new("."));
+    let mut progress = super::data::DownloadProgress::default();
+    download_pascal_2007(cache, &mut |event| progress.on_event(event)).with_context(|| {
+        format!(
+            "downloading PASCAL 2007 into {}; without network, unpack a copy of pascal_2007.tgz \
+             there (or anywhere, and pass --data DIR)",
+            root.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// A Ctrl-C flag: the first Ctrl-C asks training to save and stop.
+pub fn cancel_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler_flag = flag.clone();
+    // A second handler cannot be installed (tests call this twice in one
+    // process): then Ctrl-C keeps its default meaning.
+    let _ = ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: saving state after this batch (Ctrl-C again to quit now)");
+    });
+    flag
+}
+
+fn new_run_path(arch: &str) -> PathBuf {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let base = format!("{}-{arch}", format_utc(now));
+    let mut path = PathBuf::from(RUNS_DIR).join(&base);
+    let mut n = 2;
+    while path.exists() {
+        path = PathBuf::from(RUNS_DIR).join(format!("{base}-{n}"));
+        n += 1;
+    }
+    path
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC, from seconds since the epoch.
+fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `multilabel train`.
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let (config, run, resuming) = match &args.resume {
+        Some(dir) => {
+            let run = RunDir::open(dir).with_context(|| format!("--resume {}", dir.display()))?;
+            let config: TrainConfig = run
+                .load_config()
+                .with_context(|| format!("reading the settings of {}", dir.display()))?;
+            (config, run, true)
+        }
+        None => {
+            let config = args.plan()?;
+            let path = args.run.clone().unwrap_or_else(|| new_run_path(config.model.arch.name()));
+            if path.join("model.json").exists() || path.join("state.safetensors").exists() {
+                bail!(
+                    "{} already holds a run; pick another --run, or continue it with --resume",
+                    path.display()
+                );
+            }
+            let run = RunDir::create(&path)
+                .with_context(|| format!("creating the run folder {}", path.display()))?;
+            (config, run, false)
+        }
+    };
+    let device = parse_device(&args.device)?;
+    let mut session = build_session(&config, &device, !resuming)?;
+    let config = session.config.clone();
+    eprintln!(
+        "{} on {}: {} train / {} valid images, {} classes, run {}",
+        config.model.arch.name(),
+        device_name(&device),
+        session.learner.train_items(),
+        session.learner.valid_items(),
+        session.vocab.len(),
+        run.path().display()
+    );
+    if !resuming {
+        run.save_config(&config)?;
+    }
+    let learner = &mut session.learner;
+    learner.add_sink(Box::new(EpochTable::new(std::io::stdout())));
+    learner.add_sink(Box::new(ProgressSink::new()));
+    let mut history = HistoryCsv::open(run.history_path())?;
+    let mut events = EventsJsonl::open(run.events_path())?;
+    if resuming {
+        let state = learner.resume_from(&run)?;
+        if state.finished {
+            bail!("{} already finished training; nothing to resume", run.path().display());
+        }
+        // Rows written after the checkpoint are replayed by the resumed run.
+        history.retain(|phase, epoch| state.keeps_epoch(phase, epoch));
+        events = EventsJsonl::open(run.events_path())?;
+        eprintln!(
+            "resuming at fit {}, epoch {}, batch {}",
+            state.fit, state.epoch, state.batch
+        );
+    }
+    learner.add_sink(Box::new(history));
+    learner.add_sink(Box::new(events));
+    learner.set_run(run.clone());
+    learner.set_cancel_flag(cancel_flag());
+
+    let plan = FineTune {
+        epochs: config.epochs,
+        base_lr: config.base_lr,
+        freeze_epochs: config.freeze_epochs,
+        ..FineTune::default()
+    };
+    learner.fine_tune(&plan)?;
+
+    let preds = learner.get_preds()?;
+    let sweep = threshold_sweep(&preds.probs, &preds.targets, &default_thresholds())?;
+    let best = best_threshold(&sweep).context("empty threshold sweep")?;
+    let meta = ModelMeta {
+        arch: config.model.arch.name().to_string(),
+        base_width: config.model.base_width,
+        vocab: session.vocab.clone(),
+        image_size: config.transform.size,
+        mean: config.transform.mean,
+        std: config.transform.std,
+        threshold: best.thresh,
+        model: serde_json::to_value(&config.model)?,
+    };
+    learner.save_model(&meta)?;
+    learner.finish()?;
+    run.mark_latest()?;
+    let plot_path = run.path().join("sweep.png");
+    plot::sweep_plot(&sweep, best, &plot_path)?;
+    println!(
+        "best threshold {:.4}: accuracy_multi {:.6} (at {}: see the table above)",
+        best.thresh, best.accuracy_multi, config.metric_thresh
+    );
+    println!("run saved in {} (sweep plot: {})", run.path().display(), plot_path.display());
+    println!("evaluate it with: multilabel eval --run {} --thresh {:.2}", run.path().display(), best.thresh);
+    Ok(())
+}
+
+/// Flags of `multilabel lr-find`: the model and data flags of `train`.
+#[derive(Debug, Clone, Args)]
+pub struct LrFindArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Lowest learning rate tried
+    #[arg(long, default_value_t = 1e-7)]
+    pub start_lr: f64,
+    /// Highest learning rate tried
+    #[arg(long, default_value_t = 10.0)]
+    pub end_lr: f64,
+    /// Number of steps
+    #[arg(long, default_value_t = 100)]
+    pub num_it: usize,
+    /// Where to write the plot of loss against learning rate
+    #[arg(long, default_value = "lr_find.png")]
+    pub plot: PathBuf,
+}
+
+/// `multilabel lr-find`: fastai's learning-rate finder on the frozen model.
+pub fn lr_find(args: LrFindArgs) -> anyhow::Result<()> {
+    let config = args.train.plan()?;
+    if !(args.start_lr > 0.0 && args.end_lr > args.start_lr) {
+        bail!("need 0 < --start-lr < --end-lr, got {} and {}", args.start_lr, args.end_lr);
+    }
+    if args.num_it < 2 {
+        bail!("--num-it must be at least 2");
+    }
+    let device = parse_device(&args.train.device)?;
+    let mut session = build_session(&config, &device, true)?;
+    let learner = &mut session.learner;
+    learner.freeze();
+    learner.set_cancel_flag(cancel_flag());
+    let result = learner.lr_find(&LrFindConfig {
+        start_lr: args.start_lr,
+        end_lr: args.end_lr,
+        num_it: args.num_it,
+        ..LrFindConfig::default()
+    })?;
+    println!("{:>12}  {:>10}", "lr", "loss");
+    for (lr, loss) in result.lrs.iter().zip(&result.losses) {
+        println!("{lr:>12.3e}  {loss:>10.6}");
+    }
+    if result.diverged {
+        println!("stopped early: the loss diverged");
+    }
+    plot::lr_find_plot(&result.lrs, &result.losses, result.suggestion, &args.plot)?;
+    match result.suggestion {
+        Some(lr) => println!("suggested learning rate (valley): {lr:.3e}"),
+        None => println!("too few steps for a suggestion"),
+    }
+    println!("plot written to {}", args.plot.display());
+    Ok(())
+}
+
+/// The flags `demo` passes to `train` (a narrow ResNet from scratch on synthetic data).
+pub fn demo_train_args(data: PathBuf, run: PathBuf, epochs: usize, size: usize, seed: u64) -> TrainArgs {
+    TrainArgs {
+        data: Some(data),
+        arch: "resnet18".into(),
+        width: 16,
+        weights: Some("none".into()),
+        offline: true,
+        size,
+        min_scale: 0.35,
+        flip: false,
+        bs: 32,
+        epochs,
+        freeze_epochs: 1,
+        base_lr: 1e-2,
+        thresh: 0.5,
+        device: "cpu".into(),
+        seed,
+        valid_pct: None,
+        run: Some(run),
+        resume: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(format_utc(0), "19700101-000000");
+        // 2026-11-29 08:47:07 UTC
+        assert_eq!(format_utc(1_795_942_027), "20261129-084707");
+        // A leap day.
+        assert_eq!(format_utc(951_782_400), "20000229-000000");
+    }
+
+    #[test]
+    fn thresh_must_be_a_probability() {
+        assert!(check_thresh(0.48).is_ok());
+        for bad in [0.0, 1.0, 2.0, -0.1, f32::NAN] {
+            assert!(check_thresh(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert!(matches!(parse_device("cpu").unwrap(), Device::Cpu));
+        assert!(parse_device("tpu").is_err());
+        assert!(parse_device("cuda:x").is_err());
+    }
+}
