@@ -52,7 +52,7 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
 
 # every benchmark
-bench: bench-data bench-resnet
+bench: bench-data bench-resnet bench-cpu
 
 # data pipeline images/s (1 thread and all threads); MULTILABEL_BENCH_DIR=folder adds a real dataset
 bench-data *ARGS:
@@ -61,3 +61,8 @@ bench-data *ARGS:
 # ResNet-50 forward / forward+backward time per image, frozen and unfrozen
 bench-resnet *ARGS:
     cargo bench -p multilabel-resnet {{ARGS}}
+
+# ResNet-50 training/eval/data images/s and peak memory next to PyTorch's (same threads);
+# e.g. `just bench-cpu --batch-size 16 --iters 2`; writes target/bench/cpu.json
+bench-cpu *ARGS:
+    cargo bench -p multilabel --bench cpu -- {{ARGS}}

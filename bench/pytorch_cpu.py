@@ -179,7 +179,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--images", help="folder of JPEGs for the data-pipeline measurement")
+    parser.add_argument(
+        "--only",
+        default="train_frozen,train_unfrozen,eval,data",
+        help="comma list of phases to measure (data also needs --images)",
+    )
     args = parser.parse_args()
+    only = set(args.only.split(","))
 
     import torch
     import torchvision
@@ -192,13 +198,17 @@ def main():
     targets = (torch.rand(args.batch_size, n_classes) < 0.1).float()
 
     result = {"torch": torch.__version__, "threads": args.threads, "batch_size": args.batch_size, "size": args.size}
-    log(f"pytorch {torch.__version__}, {args.threads} threads: train (frozen)")
-    result["train_frozen"] = time_train(torch, model, True, batch, targets, args.warmup, args.iters)
-    log("pytorch: train (unfrozen)")
-    result["train_unfrozen"] = time_train(torch, model, False, batch, targets, args.warmup, args.iters)
-    log("pytorch: eval")
-    result["eval"] = time_eval(torch, model, batch, args.warmup, args.iters)
-    if args.images:
+    log(f"pytorch {torch.__version__}, {torch.get_num_threads()} threads")
+    if "train_frozen" in only:
+        log("pytorch: train_frozen")
+        result["train_frozen"] = time_train(torch, model, True, batch, targets, args.warmup, args.iters)
+    if "train_unfrozen" in only:
+        log("pytorch: train_unfrozen")
+        result["train_unfrozen"] = time_train(torch, model, False, batch, targets, args.warmup, args.iters)
+    if "eval" in only:
+        log("pytorch: eval")
+        result["eval"] = time_eval(torch, model, batch, args.warmup, args.iters)
+    if args.images and "data" in only:
         log("pytorch: data pipeline")
         result["data"] = time_data(args.images, args.threads, args.size, args.batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -18,6 +18,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Fine-tune a ResNet with fastai's recipe (freeze, one cycle, unfreeze, one cycle)
+    Train(cli::train::TrainArgs),
+    /// Evaluate a run: accuracy_multi at a threshold, loss, mAP, F1, threshold sweep
+    Eval(cli::eval::EvalArgs),
+    /// Print the labels a run predicts for image files
+    Predict(cli::eval::PredictArgs),
+    /// fastai's learning-rate finder: loss against an exponentially growing learning rate
+    LrFind(cli::train::LrFindArgs),
+    /// Offline demo: synthetic data, a narrow ResNet trained from scratch on the CPU
+    Demo(cli::eval::DemoArgs),
     /// Write a synthetic PASCAL-layout dataset (train.csv + train/*.jpg)
     Synth(cli::data::SynthArgs),
     /// Draw a batch as a PNG grid with each image's labels under it
@@ -29,6 +39,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => cli::train::train(args),
+        Command::Eval(args) => cli::eval::eval(args),
+        Command::Predict(args) => cli::eval::predict(args),
+        Command::LrFind(args) => cli::train::lr_find(args),
+        Command::Demo(args) => cli::eval::demo(args),
         Command::Synth(args) => cli::data::synth(args),
         Command::ShowBatch(args) => cli::data::show_batch(args),
         Command::Download(args) => cli::data::download(args),

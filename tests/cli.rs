@@ -11,12 +11,18 @@ use serde_json::Value;
 fn bin() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_multilabel"));
     // Tests never reach the network, even by accident.
-    command.env("HF_HUB_OFFLINE", "1").env("HF_ENDPOINT", "http://127.0.0.1:9");
+    command
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9");
     command
 }
 
 fn run(args: &[&str], cwd: &Path) -> Output {
-    bin().args(args).current_dir(cwd).output().expect("running multilabel")
+    bin()
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("running multilabel")
 }
 
 fn text(output: &Output) -> String {
@@ -30,7 +36,11 @@ fn text(output: &Output) -> String {
 
 fn ok(args: &[&str], cwd: &Path) -> Output {
     let output = run(args, cwd);
-    assert!(output.status.success(), "{args:?} failed:\n{}", text(&output));
+    assert!(
+        output.status.success(),
+        "{args:?} failed:\n{}",
+        text(&output)
+    );
     output
 }
 
@@ -42,7 +52,19 @@ fn dataset() -> &'static Path {
         let _ = std::fs::remove_dir_all(&dir);
         let out = dir.to_str().unwrap().to_string();
         ok(
-            &["synth", "--out", &out, "--n-train", "96", "--n-valid", "48", "--classes", "3", "--seed", "7"],
+            &[
+                "synth",
+                "--out",
+                &out,
+                "--n-train",
+                "96",
+                "--n-valid",
+                "48",
+                "--classes",
+                "3",
+                "--seed",
+                "7",
+            ],
             Path::new("."),
         );
         dir
@@ -52,9 +74,31 @@ fn dataset() -> &'static Path {
 /// Flags of a quick training run of a narrow ResNet-18 from scratch.
 fn train_flags<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut flags = vec![
-        "train", "--data", data, "--run", run, "--arch", "resnet18", "--width", "8", "--weights", "none",
-        "--size", "32", "--bs", "16", "--freeze-epochs", "1", "--epochs", "3", "--base-lr", "1e-2",
-        "--device", "cpu", "--seed", "3",
+        "train",
+        "--data",
+        data,
+        "--run",
+        run,
+        "--arch",
+        "resnet18",
+        "--width",
+        "8",
+        "--weights",
+        "none",
+        "--size",
+        "32",
+        "--bs",
+        "16",
+        "--freeze-epochs",
+        "1",
+        "--epochs",
+        "3",
+        "--base-lr",
+        "1e-2",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
     ];
     flags.extend_from_slice(extra);
     flags
@@ -89,7 +133,14 @@ fn training_learns_and_eval_reproduces_its_metrics() {
     let output = ok(&train_flags(data, run_str, &["--epochs", "6"]), work.path());
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("train_loss"), "no epoch table:\n{stdout}");
-    for file in ["model.safetensors", "model.json", "config.json", "history.csv", "events.jsonl", "sweep.png"] {
+    for file in [
+        "model.safetensors",
+        "model.json",
+        "config.json",
+        "history.csv",
+        "events.jsonl",
+        "sweep.png",
+    ] {
         assert!(run_dir.join(file).exists(), "{file} missing");
     }
 
@@ -98,16 +149,35 @@ fn training_learns_and_eval_reproduces_its_metrics() {
     let first_loss = epochs[0]["train_loss"].as_f64().unwrap();
     let last = epochs.last().unwrap();
     let last_loss = last["train_loss"].as_f64().unwrap();
-    assert!(last_loss < 0.8 * first_loss, "train loss {first_loss} -> {last_loss}");
+    assert!(
+        last_loss < 0.8 * first_loss,
+        "train loss {first_loss} -> {last_loss}"
+    );
 
     // eval at the training metric's threshold reproduces the last epoch exactly.
     let json_path = work.path().join("eval.json");
     ok(
-        &["eval", "--run", run_str, "--thresh", "0.2", "--json", json_path.to_str().unwrap(), "--device", "cpu", "--bs", "16"],
+        &[
+            "eval",
+            "--run",
+            run_str,
+            "--thresh",
+            "0.2",
+            "--json",
+            json_path.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--bs",
+            "16",
+        ],
         work.path(),
     );
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
-    assert_eq!(report["accuracy_multi"].as_f64().unwrap(), metric(last, "accuracy_multi"));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(
+        report["accuracy_multi"].as_f64().unwrap(),
+        metric(last, "accuracy_multi")
+    );
     let valid_loss = report["valid_loss"].as_f64().unwrap();
     let trained_valid_loss = last["valid_loss"].as_f64().unwrap();
     assert!(
@@ -125,16 +195,37 @@ fn training_learns_and_eval_reproduces_its_metrics() {
         .sum();
     let all_negative = 1.0 - targets_positive / (48.0 * 3.0);
     let best = report["best"]["accuracy_multi"].as_f64().unwrap();
-    assert!(best > all_negative + 0.05, "best accuracy {best} vs all-negative {all_negative}");
+    assert!(
+        best > all_negative + 0.05,
+        "best accuracy {best} vs all-negative {all_negative}"
+    );
     // A random ranking has AP ≈ the positive rate (~0.3-0.5 here).
     let map = report["map"].as_f64().unwrap();
     assert!(map > 0.75, "mAP {map}");
     assert_eq!(report["sweep"].as_array().unwrap().len(), 30);
 
     // predict uses the bundle alone.
-    let image = std::fs::read_dir(dataset().join("train")).unwrap().next().unwrap().unwrap().path();
-    let output = ok(&["predict", "--run", run_str, "--device", "cpu", image.to_str().unwrap()], work.path());
-    assert!(String::from_utf8_lossy(&output.stdout).contains(image.file_name().unwrap().to_str().unwrap()));
+    let image = std::fs::read_dir(dataset().join("train"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let output = ok(
+        &[
+            "predict",
+            "--run",
+            run_str,
+            "--device",
+            "cpu",
+            image.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout)
+            .contains(image.file_name().unwrap().to_str().unwrap())
+    );
 }
 
 #[test]
@@ -143,27 +234,56 @@ fn a_resumed_run_ends_with_the_same_weights() {
     let data = dataset().to_str().unwrap();
     let whole = work.path().join("whole");
     let parts = work.path().join("parts");
-    ok(&train_flags(data, whole.to_str().unwrap(), &[]), work.path());
+    ok(
+        &train_flags(data, whole.to_str().unwrap(), &[]),
+        work.path(),
+    );
 
     // Stop in the middle of the unfrozen phase (frozen: 6 steps of 16).
-    let stopped = run(&train_flags(data, parts.to_str().unwrap(), &["--stop-after-steps", "9"]), work.path());
+    let stopped = run(
+        &train_flags(data, parts.to_str().unwrap(), &["--stop-after-steps", "9"]),
+        work.path(),
+    );
     assert_eq!(stopped.status.code(), Some(130), "{}", text(&stopped));
-    assert!(!parts.join("model.safetensors").exists(), "no final model after an interruption");
-    ok(&["train", "--resume", parts.to_str().unwrap(), "--device", "cpu"], work.path());
+    assert!(
+        !parts.join("model.safetensors").exists(),
+        "no final model after an interruption"
+    );
+    ok(
+        &[
+            "train",
+            "--resume",
+            parts.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        work.path(),
+    );
 
     let a = std::fs::read(whole.join("model.safetensors")).unwrap();
     let b = std::fs::read(parts.join("model.safetensors")).unwrap();
     assert!(a == b, "resumed weights differ from the uninterrupted run");
-    let last = |dir: &Path| epoch_ends(dir).last().unwrap()["valid_loss"].as_f64().unwrap();
+    let last = |dir: &Path| {
+        epoch_ends(dir).last().unwrap()["valid_loss"]
+            .as_f64()
+            .unwrap()
+    };
     assert_eq!(last(&whole), last(&parts));
 }
 
 fn fails(args: &[&str], cwd: &Path, needle: &str) -> String {
     let output = run(args, cwd);
-    assert!(!output.status.success(), "{args:?} should fail:\n{}", text(&output));
+    assert!(
+        !output.status.success(),
+        "{args:?} should fail:\n{}",
+        text(&output)
+    );
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert!(stderr.contains(needle), "stderr lacks `{needle}`:\n{stderr}");
+    assert!(
+        stderr.contains(needle),
+        "stderr lacks `{needle}`:\n{stderr}"
+    );
     stderr
 }
 
@@ -174,12 +294,20 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
     let data = dataset().to_str().unwrap();
 
     // --thresh out of range: refused before anything is created.
-    fails(&train_flags(data, "r1", &["--thresh", "2"]), cwd, "--thresh");
+    fails(
+        &train_flags(data, "r1", &["--thresh", "2"]),
+        cwd,
+        "--thresh",
+    );
     fails(&["eval", "--run", "r1", "--thresh", "2"], cwd, "--thresh");
     assert!(!cwd.join("r1").exists());
 
     // A missing data folder.
-    fails(&train_flags("no/such/folder", "r2", &[]), cwd, "no/such/folder");
+    fails(
+        &train_flags("no/such/folder", "r2", &[]),
+        cwd,
+        "no/such/folder",
+    );
     assert!(!cwd.join("r2").join("model.json").exists());
 
     // A weights file that is not safetensors.
@@ -195,7 +323,11 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
     let empty = cwd.join("empty");
     std::fs::create_dir_all(empty.join("train")).unwrap();
     std::fs::write(empty.join("train.csv"), b"").unwrap();
-    fails(&train_flags(empty.to_str().unwrap(), "r4", &[]), cwd, "train.csv");
+    fails(
+        &train_flags(empty.to_str().unwrap(), "r4", &[]),
+        cwd,
+        "train.csv",
+    );
 
     // A run folder that cannot be created (its parent is a file).
     std::fs::write(cwd.join("plainfile"), b"x").unwrap();

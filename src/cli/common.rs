@@ -29,7 +29,9 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "metal" => {
             if !candle_core::utils::metal_is_available() {
-                bail!("--device metal: this build has no Metal support; rebuild with `--features metal` (MULTILABEL_FEATURES=metal just ...)")
+                bail!(
+                    "--device metal: this build has no Metal support; rebuild with `--features metal` (MULTILABEL_FEATURES=metal just ...)"
+                )
             }
             Device::new_metal(0).context("starting the Metal device")
         }
@@ -45,7 +47,9 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
                 None => bail!("--device {spec}: expected cuda or cuda:N"),
             };
             if !candle_core::utils::cuda_is_available() {
-                bail!("--device {spec}: this build has no CUDA support; rebuild with `--features cuda` (MULTILABEL_FEATURES=cuda just ...)")
+                bail!(
+                    "--device {spec}: this build has no CUDA support; rebuild with `--features cuda` (MULTILABEL_FEATURES=cuda just ...)"
+                )
             }
             Device::new_cuda(ordinal).with_context(|| format!("starting CUDA device {ordinal}"))
         }
@@ -95,7 +99,10 @@ pub struct LoadedModel {
 pub fn load_run_model(run: &RunDir, device: &Device) -> anyhow::Result<LoadedModel> {
     let meta = run.load_model_meta().context("reading model.json")?;
     let config: ResNetConfig = serde_json::from_value(meta.model.clone()).with_context(|| {
-        format!("{}: the `model` entry is not a model configuration", run.model_meta_path().display())
+        format!(
+            "{}: the `model` entry is not a model configuration",
+            run.model_meta_path().display()
+        )
     })?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
@@ -127,7 +134,12 @@ pub fn load_run_model(run: &RunDir, device: &Device) -> anyhow::Result<LoadedMod
                 "{}: {} tensors missing, e.g. {}",
                 run.model_weights_path().display(),
                 missing.len(),
-                missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                missing
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }
@@ -192,5 +204,6 @@ pub fn valid_loader(
 
 /// Loads a dataset, saying which folder when it fails.
 pub fn load_dataset(config: &DatasetConfig) -> anyhow::Result<Dataset> {
-    Dataset::load(config).with_context(|| format!("loading the dataset in {}", config.root.display()))
+    Dataset::load(config)
+        .with_context(|| format!("loading the dataset in {}", config.root.display()))
 }

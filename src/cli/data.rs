@@ -64,6 +64,9 @@ pub struct ShowBatchArgs {
     /// Also flip training images horizontally at random
     #[arg(long)]
     pub flip: bool,
+    /// Decode every image first and leave out the ones that fail
+    #[arg(long)]
+    pub skip_bad_images: bool,
 }
 
 #[derive(Debug, Args)]
@@ -97,7 +100,11 @@ pub fn synth(args: SynthArgs) -> anyhow::Result<()> {
         .zip(&summary.label_counts)
         .map(|(name, n)| format!("{name} {n}"))
         .collect();
-    println!("images per class: {}; without objects: {}", counts.join(", "), summary.n_empty);
+    println!(
+        "images per class: {}; without objects: {}",
+        counts.join(", "),
+        summary.n_empty
+    );
     Ok(())
 }
 
@@ -113,14 +120,30 @@ pub fn show_batch(args: ShowBatchArgs) -> anyhow::Result<()> {
     };
     transform.validate()?;
 
-    let data = Dataset::load(&DatasetConfig::new(&args.data))
+    let dataset_cfg = DatasetConfig {
+        skip_bad_images: args.skip_bad_images,
+        ..DatasetConfig::new(&args.data)
+    };
+    let data = Dataset::load(&dataset_cfg)
         .with_context(|| format!("loading the dataset in {}", args.data.display()))?;
+    if let Some(first) = data.skipped().first() {
+        eprintln!(
+            "warning: skipped {} unreadable image(s), first {}: {}",
+            data.skipped().len(),
+            first.path.display(),
+            first.reason
+        );
+    }
     let (items, loader_cfg) = match args.split {
         SplitArg::Train => (data.train(), LoaderConfig::train(args.n, args.seed)),
         SplitArg::Valid => (data.valid(), LoaderConfig::valid(args.n)),
     };
     if items.is_empty() {
-        bail!("the {:?} split of {} is empty", args.split, args.data.display());
+        bail!(
+            "the {:?} split of {} is empty",
+            args.split,
+            args.data.display()
+        );
     }
     // A grid of fewer images than asked beats no grid when the split is small.
     let loader_cfg = LoaderConfig {
@@ -159,14 +182,19 @@ pub fn show_batch(args: ShowBatchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn download(args: DownloadArgs) -> anyhow::Result<()> {
-    let cache = args.dest.unwrap_or_else(multilabel_data::default_cache_dir);
+/// Renders download progress on stderr: a live line on a terminal, a line
+/// every 10% otherwise. Shared by `download` and `train` (which downloads
+/// PASCAL 2007 when it is absent).
+pub fn render_download_event() -> impl FnMut(DownloadEvent) {
     let terminal = std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut last_percent = u64::MAX;
-    let mut render = |event: DownloadEvent| match event {
+    move |event: DownloadEvent| match event {
         DownloadEvent::AlreadyPresent { path } => {
-            eprintln!("{} already holds a verified copy; nothing to do", path.display());
+            eprintln!(
+                "{} already holds a verified copy; nothing to do",
+                path.display()
+            );
         }
         DownloadEvent::Started { url, total } => {
             eprintln!("downloading {url} ({:.1} MB)", total as f64 / 1e6);
@@ -175,7 +203,11 @@ pub fn download(args: DownloadArgs) -> anyhow::Result<()> {
             let percent = done * 100 / total.max(1);
             let rate = done as f64 / 1e6 / start.elapsed().as_secs_f64().max(1e-3);
             if terminal {
-                eprint!("\r  {percent:3}%  {:.1}/{:.1} MB  {rate:.1} MB/s ", done as f64 / 1e6, total as f64 / 1e6);
+                eprint!(
+                    "\r  {percent:3}%  {:.1}/{:.1} MB  {rate:.1} MB/s ",
+                    done as f64 / 1e6,
+                    total as f64 / 1e6
+                );
                 let _ = std::io::stderr().flush();
             } else if percent / 10 != last_percent / 10 {
                 // Plain lines every 10% when output is not a terminal.
@@ -201,7 +233,12 @@ pub fn download(args: DownloadArgs) -> anyhow::Result<()> {
             }
             eprintln!("ready: {}", path.display());
         }
-    };
+    }
+}
+
+pub fn download(args: DownloadArgs) -> anyhow::Result<()> {
+    let cache = args.dest.unwrap_or_else(multilabel_data::default_cache_dir);
+    let mut render = render_download_event();
     let path = multilabel_data::download_pascal_2007(&cache, &mut render)
         .with_context(|| format!("downloading PASCAL 2007 into {}", cache.display()))?;
     println!("{}", path.display());

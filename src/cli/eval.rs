@@ -6,8 +6,8 @@ use anyhow::{Context, bail};
 use candle_core::Tensor;
 use clap::Args;
 use multilabel_data::{DatasetConfig, SynthConfig, load_image_for_eval, synth};
+use multilabel_train::EvalReport;
 use multilabel_train::metrics::default_thresholds;
-use multilabel_train::{EvalReport, get_preds};
 
 use super::common::{
     load_dataset, load_run_model, parse_device, resolve_run, run_transform, valid_items_for_vocab,
@@ -70,10 +70,19 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let data = load_dataset(&data_config)?;
     let items = valid_items_for_vocab(&data, &meta.vocab)?;
     if items.is_empty() {
-        bail!("{}: no validation rows to evaluate", data_config.csv_path().display());
+        bail!(
+            "{}: no validation rows to evaluate",
+            data_config.csv_path().display()
+        );
     }
-    let loader = valid_loader(items, meta.vocab.len(), run_transform(meta), args.bs, &device);
-    let preds = get_preds(&loaded.model, &loader, None)?;
+    let loader = valid_loader(
+        items,
+        meta.vocab.len(),
+        run_transform(meta),
+        args.bs,
+        &device,
+    );
+    let preds = multilabel_train::predict(&loaded.model, &loader, None, &mut |_, _| {})?;
     let report = EvalReport::compute(&preds, &meta.vocab, thresh, &default_thresholds())?;
     print!("{}", report.render());
 
@@ -82,7 +91,9 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     text.push('\n');
     multilabel_train::atomic_write(&json_path, text.as_bytes())
         .with_context(|| format!("writing {}", json_path.display()))?;
-    let plot_path = args.plot.unwrap_or_else(|| run.path().join("eval_sweep.png"));
+    let plot_path = args
+        .plot
+        .unwrap_or_else(|| run.path().join("eval_sweep.png"));
     plot::sweep_plot(&report.sweep, report.best, &plot_path)?;
     println!();
     println!("report: {}", json_path.display());
@@ -126,7 +137,8 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     }
     for (paths, images) in args.images.chunks(32).zip(inputs.chunks(32)) {
         let batch = Tensor::stack(images, 0)?.to_device(&device)?;
-        let probs = candle_nn::ops::sigmoid(&loaded.model.forward_t(&batch, false)?)?.to_vec2::<f32>()?;
+        let probs =
+            candle_nn::ops::sigmoid(&loaded.model.forward_t(&batch, false)?)?.to_vec2::<f32>()?;
         for (path, row) in paths.iter().zip(probs) {
             let mut found: Vec<(usize, f32)> = row
                 .iter()
@@ -219,7 +231,14 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     })?;
     println!();
     println!("demo data: {}", data.display());
-    println!("demo run:  {} (model, history.csv, events.jsonl, plots)", run_dir.display());
-    println!("try: multilabel predict --run {} {}/train/<image>.jpg", run_dir.display(), data.display());
+    println!(
+        "demo run:  {} (model, history.csv, events.jsonl, plots)",
+        run_dir.display()
+    );
+    println!(
+        "try: multilabel predict --run {} {}/train/<image>.jpg",
+        run_dir.display(),
+        data.display()
+    );
     Ok(())
 }

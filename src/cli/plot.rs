@@ -36,7 +36,12 @@ pub fn sweep_plot(sweep: &[SweepPoint], best: SweepPoint, path: &Path) -> anyhow
 }
 
 /// Smoothed loss against learning rate (log scale), with the suggestion marked.
-pub fn lr_find_plot(lrs: &[f64], losses: &[f64], suggestion: Option<f64>, path: &Path) -> anyhow::Result<()> {
+pub fn lr_find_plot(
+    lrs: &[f64],
+    losses: &[f64],
+    suggestion: Option<f64>,
+    path: &Path,
+) -> anyhow::Result<()> {
     let points: Vec<(f64, f64)> = lrs
         .iter()
         .zip(losses)
@@ -53,10 +58,11 @@ pub fn lr_find_plot(lrs: &[f64], losses: &[f64], suggestion: Option<f64>, path: 
     let plot = Plot::new(&points, true, &title, "learning rate (log10)", "loss");
     let mut image = plot.draw(&points);
     if let Some(lr) = suggestion {
-        if let Some(&(x, y)) = points
-            .iter()
-            .min_by(|a, b| (a.0 - lr.log10()).abs().total_cmp(&(b.0 - lr.log10()).abs()))
-        {
+        if let Some(&(x, y)) = points.iter().min_by(|a, b| {
+            (a.0 - lr.log10())
+                .abs()
+                .total_cmp(&(b.0 - lr.log10()).abs())
+        }) {
             plot.marker(&mut image, (x, y));
         }
     }
@@ -66,7 +72,10 @@ pub fn lr_find_plot(lrs: &[f64], losses: &[f64], suggestion: Option<f64>, path: 
 fn save(image: &RgbImage, path: &Path) -> anyhow::Result<()> {
     let mut bytes = Vec::new();
     image
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
         .context("encoding the plot")?;
     multilabel_train::atomic_write(path, &bytes)
         .with_context(|| format!("writing {}", path.display()))
@@ -82,7 +91,13 @@ struct Plot<'a> {
 }
 
 impl<'a> Plot<'a> {
-    fn new(points: &[(f64, f64)], log_x: bool, title: &'a str, x_label: &'a str, y_label: &'a str) -> Self {
+    fn new(
+        points: &[(f64, f64)],
+        log_x: bool,
+        title: &'a str,
+        x_label: &'a str,
+        y_label: &'a str,
+    ) -> Self {
         let range = |values: &mut dyn Iterator<Item = f64>| {
             let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
                 (lo.min(v), hi.max(v))
@@ -109,8 +124,10 @@ impl<'a> Plot<'a> {
     fn to_pixel(&self, (x, y): (f64, f64)) -> (f64, f64) {
         let plot_w = f64::from(WIDTH - LEFT - RIGHT);
         let plot_h = f64::from(HEIGHT - TOP - BOTTOM);
-        let px = f64::from(LEFT) + (x - self.x_range.0) / (self.x_range.1 - self.x_range.0) * plot_w;
-        let py = f64::from(TOP) + (1.0 - (y - self.y_range.0) / (self.y_range.1 - self.y_range.0)) * plot_h;
+        let px =
+            f64::from(LEFT) + (x - self.x_range.0) / (self.x_range.1 - self.x_range.0) * plot_w;
+        let py = f64::from(TOP)
+            + (1.0 - (y - self.y_range.0) / (self.y_range.1 - self.y_range.0)) * plot_h;
         (px, py)
     }
 
@@ -129,12 +146,30 @@ impl<'a> Plot<'a> {
             for xx in LEFT..WIDTH - RIGHT {
                 put(&mut image, i64::from(xx), py as i64, GRID);
             }
-            let x_text = if self.log_x { format!("1e{x:.1}") } else { format!("{x:.2}") };
+            let x_text = if self.log_x {
+                format!("1e{x:.1}")
+            } else {
+                format!("{x:.2}")
+            };
             let tw = text_width(&x_text, 1);
-            draw_text(&mut image, (px as u32).saturating_sub(tw / 2), HEIGHT - BOTTOM + 6, &x_text, 1, INK);
+            draw_text(
+                &mut image,
+                (px as u32).saturating_sub(tw / 2),
+                HEIGHT - BOTTOM + 6,
+                &x_text,
+                1,
+                INK,
+            );
             let y_text = format!("{y:.3}");
             let tw = text_width(&y_text, 1);
-            draw_text(&mut image, LEFT.saturating_sub(tw + 6), (py as u32).saturating_sub(3), &y_text, 1, INK);
+            draw_text(
+                &mut image,
+                LEFT.saturating_sub(tw + 6),
+                (py as u32).saturating_sub(3),
+                &y_text,
+                1,
+                INK,
+            );
         }
         // Axes.
         for xx in LEFT..WIDTH - RIGHT {
@@ -150,9 +185,23 @@ impl<'a> Plot<'a> {
             line(&mut image, a, b, LINE);
         }
         let tw = text_width(self.title, 2);
-        draw_text(&mut image, (WIDTH.saturating_sub(tw)) / 2, 10, self.title, 2, INK);
+        draw_text(
+            &mut image,
+            (WIDTH.saturating_sub(tw)) / 2,
+            10,
+            self.title,
+            2,
+            INK,
+        );
         let tw = text_width(self.x_label, 1);
-        draw_text(&mut image, (WIDTH.saturating_sub(tw)) / 2, HEIGHT - 22, self.x_label, 1, INK);
+        draw_text(
+            &mut image,
+            (WIDTH.saturating_sub(tw)) / 2,
+            HEIGHT - 22,
+            self.x_label,
+            1,
+            INK,
+        );
         draw_text(&mut image, 4, TOP - 14, self.y_label, 1, INK);
         image
     }

@@ -27,9 +27,11 @@ impl ProgressSink {
         let bar = self.bar.get_or_insert_with(|| {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
-                ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
-                    .expect("static progress template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                )
+                .expect("static progress template")
+                .progress_chars("=> "),
             );
             bar
         });
@@ -79,7 +81,9 @@ impl Sink for ProgressSink {
                     self.line(
                         done,
                         *n_batches,
-                        format!("{phase} epoch {epoch}: batch {done}/{n_batches} loss {smooth_loss:.4}"),
+                        format!(
+                            "{phase} epoch {epoch}: batch {done}/{n_batches} loss {smooth_loss:.4}"
+                        ),
                     );
                 }
             }

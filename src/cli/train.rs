@@ -12,11 +12,13 @@ use multilabel_data::{
     DatasetConfig, IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, SplitConfig, TransformConfig,
     default_cache_dir, download_pascal_2007,
 };
-use multilabel_resnet::{Arch, DEFAULT_HUB_REPO, ResNet, ResNetConfig, WeightsSource, load_pretrained};
+use multilabel_resnet::{
+    Arch, DEFAULT_HUB_REPO, ResNet, ResNetConfig, WeightsSource, load_pretrained,
+};
 use multilabel_train::metrics::{best_threshold, default_thresholds, threshold_sweep};
 use multilabel_train::{
-    AdamConfig, EpochTable, EventsJsonl, FineTune, HistoryCsv, Learner, LearnerConfig, LrFindConfig,
-    ModelMeta, RunDir,
+    AdamConfig, EpochTable, EventsJsonl, FineTune, HistoryCsv, Learner, LearnerConfig,
+    LrFindConfig, ModelMeta, RunDir,
 };
 use serde::{Deserialize, Serialize};
 
@@ -83,6 +85,9 @@ pub struct TrainArgs {
     /// Continue an interrupted run from its folder, with its saved settings
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Act as if Ctrl-C came after this many optimizer steps (for tests of --resume)
+    #[arg(long, hide = true, value_name = "N")]
+    pub stop_after_steps: Option<u64>,
 }
 
 /// The resolved settings of a training run, saved as `config.json` so that
@@ -117,7 +122,10 @@ impl TrainArgs {
             bail!("--bs must be at least 1");
         }
         if self.size < 32 {
-            bail!("--size {} is too small: the network downsamples by 32", self.size);
+            bail!(
+                "--size {} is too small: the network downsamples by 32",
+                self.size
+            );
         }
         if !(self.min_scale > 0.0 && self.min_scale <= 1.0) {
             bail!("--min-scale must be in (0, 1], got {}", self.min_scale);
@@ -189,8 +197,8 @@ pub fn check_thresh(thresh: f32) -> anyhow::Result<()> {
 
 /// The weights flag as a source.
 fn weights_source(spec: &str, offline: bool) -> WeightsSource {
-    let offline = offline
-        || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let offline =
+        offline || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
     if spec.eq_ignore_ascii_case("none") {
         WeightsSource::None
     } else if Path::new(spec).exists() || spec.ends_with(".safetensors") {
@@ -208,13 +216,16 @@ pub struct Session {
     pub learner: Learner,
     pub vocab: Vec<String>,
     pub config: TrainConfig,
-    pub device: Device,
 }
 
 /// Builds data, model and Learner; downloads the dataset if the default one
 /// is absent. Loads pretrained weights unless `load_weights` is false (a
 /// resumed run loads its own).
-pub fn build_session(config: &TrainConfig, device: &Device, load_weights: bool) -> anyhow::Result<Session> {
+pub fn build_session(
+    config: &TrainConfig,
+    device: &Device,
+    load_weights: bool,
+) -> anyhow::Result<Session> {
     let mut config = config.clone();
     ensure_dataset(&config.data.root)?;
     let data = load_dataset(&config.data)?;
@@ -281,7 +292,6 @@ pub fn build_session(config: &TrainConfig, device: &Device, load_weights: bool) 
         learner,
         vocab,
         config,
-        device: device.clone(),
     })
 }
 
@@ -301,8 +311,7 @@ fn ensure_dataset(root: &Path) -> anyhow::Result<()> {
     }
     eprintln!("PASCAL 2007 is not in {}: downloading it", root.display());
     let cache = root.parent().unwrap_or(Path::new("."));
-    let mut progress = super::data::DownloadProgress::default();
-    download_pascal_2007(cache, &mut |event| progress.on_event(event)).with_context(|| {
+    download_pascal_2007(cache, &mut super::data::render_download_event()).with_context(|| {
         format!(
             "downloading PASCAL 2007 into {}; without network, unpack a copy of pascal_2007.tgz \
              there (or anywhere, and pass --data DIR)",
@@ -364,9 +373,53 @@ fn format_utc(secs: u64) -> String {
     )
 }
 
+/// Raises the cancel flag after a number of optimizer steps, as a Ctrl-C would.
+struct StopAfter {
+    remaining: u64,
+    flag: Arc<AtomicBool>,
+}
+
+impl multilabel_train::Sink for StopAfter {
+    fn on_event(&mut self, event: &multilabel_train::Event) -> multilabel_train::Result<()> {
+        if let multilabel_train::Event::BatchEnd { .. } = event {
+            self.remaining = self.remaining.saturating_sub(1);
+            if self.remaining == 0 {
+                self.flag.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a run folder this command created if the command fails before
+/// training writes anything into it, so a failed start leaves nothing behind.
+struct NewRunGuard {
+    path: Option<PathBuf>,
+}
+
+impl NewRunGuard {
+    fn keep(&mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for NewRunGuard {
+    fn drop(&mut self) {
+        if let Some(path) = &self.path {
+            // Only the files written before training started, then the
+            // folder if that left it empty: nothing else is ever removed.
+            for file in ["config.json", "history.csv", "events.jsonl"] {
+                let _ = std::fs::remove_file(path.join(file));
+            }
+            let _ = std::fs::remove_dir(path);
+        }
+    }
+}
+
 /// `multilabel train`.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let (config, run, resuming) = match &args.resume {
+    let resuming = args.resume.is_some();
+    let (config, run, existed) = match &args.resume {
         Some(dir) => {
             let run = RunDir::open(dir).with_context(|| format!("--resume {}", dir.display()))?;
             let config: TrainConfig = run
@@ -376,17 +429,24 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         None => {
             let config = args.plan()?;
-            let path = args.run.clone().unwrap_or_else(|| new_run_path(config.model.arch.name()));
+            let path = args
+                .run
+                .clone()
+                .unwrap_or_else(|| new_run_path(config.model.arch.name()));
             if path.join("model.json").exists() || path.join("state.safetensors").exists() {
                 bail!(
                     "{} already holds a run; pick another --run, or continue it with --resume",
                     path.display()
                 );
             }
+            let existed = path.exists();
             let run = RunDir::create(&path)
                 .with_context(|| format!("creating the run folder {}", path.display()))?;
-            (config, run, false)
+            (config, run, existed)
         }
+    };
+    let mut guard = NewRunGuard {
+        path: (!existed).then(|| run.path().to_path_buf()),
     };
     let device = parse_device(&args.device)?;
     let mut session = build_session(&config, &device, !resuming)?;
@@ -411,10 +471,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if resuming {
         let state = learner.resume_from(&run)?;
         if state.finished {
-            bail!("{} already finished training; nothing to resume", run.path().display());
+            bail!(
+                "{} already finished training; nothing to resume",
+                run.path().display()
+            );
         }
         // Rows written after the checkpoint are replayed by the resumed run.
-        history.retain(|phase, epoch| state.keeps_epoch(phase, epoch));
+        let fit_of = |phase: &str| usize::from(phase != "frozen" && config.freeze_epochs > 0);
+        history.retain(|phase, epoch| {
+            let fit = fit_of(phase);
+            fit < state.fit || (fit == state.fit && epoch < state.epoch)
+        });
         events = EventsJsonl::open(run.events_path())?;
         eprintln!(
             "resuming at fit {}, epoch {}, batch {}",
@@ -424,14 +491,20 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     learner.add_sink(Box::new(history));
     learner.add_sink(Box::new(events));
     learner.set_run(run.clone());
-    learner.set_cancel_flag(cancel_flag());
+    let cancel = cancel_flag();
+    if let Some(steps) = args.stop_after_steps {
+        learner.add_sink(Box::new(StopAfter {
+            remaining: steps,
+            flag: cancel.clone(),
+        }));
+    }
+    learner.set_cancel_flag(cancel);
 
     let plan = FineTune {
-        epochs: config.epochs,
-        base_lr: config.base_lr,
         freeze_epochs: config.freeze_epochs,
-        ..FineTune::default()
+        ..FineTune::new(config.epochs, config.base_lr)
     };
+    guard.keep();
     learner.fine_tune(&plan)?;
 
     let preds = learner.get_preds()?;
@@ -456,8 +529,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "best threshold {:.4}: accuracy_multi {:.6} (at {}: see the table above)",
         best.thresh, best.accuracy_multi, config.metric_thresh
     );
-    println!("run saved in {} (sweep plot: {})", run.path().display(), plot_path.display());
-    println!("evaluate it with: multilabel eval --run {} --thresh {:.2}", run.path().display(), best.thresh);
+    println!(
+        "run saved in {} (sweep plot: {})",
+        run.path().display(),
+        plot_path.display()
+    );
+    println!(
+        "evaluate it with: multilabel eval --run {} --thresh {:.2}",
+        run.path().display(),
+        best.thresh
+    );
     Ok(())
 }
 
@@ -484,7 +565,11 @@ pub struct LrFindArgs {
 pub fn lr_find(args: LrFindArgs) -> anyhow::Result<()> {
     let config = args.train.plan()?;
     if !(args.start_lr > 0.0 && args.end_lr > args.start_lr) {
-        bail!("need 0 < --start-lr < --end-lr, got {} and {}", args.start_lr, args.end_lr);
+        bail!(
+            "need 0 < --start-lr < --end-lr, got {} and {}",
+            args.start_lr,
+            args.end_lr
+        );
     }
     if args.num_it < 2 {
         bail!("--num-it must be at least 2");
@@ -517,7 +602,13 @@ pub fn lr_find(args: LrFindArgs) -> anyhow::Result<()> {
 }
 
 /// The flags `demo` passes to `train` (a narrow ResNet from scratch on synthetic data).
-pub fn demo_train_args(data: PathBuf, run: PathBuf, epochs: usize, size: usize, seed: u64) -> TrainArgs {
+pub fn demo_train_args(
+    data: PathBuf,
+    run: PathBuf,
+    epochs: usize,
+    size: usize,
+    seed: u64,
+) -> TrainArgs {
     TrainArgs {
         data: Some(data),
         arch: "resnet18".into(),
@@ -537,6 +628,7 @@ pub fn demo_train_args(data: PathBuf, run: PathBuf, epochs: usize, size: usize, 
         valid_pct: None,
         run: Some(run),
         resume: None,
+        stop_after_steps: None,
     }
 }
 

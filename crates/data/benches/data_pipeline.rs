@@ -45,7 +45,10 @@ fn main() {
 
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("decode + augment + batch at 128 px, batch {BATCH}, {all} hardware threads");
-    println!("{:<34} {:>7} {:>6} {:>7} {:>10}", "set", "images", "aug", "threads", "images/s");
+    println!(
+        "{:<34} {:>7} {:>6} {:>7} {:>10}",
+        "set", "images", "aug", "threads", "images/s"
+    );
     let mut sets = vec![
         ("synthetic 96-224 px".to_string(), small_items),
         ("synthetic at 500x375".to_string(), large_items),
@@ -91,10 +94,17 @@ fn upscale(items: &[Item], dir: &Path, width: u32, height: u32) -> Vec<Item> {
         .enumerate()
         .map(|(i, item)| {
             let image = decode_rgb(&item.path).unwrap();
-            let big = image::imageops::resize(&image, width, height, image::imageops::FilterType::Triangle);
+            let big = image::imageops::resize(
+                &image,
+                width,
+                height,
+                image::imageops::FilterType::Triangle,
+            );
             let path = dir.join(format!("{i:06}.jpg"));
             let mut bytes = Vec::new();
-            JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&big).unwrap();
+            JpegEncoder::new_with_quality(&mut bytes, 90)
+                .encode_image(&big)
+                .unwrap();
             std::fs::write(&path, bytes).unwrap();
             Item {
                 path,
@@ -106,7 +116,11 @@ fn upscale(items: &[Item], dir: &Path, width: u32, height: u32) -> Vec<Item> {
 
 /// Best of three epochs, counting only images that reach a batch.
 fn images_per_second(items: &[Item], augment: Augment, threads: usize) -> f64 {
-    let n_classes = items.iter().flat_map(|i| i.labels.iter().copied()).max().map_or(1, |m| m + 1);
+    let n_classes = items
+        .iter()
+        .flat_map(|i| i.labels.iter().copied())
+        .max()
+        .map_or(1, |m| m + 1);
     let cfg = LoaderConfig {
         batch_size: BATCH,
         shuffle: augment == Augment::Train,
@@ -116,7 +130,13 @@ fn images_per_second(items: &[Item], augment: Augment, threads: usize) -> f64 {
         threads: Some(threads),
         prefetch: 2,
     };
-    let loader = Loader::new(items.to_vec(), n_classes, TransformConfig::default(), cfg, Device::Cpu);
+    let loader = Loader::new(
+        items.to_vec(),
+        n_classes,
+        TransformConfig::default(),
+        cfg,
+        Device::Cpu,
+    );
     let mut best = 0f64;
     for epoch in 0..3 {
         let start = Instant::now();

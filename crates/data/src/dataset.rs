@@ -260,13 +260,11 @@ fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
         .collect::<Vec<_>>()
         .join(", ");
     let column = |name: &str| -> Result<Vec<Option<String>>, DataError> {
-        let col = frame
-            .column(name)
-            .map_err(|_| DataError::MissingColumn {
-                path: csv.to_path_buf(),
-                column: name.to_string(),
-                found: found.clone(),
-            })?;
+        let col = frame.column(name).map_err(|_| DataError::MissingColumn {
+            path: csv.to_path_buf(),
+            column: name.to_string(),
+            found: found.clone(),
+        })?;
         let text = col.str().map_err(|err| DataError::CsvParse {
             path: csv.to_path_buf(),
             message: err.to_string(),

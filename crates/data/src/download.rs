@@ -32,13 +32,27 @@ pub const VERIFIED_MARKER: &str = ".multilabel-verified";
 #[derive(Debug, Clone, PartialEq)]
 pub enum DownloadEvent {
     /// A verified copy is already at `path`; nothing was fetched.
-    AlreadyPresent { path: PathBuf },
-    Started { url: String, total: u64 },
-    Downloaded { done: u64, total: u64 },
+    AlreadyPresent {
+        path: PathBuf,
+    },
+    Started {
+        url: String,
+        total: u64,
+    },
+    Downloaded {
+        done: u64,
+        total: u64,
+    },
     /// Size and md5 match; extraction starts.
-    Verified { md5: String },
-    Extracting { entries: u64 },
-    Finished { path: PathBuf },
+    Verified {
+        md5: String,
+    },
+    Extracting {
+        entries: u64,
+    },
+    Finished {
+        path: PathBuf,
+    },
 }
 
 /// Where datasets go by default: `$MULTILABEL_DATA`, else `data`.
@@ -93,7 +107,10 @@ pub fn download_archive(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| {
-            DataError::Config(format!("{}: destination has no folder name", dest.display()))
+            DataError::Config(format!(
+                "{}: destination has no folder name",
+                dest.display()
+            ))
         })?;
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -24,14 +24,18 @@ pub enum DataError {
     #[error("{path}: cannot parse the CSV file ({message})")]
     CsvParse { path: PathBuf, message: String },
 
-    #[error("{path}: column `{column}` is missing (columns found: {found}); rename it or configure the column name")]
+    #[error(
+        "{path}: column `{column}` is missing (columns found: {found}); rename it or configure the column name"
+    )]
     MissingColumn {
         path: PathBuf,
         column: String,
         found: String,
     },
 
-    #[error("{path}: row {row}, column `{column}`: `{value}` is not a boolean; use True/False, true/false or 1/0")]
+    #[error(
+        "{path}: row {row}, column `{column}`: `{value}` is not a boolean; use True/False, true/false or 1/0"
+    )]
     BadBool {
         path: PathBuf,
         row: usize,
@@ -46,7 +50,9 @@ pub enum DataError {
         column: String,
     },
 
-    #[error("{path}: row {row}, column `{column}`: `{name}` is absolute or leaves the image folder; use a path relative to it without `..`")]
+    #[error(
+        "{path}: row {row}, column `{column}`: `{name}` is absolute or leaves the image folder; use a path relative to it without `..`"
+    )]
     UnsafeFileName {
         path: PathBuf,
         row: usize,
@@ -61,7 +67,9 @@ pub enum DataError {
         first: String,
     },
 
-    #[error("{path}: row {row}, column `{column}`: validation label `{label}` does not occur in the training rows; fix the label or build the vocab from all rows")]
+    #[error(
+        "{path}: row {row}, column `{column}`: validation label `{label}` does not occur in the training rows; fix the label or build the vocab from all rows"
+    )]
     UnknownLabel {
         path: PathBuf,
         row: usize,
@@ -78,7 +86,9 @@ pub enum DataError {
     #[error("{path}: the image file is empty")]
     EmptyImage { path: PathBuf },
 
-    #[error("{path}: cannot decode the image ({message}); replace the file or enable skip_bad_images")]
+    #[error(
+        "{path}: cannot decode the image ({message}); replace the file or enable skip_bad_images"
+    )]
     Decode { path: PathBuf, message: String },
 
     #[error("{path}: the image is too large to decode safely ({message})")]
@@ -100,7 +110,9 @@ pub enum DataError {
     #[error("{url}: download failed ({message}); check the connection and retry")]
     Download { url: String, message: String },
 
-    #[error("{url}: expected {expected} bytes but received {actual}; the download was cut short or the file changed, retry")]
+    #[error(
+        "{url}: expected {expected} bytes but received {actual}; the download was cut short or the file changed, retry"
+    )]
     SizeMismatch {
         url: String,
         expected: u64,
@@ -114,13 +126,17 @@ pub enum DataError {
         actual: String,
     },
 
-    #[error("{archive}: entry `{entry}` would be written outside the destination folder; refusing to extract it")]
+    #[error(
+        "{archive}: entry `{entry}` would be written outside the destination folder; refusing to extract it"
+    )]
     UnsafeArchiveEntry { archive: PathBuf, entry: String },
 
     #[error("{archive}: cannot extract the archive ({message})")]
     Extract { archive: PathBuf, message: String },
 
-    #[error("{path}: already exists but is not a verified copy of the archive; remove it or choose another destination")]
+    #[error(
+        "{path}: already exists but is not a verified copy of the archive; remove it or choose another destination"
+    )]
     DestinationExists { path: PathBuf },
 }
 

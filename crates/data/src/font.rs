@@ -4,21 +4,21 @@
 use image::RgbImage;
 
 pub(crate) const GLYPH_WIDTH: u32 = 5;
-pub(crate) const GLYPH_HEIGHT: u32 = 7;
+pub const GLYPH_HEIGHT: u32 = 7;
 /// Horizontal distance between the starts of two characters.
 pub(crate) const ADVANCE: u32 = GLYPH_WIDTH + 1;
 /// Vertical distance between two lines of text.
-pub(crate) const LINE_HEIGHT: u32 = GLYPH_HEIGHT + 3;
+pub const LINE_HEIGHT: u32 = GLYPH_HEIGHT + 3;
 
 /// Width in pixels of `text` drawn at `scale`.
-pub(crate) fn text_width(text: &str, scale: u32) -> u32 {
+pub fn text_width(text: &str, scale: u32) -> u32 {
     let n = text.chars().count() as u32;
     if n == 0 { 0 } else { (n * ADVANCE - 1) * scale }
 }
 
 /// Draws `text` with its top-left corner at `(x, y)`, each font pixel a
 /// `scale` × `scale` square; ink outside the image is clipped.
-pub(crate) fn draw_text(image: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, colour: [u8; 3]) {
+pub fn draw_text(image: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, colour: [u8; 3]) {
     for (i, c) in text.chars().enumerate() {
         let left = x + i as u32 * ADVANCE * scale;
         for (row, bits) in glyph(c).iter().enumerate() {
@@ -49,7 +49,9 @@ pub(crate) fn glyph(c: char) -> &'static [&'static str; 7] {
         .unwrap_or(&UNKNOWN)
 }
 
-const UNKNOWN: [&str; 7] = ["#####", "#...#", "#...#", "#...#", "#...#", "#...#", "#####"];
+const UNKNOWN: [&str; 7] = [
+    "#####", "#...#", "#...#", "#...#", "#...#", "#...#", "#####",
+];
 
 #[rustfmt::skip]
 pub(crate) const GLYPHS: &[(char, [&str; 7])] = &[
@@ -60,7 +62,7 @@ pub(crate) const GLYPHS: &[(char, [&str; 7])] = &[
     ('d', ["....#", "....#", ".##.#", "#..##", "#...#", "#...#", ".####"]),
     ('e', [".....", ".....", ".###.", "#...#", "#####", "#....", ".###."]),
     ('f', ["..##.", ".#..#", ".#...", "###..", ".#...", ".#...", ".#..."]),
-    ('g', [".....", ".####", "#...#", "#...#", ".####", "....#", ".###."]),
+    ('g', [".....", ".....", ".####", "#...#", ".####", "....#", ".###."]),
     ('h', ["#....", "#....", "#.##.", "##..#", "#...#", "#...#", "#...#"]),
     ('i', ["..#..", ".....", ".##..", "..#..", "..#..", "..#..", ".###."]),
     ('j', ["...#.", ".....", "..##.", "...#.", "...#.", "#..#.", ".##.."]),
@@ -69,8 +71,8 @@ pub(crate) const GLYPHS: &[(char, [&str; 7])] = &[
     ('m', [".....", ".....", "##.#.", "#.#.#", "#.#.#", "#...#", "#...#"]),
     ('n', [".....", ".....", "#.##.", "##..#", "#...#", "#...#", "#...#"]),
     ('o', [".....", ".....", ".###.", "#...#", "#...#", "#...#", ".###."]),
-    ('p', [".....", "####.", "#...#", "#...#", "####.", "#....", "#...."]),
-    ('q', [".....", ".####", "#...#", "#...#", ".####", "....#", "....#"]),
+    ('p', [".....", ".....", "####.", "#...#", "####.", "#....", "#...."]),
+    ('q', [".....", ".....", ".####", "#...#", ".####", "....#", "....#"]),
     ('r', [".....", ".....", "#.##.", "##..#", "#....", "#....", "#...."]),
     ('s', [".....", ".....", ".####", "#....", ".###.", "....#", "####."]),
     ('t', [".#...", ".#...", "###..", ".#...", ".#...", ".#..#", "..##."]),
@@ -78,7 +80,7 @@ pub(crate) const GLYPHS: &[(char, [&str; 7])] = &[
     ('v', [".....", ".....", "#...#", "#...#", "#...#", ".#.#.", "..#.."]),
     ('w', [".....", ".....", "#...#", "#...#", "#.#.#", "#.#.#", ".#.#."]),
     ('x', [".....", ".....", "#...#", ".#.#.", "..#..", ".#.#.", "#...#"]),
-    ('y', [".....", "#...#", "#...#", "#...#", ".####", "....#", ".###."]),
+    ('y', [".....", ".....", "#...#", "#...#", ".####", "....#", ".###."]),
     ('z', [".....", ".....", "#####", "...#.", "..#..", ".#...", "#####"]),
     ('A', [".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"]),
     ('B', ["####.", "#...#", "#...#", "####.", "#...#", "#...#", "####."]),
@@ -172,7 +174,12 @@ mod tests {
     fn draw_text_inks_exactly_the_glyph_pixels() {
         let mut image = RgbImage::new(40, 20);
         draw_text(&mut image, 1, 2, "ab", 2, [255, 0, 0]);
-        let ink = |c: char| glyph(c).iter().map(|r| r.matches('#').count()).sum::<usize>();
+        let ink = |c: char| {
+            glyph(c)
+                .iter()
+                .map(|r| r.matches('#').count())
+                .sum::<usize>()
+        };
         let lit = image.pixels().filter(|p| p.0 == [255, 0, 0]).count();
         assert_eq!(lit, 4 * (ink('a') + ink('b')));
         // 'b' starts one advance (6 font pixels, 12 image pixels) after 'a';

@@ -51,7 +51,7 @@ mod dataset;
 mod decode;
 mod download;
 mod error;
-mod font;
+pub mod font;
 mod loader;
 pub mod resize;
 mod show;

@@ -12,10 +12,10 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::DataError;
 use crate::dataset::Item;
 use crate::decode::decode_rgb;
 use crate::transform::{Augment, TransformConfig, normalize_into, transform_image};
-use crate::DataError;
 
 /// How a [`Loader`] groups, orders and augments items.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,7 +125,11 @@ impl Loader {
     pub fn n_batches(&self) -> usize {
         let bs = self.cfg.batch_size.max(1);
         let n = self.items.len();
-        if self.cfg.drop_last { n / bs } else { n.div_ceil(bs) }
+        if self.cfg.drop_last {
+            n / bs
+        } else {
+            n.div_ceil(bs)
+        }
     }
 
     /// Items in the loader (some may be dropped each epoch by `drop_last`).

@@ -187,8 +187,7 @@ fn triangle(x: f64) -> f64 {
 fn horizontal_row(row: &[u8], coefficients: &Coefficients, out: &mut [u8]) {
     for (xx, pixel) in out.chunks_exact_mut(3).enumerate() {
         let (min, len) = coefficients.bounds[xx];
-        let weights =
-            &coefficients.weights[xx * coefficients.ksize..xx * coefficients.ksize + len];
+        let weights = &coefficients.weights[xx * coefficients.ksize..xx * coefficients.ksize + len];
         let mut sums = [1i32 << (PRECISION_BITS - 1); 3];
         for (k, &w) in weights.iter().enumerate() {
             let p = (min + k) * 3;

@@ -6,10 +6,10 @@ use candle_core::{DType, Device};
 use image::{ImageFormat, RgbImage};
 use serde::{Deserialize, Serialize};
 
+use crate::DataError;
 use crate::font::{LINE_HEIGHT, draw_text, text_width};
 use crate::loader::Batch;
 use crate::synth::write_atomically;
-use crate::DataError;
 
 /// Layout of a [`show_batch`] grid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

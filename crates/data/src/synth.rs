@@ -98,7 +98,11 @@ pub fn synth(cfg: &SynthConfig) -> Result<SynthSummary, DataError> {
         }
         n_empty += usize::from(classes.is_empty());
         let valid = if index < cfg.n_train { "False" } else { "True" };
-        csv.push_str(&format!("{},{},{valid}\n", file_name(index), names.join(" ")));
+        csv.push_str(&format!(
+            "{},{},{valid}\n",
+            file_name(index),
+            names.join(" ")
+        ));
     }
     let csv_path = cfg.out.join("train.csv");
     write_atomically(&csv_path, csv.as_bytes())?;
@@ -149,9 +153,7 @@ const SHAPES: [Shape; 10] = [
     Shape {
         name: "cross",
         colour: [240, 220, 40],
-        inside: |u, v| {
-            (u.abs() <= 0.25 && v.abs() <= 0.95) || (v.abs() <= 0.25 && u.abs() <= 0.95)
-        },
+        inside: |u, v| (u.abs() <= 0.25 && v.abs() <= 0.95) || (v.abs() <= 0.25 && u.abs() <= 0.95),
     },
     Shape {
         name: "ring",
@@ -181,7 +183,9 @@ const SHAPES: [Shape; 10] = [
     Shape {
         name: "xmark",
         colour: [20, 20, 20],
-        inside: |u, v| u.abs().max(v.abs()) <= 0.9 && ((u - v).abs() <= 0.3 || (u + v).abs() <= 0.3),
+        inside: |u, v| {
+            u.abs().max(v.abs()) <= 0.9 && ((u - v).abs() <= 0.3 || (u + v).abs() <= 0.3)
+        },
     },
 ];
 
@@ -254,8 +258,9 @@ fn draw_shape(
     }
     placed.push(spot);
     let (cx, cy, radius) = spot;
-    let colour: [u8; 3] =
-        std::array::from_fn(|c| (shape.colour[c] as i32 + rng.random_range(-15..=15)).clamp(0, 255) as u8);
+    let colour: [u8; 3] = std::array::from_fn(|c| {
+        (shape.colour[c] as i32 + rng.random_range(-15..=15)).clamp(0, 255) as u8
+    });
     let x0 = (cx - radius).floor().max(0.0) as u32;
     let x1 = ((cx + radius).ceil() as u32).min(image.width());
     let y0 = (cy - radius).floor().max(0.0) as u32;

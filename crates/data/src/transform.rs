@@ -63,7 +63,11 @@ impl TransformConfig {
                 self.min_scale
             )));
         }
-        if self.std.iter().any(|&s| s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
+        if self
+            .std
+            .iter()
+            .any(|&s| s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater))
+        {
             return Err(DataError::Config(format!(
                 "normalization std must be positive, got {:?}",
                 self.std

@@ -42,7 +42,8 @@ fn reads_fastai_layout_with_sorted_training_vocab() {
 
 #[test]
 fn accepts_every_boolean_spelling() {
-    let csv = "fname,labels,is_valid\na.png,x,true\nb.png,x,0\nc.png,x,1\nd.png,x,False\ne.png,x,TRUE\n";
+    let csv =
+        "fname,labels,is_valid\na.png,x,true\nb.png,x,0\nc.png,x,1\nd.png,x,False\ne.png,x,TRUE\n";
     let data = load(csv, IMAGES).unwrap();
     assert_eq!(data.train().len(), 2);
     assert_eq!(data.valid().len(), 3);
@@ -57,7 +58,10 @@ fn bad_boolean_names_file_row_and_column() {
         "{err:?}"
     );
     let message = err.to_string();
-    assert!(message.contains("train.csv") && message.contains("row 2"), "{message}");
+    assert!(
+        message.contains("train.csv") && message.contains("row 2"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -77,7 +81,10 @@ fn missing_and_empty_csv_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let err = Dataset::load(&DatasetConfig::new(dir.path())).unwrap_err();
     assert!(matches!(err, DataError::CsvMissing { .. }), "{err:?}");
-    assert!(matches!(load("", IMAGES).unwrap_err(), DataError::EmptyCsv { .. }));
+    assert!(matches!(
+        load("", IMAGES).unwrap_err(),
+        DataError::EmptyCsv { .. }
+    ));
     assert!(matches!(
         load("fname,labels,is_valid\n", IMAGES).unwrap_err(),
         DataError::EmptyCsv { .. }
@@ -199,7 +206,10 @@ fn skip_bad_images_drops_and_reports_them() {
     let skipped: Vec<_> = data.skipped().iter().map(|s| s.path.clone()).collect();
     assert_eq!(
         skipped,
-        [dir.path().join("train/b.png"), dir.path().join("train/d.png")]
+        [
+            dir.path().join("train/b.png"),
+            dir.path().join("train/d.png")
+        ]
     );
     assert!(data.skipped()[0].reason.contains("empty"));
 }

@@ -9,14 +9,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use md5::{Digest, Md5};
-use multilabel_data::{DataError, DownloadEvent, VERIFIED_MARKER, default_cache_dir, download_archive};
+use multilabel_data::{
+    DataError, DownloadEvent, VERIFIED_MARKER, default_cache_dir, download_archive,
+};
 
 /// What the server answers for a path.
 #[derive(Clone)]
 enum Reply {
     Body(Vec<u8>),
     /// Announces the full length, sends `sent` bytes, then hangs up.
-    CutOff { body: Vec<u8>, sent: usize },
+    CutOff {
+        body: Vec<u8>,
+        sent: usize,
+    },
 }
 
 struct Server {
@@ -42,10 +47,14 @@ fn serve(routes: HashMap<&'static str, Reply>) -> Server {
             let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
             let (status, length, body) = match routes.get(path.as_str()) {
                 Some(Reply::Body(body)) => ("200 OK", body.len(), body.clone()),
-                Some(Reply::CutOff { body, sent }) => ("200 OK", body.len(), body[..*sent].to_vec()),
+                Some(Reply::CutOff { body, sent }) => {
+                    ("200 OK", body.len(), body[..*sent].to_vec())
+                }
                 None => ("404 Not Found", 0, Vec::new()),
             };
-            let head = format!("HTTP/1.1 {status}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n");
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+            );
             let _ = stream.write_all(head.as_bytes());
             let _ = stream.write_all(&body);
         }
@@ -89,7 +98,10 @@ fn tgz(files: &[(&str, &[u8])], symlinks: &[(&str, &str)]) -> Vec<u8> {
 fn good_archive() -> Vec<u8> {
     tgz(
         &[
-            ("pascal/train.csv", b"fname,labels,is_valid\nx.jpg,cat,False\n"),
+            (
+                "pascal/train.csv",
+                b"fname,labels,is_valid\nx.jpg,cat,False\n",
+            ),
             ("pascal/train/x.jpg", b"not really a jpeg"),
         ],
         &[],
@@ -99,7 +111,10 @@ fn good_archive() -> Vec<u8> {
 /// Names in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
@@ -115,7 +130,10 @@ fn good_archive_is_verified_extracted_and_then_left_alone() {
     let md5 = md5_hex(&archive);
 
     let mut events = Vec::new();
-    let path = download_archive(&url, archive.len() as u64, &md5, &dest, &mut |e| events.push(e)).unwrap();
+    let path = download_archive(&url, archive.len() as u64, &md5, &dest, &mut |e| {
+        events.push(e)
+    })
+    .unwrap();
     assert_eq!(path, dest);
     // The single top-level folder of the archive became `dest`.
     assert_eq!(
@@ -123,21 +141,37 @@ fn good_archive_is_verified_extracted_and_then_left_alone() {
         "fname,labels,is_valid\nx.jpg,cat,False\n"
     );
     assert!(dest.join("train/x.jpg").is_file());
-    assert_eq!(std::fs::read_to_string(dest.join(VERIFIED_MARKER)).unwrap().trim(), md5);
+    assert_eq!(
+        std::fs::read_to_string(dest.join(VERIFIED_MARKER))
+            .unwrap()
+            .trim(),
+        md5
+    );
     // No temporary files are left beside it.
     assert_eq!(listing(cache.path()), ["pascal_2007"]);
 
-    assert!(matches!(&events[0], DownloadEvent::Started { total, .. } if *total == archive.len() as u64));
+    assert!(
+        matches!(&events[0], DownloadEvent::Started { total, .. } if *total == archive.len() as u64)
+    );
     assert!(events.iter().any(|e| matches!(e,
         DownloadEvent::Downloaded { done, total } if done == total)));
     assert!(events.contains(&DownloadEvent::Verified { md5: md5.clone() }));
     assert!(events.contains(&DownloadEvent::Extracting { entries: 2 }));
-    assert_eq!(events.last(), Some(&DownloadEvent::Finished { path: dest.clone() }));
+    assert_eq!(
+        events.last(),
+        Some(&DownloadEvent::Finished { path: dest.clone() })
+    );
 
     // A second call finds the verified copy and does not download.
     let mut again = Vec::new();
-    download_archive(&url, archive.len() as u64, &md5, &dest, &mut |e| again.push(e)).unwrap();
-    assert_eq!(again, [DownloadEvent::AlreadyPresent { path: dest.clone() }]);
+    download_archive(&url, archive.len() as u64, &md5, &dest, &mut |e| {
+        again.push(e)
+    })
+    .unwrap();
+    assert_eq!(
+        again,
+        [DownloadEvent::AlreadyPresent { path: dest.clone() }]
+    );
     assert_eq!(server.requests.load(Ordering::SeqCst), 1);
 }
 
@@ -162,8 +196,14 @@ fn expect_failure(reply: Reply, size: u64, md5: &str) -> (DataError, tempfile::T
     let server = serve(HashMap::from([("/x.tgz", reply)]));
     let cache = tempfile::tempdir().unwrap();
     let dest = cache.path().join("x");
-    let err = download_archive(&format!("{}/x.tgz", server.base), size, md5, &dest, &mut |_| {})
-        .unwrap_err();
+    let err = download_archive(
+        &format!("{}/x.tgz", server.base),
+        size,
+        md5,
+        &dest,
+        &mut |_| {},
+    )
+    .unwrap_err();
     // Nothing is left behind: no destination, no partial download.
     assert_eq!(listing(cache.path()), Vec::<String>::new(), "{err}");
     (err, cache)
@@ -173,9 +213,15 @@ fn expect_failure(reply: Reply, size: u64, md5: &str) -> (DataError, tempfile::T
 fn truncated_download_is_a_size_error() {
     let archive = good_archive();
     let half = archive[..archive.len() / 2].to_vec();
-    let (err, _) = expect_failure(Reply::Body(half.clone()), archive.len() as u64, &md5_hex(&archive));
+    let (err, _) = expect_failure(
+        Reply::Body(half.clone()),
+        archive.len() as u64,
+        &md5_hex(&archive),
+    );
     match err {
-        DataError::SizeMismatch { expected, actual, .. } => {
+        DataError::SizeMismatch {
+            expected, actual, ..
+        } => {
             assert_eq!(expected, archive.len() as u64);
             assert_eq!(actual, half.len() as u64);
         }
@@ -192,7 +238,10 @@ fn connection_cut_mid_body_is_an_error() {
     };
     let (err, _) = expect_failure(reply, archive.len() as u64, &md5_hex(&archive));
     assert!(
-        matches!(err, DataError::Download { .. } | DataError::SizeMismatch { .. }),
+        matches!(
+            err,
+            DataError::Download { .. } | DataError::SizeMismatch { .. }
+        ),
         "{err:?}"
     );
 }
@@ -203,7 +252,9 @@ fn wrong_checksum_is_refused() {
     let wrong = "0123456789abcdef0123456789abcdef";
     let (err, _) = expect_failure(Reply::Body(archive.clone()), archive.len() as u64, wrong);
     match err {
-        DataError::ChecksumMismatch { expected, actual, .. } => {
+        DataError::ChecksumMismatch {
+            expected, actual, ..
+        } => {
             assert_eq!(expected, wrong);
             assert_eq!(actual, md5_hex(&archive));
         }
@@ -219,8 +270,15 @@ fn entries_escaping_the_destination_are_refused() {
         tgz(&[("ok/a.txt", b"a")], &[("ok/link", "../../..")]),
     ];
     for archive in cases {
-        let (err, cache) = expect_failure(Reply::Body(archive.clone()), archive.len() as u64, &md5_hex(&archive));
-        assert!(matches!(err, DataError::UnsafeArchiveEntry { .. }), "{err:?}");
+        let (err, cache) = expect_failure(
+            Reply::Body(archive.clone()),
+            archive.len() as u64,
+            &md5_hex(&archive),
+        );
+        assert!(
+            matches!(err, DataError::UnsafeArchiveEntry { .. }),
+            "{err:?}"
+        );
         assert!(!cache.path().parent().unwrap().join("evil.txt").exists());
     }
 }
@@ -233,11 +291,18 @@ fn unverified_destination_is_not_overwritten_and_404_is_an_error() {
     std::fs::create_dir(&dest).unwrap();
     let url = format!("{}/missing.tgz", server.base);
     let err = download_archive(&url, 10, "00", &dest, &mut |_| {}).unwrap_err();
-    assert!(matches!(err, DataError::DestinationExists { .. }), "{err:?}");
+    assert!(
+        matches!(err, DataError::DestinationExists { .. }),
+        "{err:?}"
+    );
     assert_eq!(server.requests.load(Ordering::SeqCst), 0);
 
-    let err = download_archive(&url, 10, "00", &cache.path().join("other"), &mut |_| {}).unwrap_err();
-    assert!(matches!(&err, DataError::Download { url: u, .. } if *u == url), "{err:?}");
+    let err =
+        download_archive(&url, 10, "00", &cache.path().join("other"), &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(&err, DataError::Download { url: u, .. } if *u == url),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::Device;
 use multilabel_data::{
-    Augment, Batch, DataError, Dataset, DatasetConfig, Item, Loader, LoaderConfig,
-    TransformConfig, load_image_for_eval,
+    Augment, Batch, DataError, Dataset, DatasetConfig, Item, Loader, LoaderConfig, TransformConfig,
+    load_image_for_eval,
 };
 
 const CSV: &str = "fname,labels,is_valid\n\
@@ -18,7 +18,9 @@ e.png,dog person,False\n\
 f.png,cat,True\n\
 g.png,dog,True\n\
 h.png,person cat,True\n";
-const IMAGES: &[&str] = &["a.png", "b.png", "c.png", "d.png", "e.png", "f.png", "g.png", "h.png"];
+const IMAGES: &[&str] = &[
+    "a.png", "b.png", "c.png", "d.png", "e.png", "f.png", "g.png", "h.png",
+];
 
 fn dataset() -> (tempfile::TempDir, Dataset) {
     let dir = tempfile::tempdir().unwrap();
@@ -45,7 +47,13 @@ fn flat(batch: &Batch) -> Vec<f32> {
 #[test]
 fn valid_loader_keeps_order_and_last_partial_batch() {
     let (_dir, data) = dataset();
-    let loader = Loader::new(data.valid().to_vec(), 3, small(), LoaderConfig::valid(2), Device::Cpu);
+    let loader = Loader::new(
+        data.valid().to_vec(),
+        3,
+        small(),
+        LoaderConfig::valid(2),
+        Device::Cpu,
+    );
     assert_eq!(loader.n_batches(), 2);
     assert_eq!(loader.n_items(), 3);
     let batches = collect(&loader, 0);
@@ -63,14 +71,27 @@ fn valid_loader_keeps_order_and_last_partial_batch() {
     // Each row is exactly what predict would see for that file.
     let eval = load_image_for_eval(&data.valid()[1].path, &small()).unwrap();
     let row = batches[0].images.get(1).unwrap();
-    let diff = (row - eval).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (row - eval)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(diff, 0.0);
 }
 
 #[test]
 fn train_loader_shuffles_per_epoch_and_drops_last() {
     let (_dir, data) = dataset();
-    let loader = Loader::new(data.train().to_vec(), 3, small(), LoaderConfig::train(2, 7), Device::Cpu);
+    let loader = Loader::new(
+        data.train().to_vec(),
+        3,
+        small(),
+        LoaderConfig::train(2, 7),
+        Device::Cpu,
+    );
     assert_eq!(loader.n_batches(), 2); // 5 items, batch 2, last dropped
     let epoch0 = collect(&loader, 0);
     assert_eq!(epoch0.len(), 2);
@@ -129,8 +150,13 @@ fn batches_do_not_depend_on_the_thread_count() {
 fn images_are_normalized_with_the_configured_statistics() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flat.png");
-    image::RgbImage::from_pixel(20, 10, image::Rgb([255, 0, 51])).save(&path).unwrap();
-    let items = vec![Item { path, labels: vec![] }];
+    image::RgbImage::from_pixel(20, 10, image::Rgb([255, 0, 51]))
+        .save(&path)
+        .unwrap();
+    let items = vec![Item {
+        path,
+        labels: vec![],
+    }];
     let t = TransformConfig {
         size: 8,
         mean: [0.5, 0.5, 0.5],
@@ -151,7 +177,13 @@ fn images_are_normalized_with_the_configured_statistics() {
 fn a_corrupt_image_ends_the_epoch_with_an_error_naming_it() {
     let (dir, data) = dataset();
     std::fs::write(dir.path().join("train/g.png"), b"\x89PNG broken").unwrap();
-    let loader = Loader::new(data.valid().to_vec(), 3, small(), LoaderConfig::valid(1), Device::Cpu);
+    let loader = Loader::new(
+        data.valid().to_vec(),
+        3,
+        small(),
+        LoaderConfig::valid(1),
+        Device::Cpu,
+    );
     let results: Vec<_> = loader.epoch(0).collect();
     assert_eq!(results.len(), 2);
     assert!(results[0].is_ok());
@@ -172,8 +204,17 @@ fn invalid_configuration_is_reported_by_the_epoch() {
     assert!(matches!(results[0], Err(DataError::Config(_))));
 
     // A label index beyond n_classes is caught too.
-    let loader = Loader::new(data.valid().to_vec(), 1, small(), LoaderConfig::valid(1), Device::Cpu);
-    assert!(matches!(loader.epoch(0).next(), Some(Err(DataError::Config(_)))));
+    let loader = Loader::new(
+        data.valid().to_vec(),
+        1,
+        small(),
+        LoaderConfig::valid(1),
+        Device::Cpu,
+    );
+    assert!(matches!(
+        loader.epoch(0).next(),
+        Some(Err(DataError::Config(_)))
+    ));
 }
 
 #[test]

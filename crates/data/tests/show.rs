@@ -2,7 +2,9 @@
 //! image.
 
 use candle_core::{Device, Tensor};
-use multilabel_data::{Batch, IMAGENET_MEAN, IMAGENET_STD, ShowBatchConfig, render_batch, show_batch};
+use multilabel_data::{
+    Batch, IMAGENET_MEAN, IMAGENET_STD, ShowBatchConfig, render_batch, show_batch,
+};
 
 /// Two 32 x 32 images: pure red and pure blue, normalized with ImageNet stats.
 fn batch() -> Batch {
@@ -58,8 +60,22 @@ fn grid_has_denormalized_images_and_captions() {
 #[test]
 fn different_labels_give_different_captions() {
     let cfg = ShowBatchConfig::default();
-    let a = render_batch(&batch(), &["cat".into(), "x".into(), "dog".into()], &IMAGENET_MEAN, &IMAGENET_STD, &cfg).unwrap();
-    let b = render_batch(&batch(), &["cow".into(), "x".into(), "dog".into()], &IMAGENET_MEAN, &IMAGENET_STD, &cfg).unwrap();
+    let a = render_batch(
+        &batch(),
+        &["cat".into(), "x".into(), "dog".into()],
+        &IMAGENET_MEAN,
+        &IMAGENET_STD,
+        &cfg,
+    )
+    .unwrap();
+    let b = render_batch(
+        &batch(),
+        &["cow".into(), "x".into(), "dog".into()],
+        &IMAGENET_MEAN,
+        &IMAGENET_STD,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(a.dimensions(), b.dimensions());
     assert_ne!(a, b);
 }
@@ -69,11 +85,23 @@ fn writes_a_png_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("grid.png");
     let vocab = ["a".to_string(), "b".to_string(), "c".to_string()];
-    show_batch(&batch(), &vocab, &IMAGENET_MEAN, &IMAGENET_STD, &ShowBatchConfig::default(), &out)
-        .unwrap();
+    show_batch(
+        &batch(),
+        &vocab,
+        &IMAGENET_MEAN,
+        &IMAGENET_STD,
+        &ShowBatchConfig::default(),
+        &out,
+    )
+    .unwrap();
     let back = image::open(&out).unwrap().to_rgb8();
-    let direct =
-        render_batch(&batch(), &vocab, &IMAGENET_MEAN, &IMAGENET_STD, &ShowBatchConfig::default())
-            .unwrap();
+    let direct = render_batch(
+        &batch(),
+        &vocab,
+        &IMAGENET_MEAN,
+        &IMAGENET_STD,
+        &ShowBatchConfig::default(),
+    )
+    .unwrap();
     assert_eq!(back, direct);
 }

@@ -46,7 +46,11 @@ fn writes_a_loadable_pascal_layout() {
         .collect();
     let ratios: Vec<f64> = sizes.iter().map(|(w, h)| *w as f64 / *h as f64).collect();
     assert!(ratios.iter().any(|&r| r < 0.8) && ratios.iter().any(|&r| r > 1.25));
-    assert!(sizes.iter().all(|&(w, h)| (96..=224).contains(&w) && (96..=224).contains(&h)));
+    assert!(
+        sizes
+            .iter()
+            .all(|&(w, h)| (96..=224).contains(&w) && (96..=224).contains(&h))
+    );
 }
 
 #[test]
@@ -59,8 +63,14 @@ fn same_seed_same_files_other_seed_other_files() {
     synth(&config(c.path(), 6)).unwrap();
     let read = |d: &std::path::Path, f: &str| std::fs::read(d.join(f)).unwrap();
     assert_eq!(read(a.path(), "train.csv"), read(b.path(), "train.csv"));
-    assert_eq!(read(a.path(), "train/000042.jpg"), read(b.path(), "train/000042.jpg"));
-    assert_ne!(read(a.path(), "train/000042.jpg"), read(c.path(), "train/000042.jpg"));
+    assert_eq!(
+        read(a.path(), "train/000042.jpg"),
+        read(b.path(), "train/000042.jpg")
+    );
+    assert_ne!(
+        read(a.path(), "train/000042.jpg"),
+        read(c.path(), "train/000042.jpg")
+    );
 }
 
 #[test]
@@ -89,7 +99,11 @@ fn labels_can_be_read_off_the_pixels_after_the_valid_transform() {
             other => panic!("unexpected class {other}"),
         })
         .collect();
-    let size = TransformConfig { size: 64, ..Default::default() }.size;
+    let size = TransformConfig {
+        size: 64,
+        ..Default::default()
+    }
+    .size;
     let (mut right, mut total) = (0, 0);
     for item in data.train() {
         let image = valid_image(&decode_rgb(&item.path).unwrap(), size);
@@ -110,7 +124,25 @@ fn labels_can_be_read_off_the_pixels_after_the_valid_transform() {
 #[test]
 fn rejects_impossible_configs() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(synth(&SynthConfig { classes: 0, ..config(dir.path(), 0) }).is_err());
-    assert!(synth(&SynthConfig { classes: 11, ..config(dir.path(), 0) }).is_err());
-    assert!(synth(&SynthConfig { n_train: 2, ..config(dir.path(), 0) }).is_err());
+    assert!(
+        synth(&SynthConfig {
+            classes: 0,
+            ..config(dir.path(), 0)
+        })
+        .is_err()
+    );
+    assert!(
+        synth(&SynthConfig {
+            classes: 11,
+            ..config(dir.path(), 0)
+        })
+        .is_err()
+    );
+    assert!(
+        synth(&SynthConfig {
+            n_train: 2,
+            ..config(dir.path(), 0)
+        })
+        .is_err()
+    );
 }

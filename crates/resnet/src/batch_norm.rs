@@ -87,15 +87,28 @@ impl BatchNorm {
 
     pub(crate) fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        // Batch statistics and their gradients are sums over up to millions
+        // of terms that partly cancel; like PyTorch's CPU kernels (which
+        // accumulate in double), compute them in f64 so the result does not
+        // depend on the summation order.
+        let compute = if train { DType::F64 } else { DType::F32 };
+        let x = x.to_dtype(compute)?;
         let channels = self.weight.dim(0)?;
         let (reduce, bshape): (Vec<usize>, Vec<usize>) = match x.rank() {
             2 => (vec![0], vec![1, channels]),
             4 => (vec![0, 2, 3], vec![1, channels, 1, 1]),
             rank => candle_core::bail!("batch-norm {}: expects rank 2 or 4, got {rank}", self.name),
         };
-        let weight = self.weight.as_tensor().reshape(bshape.as_slice())?;
-        let bias = self.bias.as_tensor().reshape(bshape.as_slice())?;
+        let weight = self
+            .weight
+            .as_tensor()
+            .to_dtype(compute)?
+            .reshape(bshape.as_slice())?;
+        let bias = self
+            .bias
+            .as_tensor()
+            .to_dtype(compute)?
+            .reshape(bshape.as_slice())?;
         let y = if train {
             let count = x.elem_count() / channels;
             if count < 2 {
@@ -115,8 +128,15 @@ impl BatchNorm {
                 .broadcast_mul(&weight)?
                 .broadcast_add(&bias)?
         } else {
-            let running_mean = self.running_mean.as_tensor().reshape(bshape.as_slice())?;
-            let running_var = self.running_var.as_tensor().reshape(bshape.as_slice())?;
+            // Buffers: no gradient flows into them.
+            let running_mean = self
+                .running_mean
+                .as_detached_tensor()
+                .reshape(bshape.as_slice())?;
+            let running_var = self
+                .running_var
+                .as_detached_tensor()
+                .reshape(bshape.as_slice())?;
             let scale = weight.broadcast_div(&(running_var + EPS)?.sqrt()?)?;
             x.broadcast_sub(&running_mean)?
                 .broadcast_mul(&scale)?
@@ -126,8 +146,9 @@ impl BatchNorm {
     }
 
     fn update_running(&self, mean: &Tensor, biased_var: &Tensor, count: usize) -> Result<()> {
-        let mean = mean.flatten_all()?;
-        let unbiased = (biased_var.flatten_all()? * (count as f64 / (count - 1) as f64))?;
+        let mean = mean.flatten_all()?.to_dtype(DType::F32)?;
+        let unbiased = (biased_var.flatten_all()? * (count as f64 / (count - 1) as f64))?
+            .to_dtype(DType::F32)?;
         let blend = |old: &Var, batch: &Tensor| -> Result<()> {
             let new = ((old.as_detached_tensor() * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?;
             old.set(&new)

@@ -166,10 +166,7 @@ pub(crate) fn kernel_grad(
         // dW = Σₙ g[n] · x[n]ᵀ over pixels.
         let grad = grad.reshape((n, c_out, out_h * out_w))?;
         let x = x.reshape((n, c_in, out_h * out_w))?;
-        return grad
-            .matmul(&x.t()?)?
-            .sum(0)?
-            .reshape((c_out, c_in, 1, 1));
+        return grad.matmul(&x.t()?)?.sum(0)?.reshape((c_out, c_in, 1, 1));
     }
     // Correlate the input (batch as channels) with the output gradient used
     // as a kernel dilated by the stride; the result may overhang the kernel
@@ -202,7 +199,11 @@ fn dilate(grad: &Tensor, stride: usize) -> Result<Tensor> {
     let grad = grad.reshape((n, c, h, 1, w, 1))?;
     let zeros_w = Tensor::zeros((n, c, h, 1, w, stride - 1), grad.dtype(), grad.device())?;
     let grad = Tensor::cat(&[&grad, &zeros_w], 5)?;
-    let zeros_h = Tensor::zeros((n, c, h, stride - 1, w, stride), grad.dtype(), grad.device())?;
+    let zeros_h = Tensor::zeros(
+        (n, c, h, stride - 1, w, stride),
+        grad.dtype(),
+        grad.device(),
+    )?;
     Tensor::cat(&[&grad, &zeros_h], 3)?.reshape((n, c, h * stride, w * stride))
 }
 
@@ -264,7 +265,12 @@ mod tests {
             assert_eq!(ours.dims(), theirs.dims(), "case {i}");
             assert!(max_abs_diff(&ours, &theirs) == 0.0, "case {i}");
             let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_theirs = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for (name, var) in [("x", &x), ("w", &w)] {
                 let a = g_ours.get(var).unwrap();
                 let b = g_theirs.get(var).unwrap();

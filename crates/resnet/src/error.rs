@@ -7,7 +7,9 @@ use std::path::PathBuf;
 pub enum ResNetError {
     /// An architecture name that is not one of resnet18, resnet34, resnet50,
     /// resnet101 or resnet152.
-    #[error("unknown architecture `{name}`: use one of resnet18, resnet34, resnet50, resnet101, resnet152")]
+    #[error(
+        "unknown architecture `{name}`: use one of resnet18, resnet34, resnet50, resnet101, resnet152"
+    )]
     UnknownArch { name: String },
 
     /// A configuration value that cannot build a network.
@@ -51,7 +53,9 @@ pub enum ResNetError {
     },
 
     /// A download from the hub failed.
-    #[error("cannot fetch {file} from hub repo {repo}: {source}; check the repo id, the network, or HF_ENDPOINT")]
+    #[error(
+        "cannot fetch {file} from hub repo {repo}: {source}; check the repo id, the network, or HF_ENDPOINT"
+    )]
     Hub {
         repo: String,
         file: String,
@@ -60,7 +64,9 @@ pub enum ResNetError {
     },
 
     /// Offline loading was asked for and the file is not in the hub cache.
-    #[error("{file} of hub repo {repo} is not in the hub cache {cache}: download it once online (or set HF_HOME to the cache that has it)")]
+    #[error(
+        "{file} of hub repo {repo} is not in the hub cache {cache}: download it once online (or set HF_HOME to the cache that has it)"
+    )]
     NotCached {
         repo: String,
         file: String,

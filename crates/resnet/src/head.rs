@@ -125,3 +125,47 @@ pub(crate) fn dropout(x: &Tensor, p: f32, rng: &Mutex<ChaCha8Rng>) -> Result<Ten
 pub(crate) fn dropout_rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// About `p` of the values are zeroed, the rest scaled by `1/(1-p)`;
+    /// the same seed replays the same mask.
+    #[test]
+    fn dropout_masks() {
+        let x = Tensor::ones((100, 100), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for p in [0.25f32, 0.5] {
+            let rng = Mutex::new(dropout_rng(5));
+            let y: Vec<f32> = dropout(&x, p, &rng)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let zeros = y.iter().filter(|&&v| v == 0.0).count() as f32 / y.len() as f32;
+            assert!((zeros - p).abs() < 0.02, "p {p}: zero fraction {zeros}");
+            assert!(
+                y.iter()
+                    .all(|&v| v == 0.0 || (v - 1.0 / (1.0 - p)).abs() < 1e-6)
+            );
+            let again = Mutex::new(dropout_rng(5));
+            let z: Vec<f32> = dropout(&x, p, &again)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(y, z);
+        }
+        let rng = Mutex::new(dropout_rng(5));
+        let same: Vec<f32> = dropout(&x, 0.0, &rng)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(same.iter().all(|&v| v == 1.0));
+    }
+}

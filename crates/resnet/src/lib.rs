@@ -66,6 +66,7 @@
 mod batch_norm;
 mod config;
 mod conv;
+pub mod cpu;
 mod error;
 mod head;
 mod init;

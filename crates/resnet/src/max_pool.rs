@@ -164,7 +164,10 @@ fn contiguous_slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) 
     }
 }
 
-fn pool_forward<T: WithDType>(storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+fn pool_forward<T: WithDType>(
+    storage: &CpuStorage,
+    layout: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (n, c, height, width) = dims_of(layout)?;
     let (out_h, out_w) = (pooled_len(height), pooled_len(width));
     let input = contiguous_slice::<T>(storage, layout)?;
@@ -178,7 +181,10 @@ fn pool_forward<T: WithDType>(storage: &CpuStorage, layout: &Layout) -> Result<(
                 }
             }
         });
-    Ok((T::to_cpu_storage_owned(out), Shape::from((n, c, out_h, out_w))))
+    Ok((
+        T::to_cpu_storage_owned(out),
+        Shape::from((n, c, out_h, out_w)),
+    ))
 }
 
 fn pool_backward<T: WithDType>(
@@ -190,7 +196,10 @@ fn pool_backward<T: WithDType>(
     let (n, c, height, width) = dims_of(x_layout)?;
     let (out_h, out_w) = (pooled_len(height), pooled_len(width));
     if grad_layout.shape().dims4()? != (n, c, out_h, out_w) {
-        candle_core::bail!("max-pool backward: gradient shape {:?}", grad_layout.shape())
+        candle_core::bail!(
+            "max-pool backward: gradient shape {:?}",
+            grad_layout.shape()
+        )
     }
     let input = contiguous_slice::<T>(x, x_layout)?;
     let grad = contiguous_slice::<T>(grad, grad_layout)?;
@@ -205,7 +214,10 @@ fn pool_backward<T: WithDType>(
                 }
             }
         });
-    Ok((T::to_cpu_storage_owned(out), Shape::from((n, c, height, width))))
+    Ok((
+        T::to_cpu_storage_owned(out),
+        Shape::from((n, c, height, width)),
+    ))
 }
 
 impl CustomOp1 for MaxPool {
@@ -246,4 +258,3 @@ impl CustomOp2 for MaxPoolBackward {
         }
     }
 }
-

@@ -190,14 +190,32 @@ impl ResNet {
         vb: VarBuilder,
         init_seed: u64,
     ) -> std::result::Result<Self, ResNetError> {
+        Self::with_stage_blocks(cfg, cfg.arch.blocks_per_stage(), vb, init_seed)
+    }
+
+    /// Like [`ResNet::new`] with another number of blocks per stage (of the
+    /// block kind of `cfg.arch`), e.g. `[2, 2, 2, 2]` bottlenecks for timm's
+    /// ResNet-26. Tests use shallow networks to compare with PyTorch where
+    /// float32 rounding does not dominate.
+    pub fn with_stage_blocks(
+        cfg: &ResNetConfig,
+        blocks_per_stage: [usize; 4],
+        vb: VarBuilder,
+        init_seed: u64,
+    ) -> std::result::Result<Self, ResNetError> {
         cfg.validate()?;
+        if blocks_per_stage.contains(&0) {
+            return Err(ResNetError::InvalidConfig {
+                reason: format!("every stage needs a block, got {blocks_per_stage:?}"),
+            });
+        }
         let width = cfg.base_width;
         let conv1 = Conv::new(&vb.pp("conv1"), 3, width, 7, 2, 0, init_seed)?;
         let bn1 = BatchNorm::new(vb.pp("bn1"), width, 1.0, 0.0)?;
         let kind = cfg.arch.block();
         let mut c_in = width;
         let mut stages = Vec::with_capacity(4);
-        for (k, &n_blocks) in cfg.arch.blocks_per_stage().iter().enumerate() {
+        for (k, &n_blocks) in blocks_per_stage.iter().enumerate() {
             let planes = width << k;
             let stride = if k == 0 { 1 } else { 2 };
             // fastai's `_resnet_split`: stem + layer1 + layer2 | layer3 + layer4 | head.

@@ -63,10 +63,7 @@ pub struct LoadReport {
 /// classifier and `num_batches_tracked`; otherwise nothing is loaded and the
 /// error lists all missing, unexpected and mis-shaped tensors. Values are
 /// converted to each variable's dtype and device.
-pub fn load_pretrained(
-    varmap: &VarMap,
-    source: &WeightsSource,
-) -> Result<LoadReport, ResNetError> {
+pub fn load_pretrained(varmap: &VarMap, source: &WeightsSource) -> Result<LoadReport, ResNetError> {
     let path = match source {
         WeightsSource::None => return Ok(LoadReport::default()),
         WeightsSource::File(path) => path.clone(),
@@ -235,8 +232,14 @@ mod tests {
     #[test]
     fn maps_transformers_names() {
         let cases = [
-            ("resnet.embedder.embedder.convolution.weight", Some("conv1.weight")),
-            ("resnet.embedder.embedder.normalization.running_var", Some("bn1.running_var")),
+            (
+                "resnet.embedder.embedder.convolution.weight",
+                Some("conv1.weight"),
+            ),
+            (
+                "resnet.embedder.embedder.normalization.running_var",
+                Some("bn1.running_var"),
+            ),
             (
                 "resnet.encoder.stages.0.layers.0.shortcut.convolution.weight",
                 Some("layer1.0.downsample.0.weight"),

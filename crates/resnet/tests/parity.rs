@@ -4,7 +4,14 @@
 //! For a basic-block and a bottleneck network this compares eval-mode logits
 //! and features, train-mode logits, every running statistic after one
 //! train-mode forward, and gradients of `Σ logits · upstream` with respect to
-//! the input and chosen weights — all within a relative error of 1e-4.
+//! the input and chosen weights — all within a relative error of 1e-4 of a
+//! float64 PyTorch reference.
+//!
+//! A third network has ResNet-50's full depth. There, train mode loses
+//! digits to BatchNorm over small batches in any float32 implementation
+//! (PyTorch's own float32 gradients are up to ~2e-3 off its float64 ones), so
+//! each value must be within 1e-4 or within twice PyTorch's float32 error,
+//! whichever is larger.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,7 +31,12 @@ fn fixture(name: &str) -> PathBuf {
 /// max |a - b| / max |b|: relative to the scale of the reference tensor.
 fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims(), reference.dims());
-    let diff = (ours - reference).unwrap().abs().unwrap().flatten_all().unwrap();
+    let diff = (ours - reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     let scale = reference.abs().unwrap().flatten_all().unwrap();
     let max = |t: Tensor| t.max(0).unwrap().to_scalar::<f32>().unwrap();
     max(diff) / max(scale).max(1e-12)
@@ -33,7 +45,10 @@ fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
 struct Case {
     file: &'static str,
     arch: Arch,
+    blocks: [usize; 4],
     base_width: usize,
+    /// Allow twice PyTorch's own float32 error where that exceeds 1e-4.
+    allow_torch_f32_error: bool,
 }
 
 struct Loaded {
@@ -57,13 +72,20 @@ fn load(case: &Case) -> Loaded {
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let model = ResNet::new(&config, vb, 0).unwrap();
+    let model = ResNet::with_stage_blocks(&config, case.blocks, vb, 0).unwrap();
     // Every variable of the model (parameters and running statistics) is in
     // the fixture under the same name; extra fixture tensors are ignored.
     {
         let vars = varmap.data().lock().unwrap();
-        let expected = tensors.keys().filter(|k| !k.starts_with("fixture.")).count();
-        assert_eq!(vars.len(), expected, "model and fixture differ in tensor count");
+        let expected = tensors
+            .keys()
+            .filter(|k| !k.starts_with("fixture."))
+            .count();
+        assert_eq!(
+            vars.len(),
+            expected,
+            "model and fixture differ in tensor count"
+        );
         for (name, var) in vars.iter() {
             let value = tensors
                 .get(name)
@@ -78,13 +100,6 @@ fn load(case: &Case) -> Loaded {
     }
 }
 
-fn check(label: &str, ours: &Tensor, reference: &Tensor, worst: &mut f32) {
-    let err = relative_error(ours, reference);
-    println!("{label}: relative error {err:.2e}");
-    *worst = worst.max(err);
-    assert!(err <= TOLERANCE, "{label}: relative error {err} > {TOLERANCE}");
-}
-
 fn run(case: &Case) {
     let Loaded {
         model,
@@ -94,31 +109,73 @@ fn run(case: &Case) {
     let get = |name: &str| tensors[name].clone();
     let input = get("fixture.input");
     let mut worst = 0f32;
+    // `key` is the fixture name without its `fixture.` prefix.
+    let check = |key: &str, ours: &Tensor, reference: &Tensor, worst: &mut f32| {
+        let err = relative_error(ours, reference);
+        let torch_err = tensors[&format!("fixture.torch_f32_error.{key}")]
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        let tolerance = if case.allow_torch_f32_error {
+            TOLERANCE.max(2.0 * torch_err)
+        } else {
+            TOLERANCE
+        };
+        println!("{key}: relative error {err:.2e} (pytorch float32 {torch_err:.2e})");
+        *worst = worst.max(err);
+        assert!(
+            err <= tolerance,
+            "{key}: relative error {err} > {tolerance}"
+        );
+    };
 
     let eval_features = model.features_t(&input, false).unwrap();
-    check("eval features", &eval_features, &get("fixture.eval_features"), &mut worst);
+    check(
+        "eval_features",
+        &eval_features,
+        &get("fixture.eval_features"),
+        &mut worst,
+    );
     let eval_logits = model.forward_t(&input, false).unwrap();
-    check("eval logits", &eval_logits, &get("fixture.eval_logits"), &mut worst);
+    check(
+        "eval_logits",
+        &eval_logits,
+        &get("fixture.eval_logits"),
+        &mut worst,
+    );
 
     // Eval mode touched no running statistic.
     for buffer in model.buffers() {
         let before = &tensors[&buffer.name];
-        assert_eq!(relative_error(buffer.var.as_tensor(), before), 0.0, "{}", buffer.name);
+        assert_eq!(
+            relative_error(buffer.var.as_tensor(), before),
+            0.0,
+            "{}",
+            buffer.name
+        );
     }
 
     let input_var = candle_core::Var::from_tensor(&input).unwrap();
     let train_logits = model.forward_t(input_var.as_tensor(), true).unwrap();
-    check("train logits", &train_logits, &get("fixture.train_logits"), &mut worst);
+    check(
+        "train_logits",
+        &train_logits,
+        &get("fixture.train_logits"),
+        &mut worst,
+    );
 
     for buffer in model.buffers() {
-        let reference = get(&format!("fixture.after.{}", buffer.name));
-        check(&buffer.name, buffer.var.as_tensor(), &reference, &mut worst);
+        let key = format!("after.{}", buffer.name);
+        let reference = get(&format!("fixture.{key}"));
+        check(&key, buffer.var.as_tensor(), &reference, &mut worst);
     }
 
-    let loss = (train_logits * get("fixture.upstream")).unwrap().sum_all().unwrap();
+    let loss = (train_logits * get("fixture.upstream"))
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
     check(
-        "grad input",
+        "grad.input",
         grads.get(input_var.as_tensor()).unwrap(),
         &get("fixture.grad.input"),
         &mut worst,
@@ -135,7 +192,7 @@ fn run(case: &Case) {
         let grad = grads
             .get(vars[name].as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        check(&format!("grad {name}"), grad, reference, &mut worst);
+        check(&format!("grad.{name}"), grad, reference, &mut worst);
         n_grads += 1;
     }
     assert!(n_grads >= 11);
@@ -147,7 +204,9 @@ fn basic_block_network_matches_pytorch() {
     run(&Case {
         file: "parity_basic.safetensors",
         arch: Arch::ResNet18,
+        blocks: [2, 2, 2, 2],
         base_width: 4,
+        allow_torch_f32_error: false,
     });
 }
 
@@ -156,7 +215,20 @@ fn bottleneck_network_matches_pytorch() {
     run(&Case {
         file: "parity_bottleneck.safetensors",
         arch: Arch::ResNet50,
+        blocks: [1, 2, 2, 1],
         base_width: 2,
+        allow_torch_f32_error: false,
+    });
+}
+
+#[test]
+fn resnet50_depth_network_matches_pytorch_within_float32_noise() {
+    run(&Case {
+        file: "parity_resnet50_depth.safetensors",
+        arch: Arch::ResNet50,
+        blocks: [3, 4, 6, 3],
+        base_width: 2,
+        allow_torch_f32_error: true,
     });
 }
 
@@ -175,7 +247,11 @@ fn max_pool_matches_pytorch_with_ties() {
     ] {
         let x = candle_core::Var::from_tensor(&tensors["input"]).unwrap();
         let y = pool(x.as_tensor()).unwrap();
-        assert_eq!(relative_error(&y, &tensors["output"]), 0.0, "{label} forward");
+        assert_eq!(
+            relative_error(&y, &tensors["output"]),
+            0.0,
+            "{label} forward"
+        );
         let grads = (y * &tensors["upstream"])
             .unwrap()
             .sum_all()

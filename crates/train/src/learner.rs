@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use multilabel_data::Loader;
+use multilabel_data::{Batch, Loader};
 use multilabel_resnet::ResNet;
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +14,7 @@ use crate::error::{CandleContext, Error, Result};
 use crate::events::{EpochRecord, Event, Sink, SmoothedLoss};
 use crate::loss::bce_with_logits;
 use crate::metrics::accuracy_multi;
-use crate::optim::{Adam, AdamConfig, AdamState, OptGroup, OptParam};
+use crate::optim::{Adam, AdamConfig, AdamState, OptGroup, OptParam, StepHypers};
 use crate::run::{ModelMeta, RunDir, TrainState};
 use crate::schedule::{FineTune, OneCycle};
 
@@ -77,7 +77,6 @@ pub struct Learner {
     valid: Loader,
     optimizer: Adam,
     config: LearnerConfig,
-    n_classes: usize,
     device: Device,
     pos_weight: Option<Tensor>,
     sinks: Vec<Box<dyn Sink>>,
@@ -144,7 +143,6 @@ impl Learner {
             valid,
             optimizer,
             config,
-            n_classes,
             device,
             pos_weight,
             sinks: Vec::new(),
@@ -321,31 +319,17 @@ impl Learner {
                 for (index, batch) in batches.enumerate().skip(first) {
                     let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
                     let hypers = cycle.at(epoch, index);
-                    self.model
-                        .set_dropout_seed(dropout_seed(self.config.seed, self.global_step));
-                    let logits = self
-                        .model
-                        .forward_t(&batch.images, true)
-                        .map_err(|e| Error::Model(Box::new(e)))?;
-                    let loss = bce_with_logits(&logits, &batch.targets, self.pos_weight.as_ref())?;
-                    let loss_value = loss
-                        .to_dtype(DType::F32)
-                        .and_then(|l| l.to_scalar::<f32>())
-                        .ctx(|| "reading the loss".into())?;
-                    if !loss_value.is_finite() {
-                        // Nothing is written: the last checkpoint is the last good state.
-                        return Err(Error::NonFiniteLoss {
-                            epoch,
-                            batch: index,
-                            loss: loss_value,
-                        });
-                    }
-                    let mut grads = loss.backward().ctx(|| "backward pass".into())?;
-                    for var in &self.frozen_vars {
-                        grads.remove(var.as_tensor());
-                    }
-                    self.optimizer.step(&grads, &hypers)?;
-                    self.global_step += 1;
+                    let loss_value = match self.train_step(&batch, &hypers) {
+                        Err(Error::NonFiniteLoss { loss, .. }) => {
+                            // Nothing is written: the last checkpoint is the last good state.
+                            return Err(Error::NonFiniteLoss {
+                                epoch,
+                                batch: index,
+                                loss,
+                            });
+                        }
+                        other => other?,
+                    };
                     let smooth_loss = smooth.push(f64::from(loss_value));
                     self.emit(Event::BatchEnd {
                         phase: phase.into(),
@@ -428,60 +412,104 @@ impl Learner {
     }
 
     fn predict_loader(&mut self, emit_progress: bool) -> Result<Preds> {
-        let n_items = self.valid.n_items();
-        let n_classes = self.n_classes;
-        let mut probs = vec![0f32; n_items * n_classes];
-        let mut targets = vec![0f32; n_items * n_classes];
-        let mut seen = vec![false; n_items];
-        let mut loss_sum = 0f64;
-        let n_batches = self.valid.n_batches();
-        let batches = self.valid.epoch(0);
-        for (index, batch) in batches.enumerate() {
-            let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
-            let logits = self
-                .model
-                .forward_t(&batch.images, false)
-                .map_err(|e| Error::Model(Box::new(e)))?
-                .detach();
-            let loss = bce_with_logits(&logits, &batch.targets, self.pos_weight.as_ref())?
-                .to_dtype(DType::F32)
-                .and_then(|l| l.to_scalar::<f32>())
-                .ctx(|| "validation loss".into())?;
-            let rows = batch.indices.len();
-            loss_sum += f64::from(loss) * rows as f64;
-            let batch_probs = candle_nn::ops::sigmoid(&logits)
-                .and_then(|p| p.to_dtype(DType::F32))
-                .and_then(|p| p.to_vec2::<f32>())
-                .ctx(|| "validation probabilities".into())?;
-            let batch_targets = batch
-                .targets
-                .to_dtype(DType::F32)
-                .and_then(|t| t.to_vec2::<f32>())
-                .ctx(|| "validation targets".into())?;
-            for (row, &item) in batch.indices.iter().enumerate() {
-                let at = item * n_classes;
-                probs[at..at + n_classes].copy_from_slice(&batch_probs[row]);
-                targets[at..at + n_classes].copy_from_slice(&batch_targets[row]);
-                seen[item] = true;
-            }
-            if emit_progress {
-                self.emit(Event::ValidBatchEnd {
-                    batch: index,
-                    n_batches,
-                })?;
-            }
+        let mut events = Vec::new();
+        let preds = predict(
+            &self.model,
+            &self.valid,
+            self.pos_weight.as_ref(),
+            &mut |batch, n_batches| {
+                if emit_progress {
+                    events.push(Event::ValidBatchEnd { batch, n_batches });
+                }
+            },
+        )?;
+        for event in events {
+            self.emit(event)?;
         }
-        if let Some(missing) = seen.iter().position(|s| !s) {
-            return Err(Error::Invalid(format!(
-                "the validation loader skipped item {missing}; it must not drop the last batch"
-            )));
+        Ok(preds)
+    }
+
+    /// One optimizer step on `batch` with `hypers`; returns the batch loss.
+    /// A non-finite loss is an error before anything is updated.
+    pub(crate) fn train_step(&mut self, batch: &Batch, hypers: &StepHypers) -> Result<f32> {
+        self.model
+            .set_dropout_seed(dropout_seed(self.config.seed, self.global_step));
+        let logits = self
+            .model
+            .forward_t(&batch.images, true)
+            .map_err(|e| Error::Model(Box::new(e)))?;
+        let loss = bce_with_logits(&logits, &batch.targets, self.pos_weight.as_ref())?;
+        let loss_value = loss
+            .to_dtype(DType::F32)
+            .and_then(|l| l.to_scalar::<f32>())
+            .ctx(|| "reading the loss".into())?;
+        if !loss_value.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                epoch: 0,
+                batch: 0,
+                loss: loss_value,
+            });
         }
-        Ok(Preds {
-            probs,
-            targets,
-            n_classes,
-            loss: loss_sum / n_items.max(1) as f64,
+        let mut grads = loss.backward().ctx(|| "backward pass".into())?;
+        for var in &self.frozen_vars {
+            grads.remove(var.as_tensor());
+        }
+        self.optimizer.step(&grads, hypers)?;
+        self.global_step += 1;
+        Ok(loss_value)
+    }
+
+    /// Batches per training epoch.
+    pub fn train_batches(&self) -> usize {
+        self.train.n_batches()
+    }
+
+    /// Images in the training set.
+    pub fn train_items(&self) -> usize {
+        self.train.n_items()
+    }
+
+    /// Images in the validation set.
+    pub fn valid_items(&self) -> usize {
+        self.valid.n_items()
+    }
+
+    /// The training batches of loader epoch `epoch`.
+    pub(crate) fn train_epoch(&self, epoch: usize) -> impl Iterator<Item = Result<Batch>> + use<> {
+        self.train
+            .epoch(epoch)
+            .map(|batch| batch.map_err(|e| Error::Data(Box::new(e))))
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled()
+    }
+
+    /// A copy of every variable (parameters and running statistics), the
+    /// optimizer state and the step counter.
+    pub(crate) fn snapshot(&self) -> Result<Snapshot> {
+        let data = self.varmap.data().lock().expect("VarMap lock poisoned");
+        let mut weights = Vec::with_capacity(data.len());
+        for (name, var) in data.iter() {
+            let copy = var.as_tensor().copy().ctx(|| format!("copying {name}"))?;
+            weights.push((var.clone(), copy));
+        }
+        Ok(Snapshot {
+            weights,
+            optimizer: self.optimizer.export_state(),
+            global_step: self.global_step,
         })
+    }
+
+    /// Puts back what [`Learner::snapshot`] copied.
+    pub(crate) fn restore(&mut self, snapshot: &Snapshot) -> Result<()> {
+        for (var, saved) in &snapshot.weights {
+            var.set(saved).ctx(|| "restoring a variable".into())?;
+        }
+        self.optimizer.clear_state();
+        self.optimizer.import_state(&snapshot.optimizer)?;
+        self.global_step = snapshot.global_step;
+        Ok(())
     }
 
     fn checkpoint(
@@ -532,6 +560,72 @@ impl Learner {
             .map(|p| p.var)
             .collect();
     }
+}
+
+/// What [`Learner::snapshot`] saved.
+pub(crate) struct Snapshot {
+    weights: Vec<(Var, Tensor)>,
+    optimizer: AdamState,
+    global_step: u64,
+}
+
+/// fastai's `get_preds` over any loader: eval mode, sigmoid probabilities,
+/// rows placed in dataset order by the batches' indices, and the
+/// batch-size-weighted mean loss. `on_batch(done, total)` follows progress.
+/// The loader must keep every item (no `drop_last`).
+pub fn predict(
+    model: &ResNet,
+    loader: &Loader,
+    pos_weight: Option<&Tensor>,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<Preds> {
+    let n_items = loader.n_items();
+    let n_classes = model.config().head.n_classes;
+    let mut probs = vec![0f32; n_items * n_classes];
+    let mut targets = vec![0f32; n_items * n_classes];
+    let mut seen = vec![false; n_items];
+    let mut loss_sum = 0f64;
+    let n_batches = loader.n_batches();
+    for (index, batch) in loader.epoch(0).enumerate() {
+        let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
+        let logits = model
+            .forward_t(&batch.images, false)
+            .map_err(|e| Error::Model(Box::new(e)))?
+            .detach();
+        let loss = bce_with_logits(&logits, &batch.targets, pos_weight)?
+            .to_dtype(DType::F32)
+            .and_then(|l| l.to_scalar::<f32>())
+            .ctx(|| "validation loss".into())?;
+        let rows = batch.indices.len();
+        loss_sum += f64::from(loss) * rows as f64;
+        let batch_probs = candle_nn::ops::sigmoid(&logits)
+            .and_then(|p| p.to_dtype(DType::F32))
+            .and_then(|p| p.to_vec2::<f32>())
+            .ctx(|| "validation probabilities".into())?;
+        let batch_targets = batch
+            .targets
+            .to_dtype(DType::F32)
+            .and_then(|t| t.to_vec2::<f32>())
+            .ctx(|| "validation targets".into())?;
+        for (row, &item) in batch.indices.iter().enumerate() {
+            let at = item * n_classes;
+            probs[at..at + n_classes].copy_from_slice(&batch_probs[row]);
+            targets[at..at + n_classes].copy_from_slice(&batch_targets[row]);
+            seen[item] = true;
+        }
+        on_batch(index, n_batches);
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        return Err(Error::Invalid(format!(
+            "the loader skipped item {missing}; predictions need every item (no drop_last)"
+        )));
+    }
+    Ok(Preds {
+        probs,
+        targets,
+        n_classes,
+        loss: loss_sum / n_items.max(1) as f64,
+    })
 }
 
 /// The dropout seed of one optimizer step: a SplitMix64 mix of the run seed

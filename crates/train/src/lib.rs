@@ -76,8 +76,12 @@ pub mod events;
 #[cfg(feature = "learner")]
 pub mod learner;
 pub mod loss;
+#[cfg(feature = "learner")]
+pub mod lr_find;
 pub mod metrics;
 pub mod optim;
+#[cfg(feature = "learner")]
+pub mod report;
 pub mod run;
 pub mod schedule;
 
@@ -86,8 +90,12 @@ pub use events::{
     EpochRecord, EpochTable, Event, EventsJsonl, HistoryCsv, Recorder, Sink, SmoothedLoss,
 };
 #[cfg(feature = "learner")]
-pub use learner::{Learner, LearnerConfig, Preds, Validation, dropout_seed};
+pub use learner::{Learner, LearnerConfig, Preds, Validation, dropout_seed, predict};
 pub use loss::bce_with_logits;
+#[cfg(feature = "learner")]
+pub use lr_find::{LrFindConfig, LrFindResult};
 pub use optim::{Adam, AdamConfig, AdamState, OptGroup, OptParam, StepHypers};
+#[cfg(feature = "learner")]
+pub use report::{ClassReport, EvalReport};
 pub use run::{Checkpoint, ModelMeta, RunDir, TrainState, atomic_write};
 pub use schedule::{FineTune, LrSpec, OneCycle};

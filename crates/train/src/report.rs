@@ -43,7 +43,12 @@ pub struct EvalReport {
 
 impl EvalReport {
     /// Scores `preds` at `thresh` and over `thresholds`; `vocab` names the columns.
-    pub fn compute(preds: &Preds, vocab: &[String], thresh: f32, thresholds: &[f32]) -> Result<Self> {
+    pub fn compute(
+        preds: &Preds,
+        vocab: &[String],
+        thresh: f32,
+        thresholds: &[f32],
+    ) -> Result<Self> {
         if vocab.len() != preds.n_classes {
             return Err(Error::Invalid(format!(
                 "the vocab has {} names but the predictions have {} classes",
@@ -94,16 +99,35 @@ impl EvalReport {
         line(&mut out, format!("valid_loss      {:.6}", self.valid_loss));
         line(
             &mut out,
-            format!("accuracy_multi  {:.6}  (thresh {})", self.accuracy_multi, self.thresh),
+            format!(
+                "accuracy_multi  {:.6}  (thresh {})",
+                self.accuracy_multi, self.thresh
+            ),
         );
-        line(&mut out, format!("mAP             {:.4}  (non-interpolated)", self.map));
-        line(&mut out, format!("mAP VOC07       {:.4}  (11-point)", self.map_voc07));
-        line(&mut out, format!("F1 micro/macro  {:.4} / {:.4}", self.f1_micro, self.f1_macro));
+        line(
+            &mut out,
+            format!("mAP             {:.4}  (non-interpolated)", self.map),
+        );
+        line(
+            &mut out,
+            format!("mAP VOC07       {:.4}  (11-point)", self.map_voc07),
+        );
+        line(
+            &mut out,
+            format!(
+                "F1 micro/macro  {:.4} / {:.4}",
+                self.f1_micro, self.f1_macro
+            ),
+        );
         line(&mut out, format!("exact match     {:.4}", self.exact_match));
         line(&mut out, String::new());
         line(&mut out, "thresh  accuracy_multi".into());
         for point in &self.sweep {
-            let mark = if point.thresh == self.best.thresh { "  <- best" } else { "" };
+            let mark = if point.thresh == self.best.thresh {
+                "  <- best"
+            } else {
+                ""
+            };
             line(
                 &mut out,
                 format!("{:<6.4}  {:.6}{mark}", point.thresh, point.accuracy_multi),
@@ -117,10 +141,19 @@ impl EvalReport {
             ),
         );
         line(&mut out, String::new());
-        let width = self.per_class.iter().map(|c| c.name.len()).max().unwrap_or(5).max(5);
+        let width = self
+            .per_class
+            .iter()
+            .map(|c| c.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
         line(
             &mut out,
-            format!("{:<width$}  {:>6}  {:>8}  {:>6}  {:>7}", "class", "AP", "AP VOC07", "F1", "support"),
+            format!(
+                "{:<width$}  {:>6}  {:>8}  {:>6}  {:>7}",
+                "class", "AP", "AP VOC07", "F1", "support"
+            ),
         );
         let show = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
         for class in &self.per_class {
@@ -170,11 +203,26 @@ mod tests {
         // row 3 (0,1) wrong on b → 5 of 8 elements right.
         assert!((report.accuracy_multi - 5.0 / 8.0).abs() < 1e-12);
         assert_eq!(report.sweep.len(), 3);
-        assert!(report.sweep.iter().all(|p| p.accuracy_multi <= report.best.accuracy_multi));
+        assert!(
+            report
+                .sweep
+                .iter()
+                .all(|p| p.accuracy_multi <= report.best.accuracy_multi)
+        );
         let json = serde_json::to_value(&report).unwrap();
         for key in [
-            "thresh", "accuracy_multi", "valid_loss", "map", "map_voc07", "f1_micro", "f1_macro",
-            "exact_match", "best", "sweep", "per_class", "n_images",
+            "thresh",
+            "accuracy_multi",
+            "valid_loss",
+            "map",
+            "map_voc07",
+            "f1_micro",
+            "f1_macro",
+            "exact_match",
+            "best",
+            "sweep",
+            "per_class",
+            "n_images",
         ] {
             assert!(json.get(key).is_some(), "missing {key}");
         }

@@ -36,6 +36,7 @@ fn learner(data: &Dataset) -> Learner {
     let n_classes = data.vocab().len();
     let transform = TransformConfig {
         size: SIZE,
+        min_scale: 0.75,
         ..TransformConfig::default()
     };
     let train = Loader::new(
@@ -54,8 +55,9 @@ fn learner(data: &Dataset) -> Learner {
     );
     let varmap = VarMap::new();
     let mut config = ResNetConfig::new(Arch::ResNet18, n_classes);
-    config.base_width = 4;
+    config.base_width = 8;
     config.head.hidden = vec![32];
+    config.head.ps = 0.1;
     let model = ResNet::new(
         &config,
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
@@ -125,7 +127,7 @@ fn fine_tune_lowers_loss_and_reports_epochs() {
     let before = learner.validate().unwrap();
     let recorder = Arc::new(Mutex::new(Recorder::default()));
     learner.add_sink(Box::new(recorder.clone()));
-    let mut plan = FineTune::new(5, 2e-2);
+    let mut plan = FineTune::new(7, 1e-2);
     plan.freeze_epochs = 1;
     learner.fine_tune(&plan).unwrap();
     let events = recorder.lock().unwrap().events.clone();
@@ -136,7 +138,7 @@ fn fine_tune_lowers_loss_and_reports_epochs() {
             _ => None,
         })
         .collect();
-    assert_eq!(epochs.len(), 6);
+    assert_eq!(epochs.len(), 8);
     assert_eq!(
         (epochs[0].phase.as_str(), epochs[3].phase.as_str()),
         ("frozen", "unfrozen")
@@ -145,11 +147,14 @@ fn fine_tune_lowers_loss_and_reports_epochs() {
         .iter()
         .filter(|e| matches!(e, Event::BatchEnd { .. }))
         .count();
-    assert_eq!(batches, 6 * 6);
-    eprintln!("epochs: {epochs:?}");
+    assert_eq!(batches, 8 * 6);
+    assert!(
+        epochs[7].train_loss < epochs[0].train_loss * 0.8,
+        "{epochs:?}"
+    );
     let after = learner.validate().unwrap();
     assert!(
-        after.valid_loss < before.valid_loss * 0.85,
+        after.valid_loss < before.valid_loss * 0.9,
         "valid loss {} -> {}",
         before.valid_loss,
         after.valid_loss
@@ -172,6 +177,14 @@ fn fine_tune_lowers_loss_and_reports_epochs() {
     let acc = metrics::accuracy_multi(&preds.probs, &preds.targets, 0.2).unwrap();
     assert!((acc - after.accuracy_multi).abs() < 1e-12);
     assert!((preds.loss - after.valid_loss).abs() < 1e-9);
+    // The ranking is better than chance: mAP above the positives' share.
+    let map = metrics::mean_average_precision(&preds.probs, &preds.targets, n_classes).unwrap();
+    let prevalence = preds.targets.iter().sum::<f32>() as f64 / preds.targets.len() as f64;
+    assert!(
+        map.map > prevalence + 0.1,
+        "mAP {} vs prevalence {prevalence}",
+        map.map
+    );
 }
 
 #[test]
@@ -247,4 +260,85 @@ fn resume_without_state_or_with_other_seed_is_an_error() {
     let mut l = learner(&data);
     let err = l.resume_from(&run).unwrap_err().to_string();
     assert!(err.contains("no training state"), "{err}");
+
+    let state = multilabel_train::TrainState {
+        seed: 7,
+        fit: 0,
+        epoch: 1,
+        batch: 0,
+        global_step: 6,
+        smooth_loss: Default::default(),
+        frozen: true,
+        finished: false,
+    };
+    run.save_checkpoint(&state, l.varmap(), &Default::default())
+        .unwrap();
+    let err = l.resume_from(&run).unwrap_err().to_string();
+    assert!(err.contains("seed 7"), "{err}");
+}
+
+#[test]
+fn non_finite_loss_stops_without_writing_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+    let n_classes = data.vocab().len();
+    let device = Device::Cpu;
+    // A NaN positive weight makes the very first loss NaN.
+    let config = LearnerConfig {
+        pos_weight: Some(vec![f32::NAN; n_classes]),
+        ..LearnerConfig::default()
+    };
+    let base = learner(&data);
+    let before = weights(&base);
+    let transform = TransformConfig {
+        size: SIZE,
+        min_scale: 0.75,
+        ..TransformConfig::default()
+    };
+    let train = Loader::new(
+        data.train().to_vec(),
+        n_classes,
+        transform.clone(),
+        LoaderConfig::train(16, 11),
+        device.clone(),
+    );
+    let valid = Loader::new(
+        data.valid().to_vec(),
+        n_classes,
+        transform,
+        LoaderConfig::valid(16),
+        device.clone(),
+    );
+    let varmap = VarMap::new();
+    let mut model_config = ResNetConfig::new(Arch::ResNet18, n_classes);
+    model_config.base_width = 8;
+    model_config.head.hidden = vec![32];
+    model_config.head.ps = 0.1;
+    let model = ResNet::new(
+        &model_config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        5,
+    )
+    .unwrap();
+    let mut l = Learner::new(model, varmap, train, valid, config, device).unwrap();
+    let run = RunDir::create(dir.path().join("runs/nan")).unwrap();
+    l.set_run(run.clone());
+    match l.fine_tune(&plan()) {
+        Err(Error::NonFiniteLoss {
+            epoch: 0,
+            batch: 0,
+            loss,
+        }) => assert!(loss.is_nan()),
+        other => panic!("expected a NaN loss error, got {other:?}"),
+    }
+    assert!(!run.state_path().exists());
+    let after = weights(&l);
+    let params: Vec<_> = after
+        .iter()
+        .filter(|(n, _)| !n.contains("running"))
+        .collect();
+    for (name, value) in params {
+        let old = &before.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(value, old, "{name} changed");
+    }
 }

@@ -138,7 +138,8 @@ fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
                     if s == 1 {
                         out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
                     } else {
-                        for (dst, src) in out[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
+                        for (dst, src) in out[lo..hi].iter_mut().zip(src[first..].iter().step_by(s))
+                        {
                             *dst = *src;
                         }
                     }
@@ -272,9 +273,12 @@ unsafe fn matmul(
 /// `(parallel over groups, threads inside each product)`.
 fn plan(groups: usize) -> (bool, usize) {
     let threads = rayon::current_num_threads();
-    if groups >= threads { (true, 1) } else { (false, threads) }
+    if groups >= threads {
+        (true, 1)
+    } else {
+        (false, threads)
+    }
 }
-
 
 fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
     let (k, p, o) = (g.k(), g.p(), g.o);
@@ -310,7 +314,17 @@ fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
         tmp.resize(o * ld, 0.0);
         // SAFETY: `tmp` is `[O, ld]`, `col` `[K, ld]`.
         unsafe {
-            matmul(o, ld, k, tmp.as_mut_ptr(), ld, false, lhs, Mat::rows(col.as_ptr(), ld), threads)
+            matmul(
+                o,
+                ld,
+                k,
+                tmp.as_mut_ptr(),
+                ld,
+                false,
+                lhs,
+                Mat::rows(col.as_ptr(), ld),
+                threads,
+            )
         };
         for b in 0..count {
             for oc in 0..o {
@@ -322,7 +336,10 @@ fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
     if par {
         out.par_chunks_mut(group * img_out)
             .enumerate()
-            .for_each_init(|| (Vec::new(), Vec::new()), |(col, tmp), job| run(job, col, tmp));
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(col, tmp), job| run(job, col, tmp),
+            );
     } else {
         let (mut col, mut tmp) = (Vec::new(), Vec::new());
         out.chunks_mut(group * img_out)
@@ -350,7 +367,17 @@ fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
             if g.pointwise() {
                 // SAFETY: `dx` is `[C, P]` = `[K, P]`.
                 unsafe {
-                    matmul(k, p, o, dx.as_mut_ptr(), p, false, lhs, Mat::rows(gs.as_ptr(), p), threads)
+                    matmul(
+                        k,
+                        p,
+                        o,
+                        dx.as_mut_ptr(),
+                        p,
+                        false,
+                        lhs,
+                        Mat::rows(gs.as_ptr(), p),
+                        threads,
+                    )
                 };
                 return;
             }
@@ -375,9 +402,10 @@ fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
         }
     };
     if par {
-        dx.par_chunks_mut(group * img_in)
-            .enumerate()
-            .for_each_init(|| (Vec::new(), Vec::new()), |(dcol, tmp), job| run(job, dcol, tmp));
+        dx.par_chunks_mut(group * img_in).enumerate().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(dcol, tmp), job| run(job, dcol, tmp),
+        );
     } else {
         let (mut dcol, mut tmp) = (Vec::new(), Vec::new());
         dx.chunks_mut(group * img_in)
@@ -395,7 +423,11 @@ fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let groups = g.n.div_ceil(group);
     let (par, threads) = plan(groups);
     // Each task sums a contiguous range of groups into its own `[O, K]`.
-    let tasks = if par { rayon::current_num_threads().min(groups) } else { 1 };
+    let tasks = if par {
+        rayon::current_num_threads().min(groups)
+    } else {
+        1
+    };
     let per_task = groups.div_ceil(tasks);
     let partial = |t: usize| -> Vec<f32> {
         let mut dw = vec![0f32; o * k];
@@ -431,7 +463,19 @@ fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
                 (Mat::rows(tmp.as_ptr(), ld), Mat::rows(col.as_ptr(), ld))
             };
             // SAFETY: `dw` is `[O, K]`, `lhs` `[O, ld]`, `rhs`ᵀ `[ld, K]`.
-            unsafe { matmul(o, k, ld, dw.as_mut_ptr(), k, accumulate, lhs, rhs.t(), threads) };
+            unsafe {
+                matmul(
+                    o,
+                    k,
+                    ld,
+                    dw.as_mut_ptr(),
+                    k,
+                    accumulate,
+                    lhs,
+                    rhs.t(),
+                    threads,
+                )
+            };
             accumulate = true;
         }
         dw
@@ -484,7 +528,12 @@ impl CustomOp2 for Conv2d {
         ks: &CpuStorage,
         kl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(xl.shape().dims4()?, kl.shape().dims4()?, self.padding, self.stride)?;
+        let g = Geometry::new(
+            xl.shape().dims4()?,
+            kl.shape().dims4()?,
+            self.padding,
+            self.stride,
+        )?;
         let out = forward(&g, data(xs, xl, "input")?, data(ks, kl, "kernel")?);
         Ok((CpuStorage::F32(out), Shape::from(g.out_dims())))
     }
@@ -500,12 +549,24 @@ impl CustomOp2 for Conv2d {
         // image) get no gradient: that work is skipped, not thrown away.
         let grad = grad.contiguous()?;
         let dx = if x.track_op() {
-            Some(conv2d_input_grad(&grad, kernel, x.dims4()?, self.padding, self.stride)?)
+            Some(conv2d_input_grad(
+                &grad,
+                kernel,
+                x.dims4()?,
+                self.padding,
+                self.stride,
+            )?)
         } else {
             None
         };
         let dk = if kernel.track_op() {
-            Some(conv2d_kernel_grad(x, &grad, kernel.dims4()?, self.padding, self.stride)?)
+            Some(conv2d_kernel_grad(
+                x,
+                &grad,
+                kernel.dims4()?,
+                self.padding,
+                self.stride,
+            )?)
         } else {
             None
         };
@@ -535,7 +596,12 @@ impl CustomOp2 for InputGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, o, oh, ow) = gl.shape().dims4()?;
         let (o_k, c, kh, kw) = kl.shape().dims4()?;
-        let g = Geometry::new((n, c, self.x_h, self.x_w), (o_k, c, kh, kw), self.padding, self.stride)?;
+        let g = Geometry::new(
+            (n, c, self.x_h, self.x_w),
+            (o_k, c, kh, kw),
+            self.padding,
+            self.stride,
+        )?;
         if (g.o, g.oh, g.ow) != (o, oh, ow) {
             candle_core::bail!(
                 "cpu conv2d input grad: gradient shape {:?} does not match the output {:?}",
@@ -543,7 +609,11 @@ impl CustomOp2 for InputGrad {
                 g.out_dims()
             )
         }
-        let dx = input_grad(&g, data(gs, gl, "output gradient")?, data(ks, kl, "kernel")?);
+        let dx = input_grad(
+            &g,
+            data(gs, gl, "output gradient")?,
+            data(ks, kl, "kernel")?,
+        );
         Ok((CpuStorage::F32(dx), Shape::from((n, c, self.x_h, self.x_w))))
     }
 }
@@ -570,7 +640,12 @@ impl CustomOp2 for KernelGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = xl.shape().dims4()?;
         let (n_g, o, oh, ow) = gl.shape().dims4()?;
-        let g = Geometry::new((n, c, h, w), (o, c, self.kh, self.kw), self.padding, self.stride)?;
+        let g = Geometry::new(
+            (n, c, h, w),
+            (o, c, self.kh, self.kw),
+            self.padding,
+            self.stride,
+        )?;
         if (n, g.oh, g.ow) != (n_g, oh, ow) {
             candle_core::bail!(
                 "cpu conv2d kernel grad: gradient shape {:?} does not match the output {:?}",
@@ -653,7 +728,12 @@ mod tests {
     /// The valid-column bounds of `im2col` agree with a direct definition.
     #[test]
     fn im2col_matches_definition() {
-        for &(h, w, kh, p, s) in &[(5, 7, 3, 1, 2), (4, 4, 7, 3, 2), (6, 5, 1, 0, 2), (3, 3, 3, 0, 1)] {
+        for &(h, w, kh, p, s) in &[
+            (5, 7, 3, 1, 2),
+            (4, 4, 7, 3, 2),
+            (6, 5, 1, 0, 2),
+            (3, 3, 3, 0, 1),
+        ] {
             let g = Geometry::new((1, 2, h, w), (1, 2, kh, kh), p, s).unwrap();
             let x: Vec<f32> = (0..2 * h * w).map(|i| i as f32 + 1.0).collect();
             let mut col = vec![f32::NAN; g.k() * g.p()];
@@ -665,7 +745,8 @@ mod tests {
                             for xo in 0..g.ow {
                                 let iy = (y * s + ki) as isize - p as isize;
                                 let ix = (xo * s + kj) as isize - p as isize;
-                                let inside = iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize;
+                                let inside =
+                                    iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize;
                                 let want = if inside {
                                     x[ci * h * w + iy as usize * w + ix as usize]
                                 } else {

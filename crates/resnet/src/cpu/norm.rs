@@ -191,7 +191,10 @@ impl CustomOp3 for BatchNormTrain {
         let flat = x
             .detach()
             .apply_op3_no_bwd(&y.detach(), &grad.detach().contiguous()?, &op)?;
-        let dw = weight.track_op().then(|| flat.narrow(0, 0, c)).transpose()?;
+        let dw = weight
+            .track_op()
+            .then(|| flat.narrow(0, 0, c))
+            .transpose()?;
         let db = bias.track_op().then(|| flat.narrow(0, c, c)).transpose()?;
         let dx = if need_x {
             Some(flat.narrow(0, 2 * c, x.elem_count())?.reshape(x.shape())?)
@@ -228,7 +231,11 @@ impl CustomOp3 for BatchNormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let what = "batch-norm backward";
         let (n, c, hw) = dims(xl.shape(), what)?;
-        let (x, y, g) = (data(xs, xl, what)?, data(ys, yl, what)?, data(gs, gl, what)?);
+        let (x, y, g) = (
+            data(xs, xl, what)?,
+            data(ys, yl, what)?,
+            data(gs, gl, what)?,
+        );
         if y.len() != x.len() || g.len() != x.len() {
             candle_core::bail!("cpu batch-norm backward: operand shapes differ")
         }
@@ -318,7 +325,11 @@ impl CustomOp3 for ScaleShift {
         let x = data(xs, xl, what)?;
         let (scale, shift) = (data(ss, sl, what)?, data(bs, bl, what)?);
         if scale.len() != c || shift.len() != c {
-            candle_core::bail!("cpu scale-shift: {c} channels but scale/shift have {}/{} values", scale.len(), shift.len())
+            candle_core::bail!(
+                "cpu scale-shift: {c} channels but scale/shift have {}/{} values",
+                scale.len(),
+                shift.len()
+            )
         }
         let mut out = vec![0f32; x.len()];
         let relu = self.relu;
@@ -354,7 +365,11 @@ impl CustomOp3 for ScaleShift {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Eval mode rarely needs gradients: plain tensor ops suffice.
-        let grad = if self.relu { relu_grad(y, grad)? } else { grad.clone() };
+        let grad = if self.relu {
+            relu_grad(y, grad)?
+        } else {
+            grad.clone()
+        };
         let mut bshape = vec![1; x.rank()];
         bshape[1] = x.dim(1)?;
         let reduce: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
@@ -366,7 +381,10 @@ impl CustomOp3 for ScaleShift {
             .track_op()
             .then(|| (&grad * x.detach())?.sum(reduce.as_slice()))
             .transpose()?;
-        let dshift = shift.track_op().then(|| grad.sum(reduce.as_slice())).transpose()?;
+        let dshift = shift
+            .track_op()
+            .then(|| grad.sum(reduce.as_slice()))
+            .transpose()?;
         Ok((dx, dscale, dshift))
     }
 }

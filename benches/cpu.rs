@@ -1,0 +1,466 @@
+//! `just bench-cpu`: our CPU training speed next to PyTorch's on the same
+//! machine, with the same thread count.
+//!
+//! ResNet-50 with fastai's head (random init: speed does not depend on the
+//! weights), 128 px, batch 64, after warm-up:
+//!
+//! - `train_frozen`, `train_unfrozen`: images/s of forward, stable BCE,
+//!   backward and an Adam step, with the body frozen (BatchNorm still
+//!   trains, as fastai's `freeze()`) and unfrozen;
+//! - `eval`: images/s of the forward pass in eval mode;
+//! - `data`: images/s of the training loader (decode, RandomResizedCrop,
+//!   normalise) over a generated synthetic dataset;
+//! - `peak_rss_mb`: the process's peak resident memory (VmHWM).
+//!
+//! The PyTorch side is `bench/pytorch_cpu.py`, run with `--python PATH`, or
+//! `MULTILABEL_BENCH_PYTHON`, or a virtualenv `.venv-bench` created on demand
+//! with torch, torchvision, pillow and numpy from PyPI; if none of that
+//! works it is skipped with a message. The table goes to stdout and
+//! everything to `target/bench/cpu.json` (`ours`, `pytorch`, `ratio`).
+//!
+//! Flags (after `--`): `--batch-size N`, `--iters N`, `--warmup N`,
+//! `--size N`, `--threads N`, `--images N` (synthetic images for the data
+//! measurement), `--python PATH`, `--no-pytorch`, `--only PHASES` (comma
+//! list of `train_frozen,train_unfrozen,eval,data`). Each also reads
+//! `MULTILABEL_BENCH_<FLAG>` (e.g. `MULTILABEL_BENCH_BATCH_SIZE=16`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use multilabel_data::{
+    Dataset, DatasetConfig, Loader, LoaderConfig, SynthConfig, TransformConfig, synth,
+};
+use multilabel_resnet::{Arch, ResNet, ResNetConfig};
+use multilabel_train::{Adam, AdamConfig, OptGroup, OptParam, StepHypers, bce_with_logits};
+use serde_json::{Value, json};
+
+const PHASES: [&str; 4] = ["train_frozen", "train_unfrozen", "eval", "data"];
+const N_CLASSES: usize = 20;
+
+#[derive(Debug, Clone)]
+struct Options {
+    batch_size: usize,
+    iters: usize,
+    warmup: usize,
+    size: usize,
+    threads: usize,
+    images: usize,
+    python: Option<PathBuf>,
+    pytorch: bool,
+    only: Vec<String>,
+}
+
+fn env_flag(name: &str) -> Option<String> {
+    let key = format!("MULTILABEL_BENCH_{}", name.to_uppercase().replace('-', "_"));
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
+fn parse_options() -> Result<Options> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut flags: BTreeMap<String, String> = BTreeMap::new();
+    for name in [
+        "batch-size",
+        "iters",
+        "warmup",
+        "size",
+        "threads",
+        "images",
+        "python",
+        "only",
+    ] {
+        if let Some(v) = env_flag(name) {
+            flags.insert(name.into(), v);
+        }
+    }
+    let mut pytorch = env_flag("no-pytorch").is_none();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            // cargo bench passes `--bench` to every harness-less bench.
+            "--bench" => {}
+            "--no-pytorch" => pytorch = false,
+            flag if flag.starts_with("--") => {
+                let (name, value) = match flag[2..].split_once('=') {
+                    Some((n, v)) => (n.to_string(), v.to_string()),
+                    None => {
+                        let v = args
+                            .next()
+                            .with_context(|| format!("{flag} needs a value"))?;
+                        (flag[2..].to_string(), v)
+                    }
+                };
+                flags.insert(name, value);
+            }
+            other => bail!("unexpected argument {other}; see the flags in benches/cpu.rs"),
+        }
+    }
+    let number = |name: &str, default: usize| -> Result<usize> {
+        match flags.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .with_context(|| format!("--{name} must be a whole number, got {v}")),
+        }
+    };
+    let only = match flags.get("only") {
+        None => PHASES.iter().map(|s| s.to_string()).collect(),
+        Some(list) => {
+            let only: Vec<String> = list.split(',').map(|s| s.trim().to_string()).collect();
+            if let Some(bad) = only.iter().find(|p| !PHASES.contains(&p.as_str())) {
+                bail!("--only: unknown phase {bad}; use {}", PHASES.join(","));
+            }
+            only
+        }
+    };
+    for name in flags.keys() {
+        let known = [
+            "batch-size",
+            "iters",
+            "warmup",
+            "size",
+            "threads",
+            "images",
+            "python",
+            "only",
+        ];
+        if !known.contains(&name.as_str()) {
+            bail!("unknown flag --{name}; see the flags in benches/cpu.rs");
+        }
+    }
+    let options = Options {
+        batch_size: number("batch-size", 64)?,
+        iters: number("iters", 3)?,
+        warmup: number("warmup", 1)?,
+        size: number("size", 128)?,
+        threads: number("threads", threads)?,
+        images: number("images", 256)?,
+        python: flags.get("python").map(PathBuf::from),
+        pytorch,
+        only,
+    };
+    if options.batch_size < 2 || options.iters == 0 || options.threads == 0 {
+        bail!("--batch-size must be at least 2, --iters and --threads at least 1");
+    }
+    Ok(options)
+}
+
+/// Peak resident memory of this process in MiB (VmHWM).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn optimizer(model: &ResNet) -> Result<Adam> {
+    let groups = model
+        .param_groups()
+        .into_iter()
+        .map(|g| OptGroup {
+            name: g.name,
+            params: g
+                .params
+                .into_iter()
+                .map(|p| OptParam {
+                    name: p.name,
+                    var: p.var,
+                    no_decay: p.no_decay,
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(Adam::new(groups, AdamConfig::default())?)
+}
+
+/// Images/s of `iters` training steps after `warmup` more.
+fn time_train(
+    model: &mut ResNet,
+    frozen: bool,
+    x: &Tensor,
+    y: &Tensor,
+    o: &Options,
+) -> Result<f64> {
+    if frozen {
+        model.freeze();
+    } else {
+        model.unfreeze();
+    }
+    let mut opt = optimizer(model)?;
+    let hypers = StepHypers {
+        lrs: vec![1e-4; opt.groups().len()],
+        mom: 0.9,
+    };
+    let mut step = |model: &ResNet| -> Result<f32> {
+        let logits = model.forward_t(x, true)?;
+        let loss = bce_with_logits(&logits, y, None)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, &hypers)?;
+        Ok(loss.to_scalar::<f32>()?)
+    };
+    for _ in 0..o.warmup {
+        step(model)?;
+    }
+    let start = Instant::now();
+    for _ in 0..o.iters {
+        let loss = step(model)?;
+        if !loss.is_finite() {
+            bail!("training loss became {loss}");
+        }
+    }
+    Ok((o.iters * o.batch_size) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn time_eval(model: &ResNet, x: &Tensor, o: &Options) -> Result<f64> {
+    for _ in 0..o.warmup {
+        model.forward_t(x, false)?;
+    }
+    let start = Instant::now();
+    for _ in 0..o.iters {
+        // Reading a value back makes sure the work is done.
+        model.forward_t(x, false)?.sum_all()?.to_scalar::<f32>()?;
+    }
+    Ok((o.iters * o.batch_size) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Writes (once) a synthetic dataset of `n` JPEGs under `target/bench/`.
+fn synthetic_dataset(target: &Path, n: usize) -> Result<PathBuf> {
+    let root = target.join(format!("bench/synth-{n}"));
+    if !root.join("train.csv").exists() {
+        synth(&SynthConfig {
+            out: root.clone(),
+            n_train: n,
+            n_valid: 0,
+            classes: 6,
+            seed: 0,
+        })
+        .with_context(|| format!("writing a synthetic dataset to {}", root.display()))?;
+    }
+    Ok(root)
+}
+
+fn time_data(root: &Path, o: &Options) -> Result<f64> {
+    let dataset = Dataset::load(&DatasetConfig::new(root))?;
+    let mut items = dataset.train().to_vec();
+    items.extend_from_slice(dataset.valid());
+    let n_items = items.len();
+    let transform = TransformConfig {
+        size: o.size,
+        ..TransformConfig::default()
+    };
+    let mut config = LoaderConfig::train(o.batch_size, 0);
+    config.threads = Some(o.threads);
+    let loader = Loader::new(items, dataset.vocab().len(), transform, config, Device::Cpu);
+    let mut count = 0;
+    // One warm-up epoch fills the page cache, as PyTorch's side sees it.
+    for batch in loader.epoch(0) {
+        batch?;
+    }
+    let start = Instant::now();
+    for batch in loader.epoch(1) {
+        count += batch?.indices.len();
+    }
+    if count == 0 {
+        bail!("the loader produced no batch from {n_items} images; use --images >= --batch-size");
+    }
+    Ok(count as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Our side: every phase in `o.only`.
+fn ours(o: &Options, data_root: Option<&Path>) -> Result<BTreeMap<String, f64>> {
+    let device = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let config = ResNetConfig::new(Arch::ResNet50, N_CLASSES);
+    let mut model = ResNet::new(&config, vb, 0)?;
+    let x = Tensor::randn(0f32, 1.0, (o.batch_size, 3, o.size, o.size), &device)?;
+    let y = Tensor::rand(0f32, 1.0, (o.batch_size, N_CLASSES), &device)?
+        .lt(0.1)?
+        .to_dtype(DType::F32)?;
+    let mut out = BTreeMap::new();
+    let wants = |p: &str| o.only.iter().any(|q| q == p);
+    for (phase, frozen) in [("train_frozen", true), ("train_unfrozen", false)] {
+        if wants(phase) {
+            eprintln!("ours: {phase}");
+            out.insert(phase.into(), time_train(&mut model, frozen, &x, &y, o)?);
+        }
+    }
+    if wants("eval") {
+        eprintln!("ours: eval");
+        out.insert("eval".into(), time_eval(&model, &x, o)?);
+    }
+    if let Some(root) = data_root {
+        eprintln!("ours: data pipeline");
+        out.insert("data".into(), time_data(root, o)?);
+    }
+    if let Some(mb) = peak_rss_mb() {
+        out.insert("peak_rss_mb".into(), mb);
+    }
+    Ok(out)
+}
+
+/// A Python with torch: the flag, the environment, or `.venv-bench`
+/// (created on demand). `Err` says why there is none.
+fn python(o: &Options, root: &Path) -> std::result::Result<PathBuf, String> {
+    if let Some(p) = &o.python {
+        return Ok(p.clone());
+    }
+    let venv = root.join(".venv-bench");
+    let bin = venv.join("bin/python");
+    let has_torch = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import torch, torchvision, PIL, numpy"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if bin.exists() && has_torch(&bin) {
+        return Ok(bin);
+    }
+    eprintln!(
+        "creating {} with torch, torchvision, pillow, numpy from PyPI (once; several minutes)",
+        venv.display()
+    );
+    let created = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .map_err(|e| format!("python3 -m venv failed to start: {e}"))?;
+    if !created.success() {
+        return Err(format!("python3 -m venv {} failed", venv.display()));
+    }
+    let installed = Command::new(&bin)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(["torch", "torchvision", "pillow", "numpy"])
+        .status()
+        .map_err(|e| format!("pip failed to start: {e}"))?;
+    if !installed.success() || !has_torch(&bin) {
+        return Err("pip could not install torch, torchvision, pillow and numpy".into());
+    }
+    Ok(bin)
+}
+
+fn pytorch(
+    o: &Options,
+    root: &Path,
+    data_root: Option<&Path>,
+) -> std::result::Result<BTreeMap<String, f64>, String> {
+    let py = python(o, root)?;
+    let mut cmd = Command::new(&py);
+    cmd.arg(root.join("bench/pytorch_cpu.py"))
+        .args(["--threads", &o.threads.to_string()])
+        .args(["--batch-size", &o.batch_size.to_string()])
+        .args(["--size", &o.size.to_string()])
+        .args(["--warmup", &o.warmup.to_string()])
+        .args(["--iters", &o.iters.to_string()])
+        .args(["--only", &o.only.join(",")])
+        // One thread count for every library PyTorch may use.
+        .env("OMP_NUM_THREADS", o.threads.to_string())
+        .env("MKL_NUM_THREADS", o.threads.to_string());
+    if let Some(data) = data_root {
+        cmd.arg("--images").arg(data.join("train"));
+    }
+    eprintln!("pytorch: {}", py.display());
+    let output = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{} failed to start: {e}", py.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "bench/pytorch_cpu.py exited with {}",
+            output.status
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let value: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| format!("bench/pytorch_cpu.py printed no JSON: {stdout}"))?;
+    let mut out = BTreeMap::new();
+    for key in PHASES.iter().chain(&["peak_rss_mb"]) {
+        if let Some(v) = value.get(*key).and_then(Value::as_f64) {
+            out.insert(key.to_string(), v);
+        }
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let o = parse_options()?;
+    // Both sides get the same number of threads: rayon (ours, candle, gemm)
+    // reads this before its pool starts.
+    // SAFETY: nothing else runs yet.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", o.threads.to_string()) };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    std::fs::create_dir_all(target.join("bench"))?;
+    eprintln!(
+        "resnet50 + fastai head, {} px, batch {}, {} threads, {} warm-up + {} timed steps",
+        o.size, o.batch_size, o.threads, o.warmup, o.iters
+    );
+    let data_root = if o.only.iter().any(|p| p == "data") {
+        Some(synthetic_dataset(&target, o.images)?)
+    } else {
+        None
+    };
+    let ours = ours(&o, data_root.as_deref())?;
+    let theirs = if o.pytorch {
+        match pytorch(&o, &root, data_root.as_deref()) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                eprintln!("pytorch side skipped: {why}");
+                None
+            }
+        }
+    } else {
+        eprintln!("pytorch side skipped: --no-pytorch");
+        None
+    };
+    let mut ratio = BTreeMap::new();
+    if let Some(t) = &theirs {
+        for (key, v) in &ours {
+            if let Some(p) = t.get(key).filter(|p| **p > 0.0) {
+                ratio.insert(key.clone(), v / p);
+            }
+        }
+    }
+    println!();
+    println!(
+        "| {:<14} | {:>10} | {:>10} | {:>8} |",
+        "metric", "ours", "pytorch", "ratio"
+    );
+    println!("|{:-<16}|{:->12}|{:->12}|{:->10}|", "", "", "", "");
+    for key in PHASES.iter().chain(&["peak_rss_mb"]) {
+        let fmt = |v: Option<&f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        println!(
+            "| {:<14} | {:>10} | {:>10} | {:>8} |",
+            key,
+            fmt(ours.get(*key)),
+            fmt(theirs.as_ref().and_then(|t| t.get(*key))),
+            ratio.get(*key).map_or("-".into(), |r| format!("{r:.2}")),
+        );
+    }
+    println!(
+        "(images/s except peak_rss_mb in MiB; ratio = ours / pytorch, higher is better except for memory)"
+    );
+    let json = json!({
+        "config": {
+            "arch": "resnet50", "size": o.size, "batch_size": o.batch_size,
+            "threads": o.threads, "warmup": o.warmup, "iters": o.iters,
+        },
+        "ours": ours,
+        "pytorch": theirs,
+        "ratio": ratio,
+    });
+    let path = target.join("bench/cpu.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,291 @@
+// Parity of the fast CPU kernels (`multilabel_resnet::cpu`) with candle's own
+// ops, forward and backward, on small random shapes: every kernel size a
+// ResNet uses, stride 1 and 2, padding, odd and non-square sizes, batches
+// that do and do not split evenly into the kernels' image groups, and both
+// the parallel and the single-thread plans.
+
+use candle_core::{DType, Device, Tensor, Var};
+use multilabel_resnet::cpu;
+
+/// Deterministic values in about [-2, 2] (xorshift; no RNG crate needed).
+fn values(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// max |a − b| / max |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+    let diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    diff / scale.to_scalar::<f32>().unwrap().max(1e-6)
+}
+
+fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
+    let e = rel_err(a, b);
+    assert!(e <= 1e-4, "{what}: relative error {e}");
+}
+
+/// (n, c_in, c_out, h, w, k, stride, padding)
+const CONV_CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 11] = [
+    (2, 3, 5, 16, 16, 7, 2, 3), // stem
+    (2, 3, 4, 17, 13, 7, 2, 3), // stem, odd and non-square
+    (3, 4, 6, 8, 8, 3, 1, 1),   // 3×3
+    (2, 4, 6, 9, 9, 3, 2, 1),   // 3×3 stride 2, odd
+    (2, 5, 3, 10, 7, 3, 2, 1),  // 3×3 stride 2, non-square
+    (2, 6, 8, 8, 8, 1, 1, 0),   // 1×1 (no im2col)
+    (2, 6, 8, 7, 7, 1, 2, 0),   // 1×1 stride 2 (downsample)
+    (5, 4, 6, 10, 10, 3, 1, 1), // 100 pixels: images grouped 3 + 2
+    (5, 8, 4, 4, 4, 1, 1, 0),   // 16 pixels: one group of 5, 1×1
+    (7, 4, 4, 4, 4, 3, 1, 1),   // 16 pixels, 3×3
+    (1, 2, 3, 5, 5, 5, 1, 0),   // no padding, 5×5
+];
+
+fn check_conv_case(i: usize, case: (usize, usize, usize, usize, usize, usize, usize, usize)) {
+    let (n, c_in, c_out, h, w, k, stride, padding) = case;
+    let x = Var::from_tensor(&values(&[n, c_in, h, w], 10 + i as u64)).unwrap();
+    let kernel = Var::from_tensor(&values(&[c_out, c_in, k, k], 100 + i as u64)).unwrap();
+    let ours = cpu::conv2d(&x, &kernel, padding, stride).unwrap();
+    let theirs = candle_conv(&x, &kernel, padding, stride);
+    assert_close(&format!("case {i} forward"), &ours, &theirs);
+    // A random linear loss makes the output gradient non-uniform.
+    let r = values(theirs.dims(), 1000 + i as u64);
+    let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_theirs = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, var) in [("input", &x), ("kernel", &kernel)] {
+        let a = g_ours.get(var).expect("our gradient");
+        let b = g_theirs.get(var).expect("candle's gradient");
+        assert_close(&format!("case {i} {name} gradient"), a, b);
+    }
+}
+
+/// candle's conv2d on an explicitly padded input cropped to the rows and
+/// columns the windows reach: candle 0.11's conv backward returns an input
+/// gradient of the wrong width when the last window stops short of the
+/// padded edge (e.g. width 7, 3×3, stride 2, padding 1), so the reference
+/// convolution is arranged to fit exactly.
+fn candle_conv(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Tensor {
+    let (_, _, h, w) = x.dims4().unwrap();
+    let (_, _, kh, kw) = kernel.dims4().unwrap();
+    let reach = |len: usize, k: usize| ((len + 2 * padding - k) / stride) * stride + k;
+    let padded = x
+        .pad_with_zeros(2, padding, padding)
+        .unwrap()
+        .pad_with_zeros(3, padding, padding)
+        .unwrap()
+        .narrow(2, 0, reach(h, kh))
+        .unwrap()
+        .narrow(3, 0, reach(w, kw))
+        .unwrap();
+    padded.conv2d(kernel, 0, stride, 1, 1).unwrap()
+}
+
+/// Forward, input gradient and kernel gradient equal candle's conv2d and
+/// its backward for every case.
+#[test]
+fn conv2d_matches_candle_forward_and_backward() {
+    for (i, &case) in CONV_CASES.iter().enumerate() {
+        check_conv_case(i, case);
+    }
+}
+
+/// The same in a one-thread pool, where each product gets every thread
+/// rather than each image group getting one.
+#[test]
+fn conv2d_matches_candle_in_one_thread() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        for (i, &case) in CONV_CASES.iter().enumerate() {
+            check_conv_case(i, case);
+        }
+    });
+}
+
+/// A detached (frozen) kernel gets no gradient, and an input that tracks
+/// nothing (the image) gets none either, while the other operand does.
+#[test]
+fn conv2d_computes_only_needed_gradients() {
+    let x = Var::from_tensor(&values(&[2, 3, 6, 6], 1)).unwrap();
+    let kernel = Var::from_tensor(&values(&[4, 3, 3, 3], 2)).unwrap();
+    let out = cpu::conv2d(x.as_tensor(), &kernel.as_detached_tensor(), 1, 1).unwrap();
+    let grads = out.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_some());
+    assert!(grads.get(&kernel).is_none());
+    let image = x.as_detached_tensor();
+    let out = cpu::conv2d(&image, kernel.as_tensor(), 1, 2).unwrap();
+    let grads = out.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&kernel).is_some());
+    assert!(grads.get(&image).is_none());
+    let out = cpu::conv2d(&image, &kernel.as_detached_tensor(), 1, 1).unwrap();
+    assert!(!out.track_op(), "nothing to differentiate: no graph node");
+}
+
+/// Shape errors say what is wrong instead of panicking.
+#[test]
+fn conv2d_rejects_mismatched_channels() {
+    let x = values(&[1, 3, 8, 8], 1);
+    let kernel = values(&[4, 2, 3, 3], 2);
+    let err = cpu::conv2d(&x, &kernel, 1, 1).unwrap_err().to_string();
+    assert!(err.contains("3 channels"), "{err}");
+}
+
+/// Reference BatchNorm (train mode) from candle tensor ops.
+fn batch_norm_reference(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    relu: bool,
+) -> (Tensor, Tensor, Tensor) {
+    let c = x.dim(1).unwrap();
+    let mut bshape = vec![1; x.rank()];
+    bshape[1] = c;
+    let reduce: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+    let mean = x.mean_keepdim(reduce.as_slice()).unwrap();
+    let centred = x.broadcast_sub(&mean).unwrap();
+    let var = centred
+        .sqr()
+        .unwrap()
+        .mean_keepdim(reduce.as_slice())
+        .unwrap();
+    let inv_std = (var.clone() + 1e-5)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .recip()
+        .unwrap();
+    let y = centred
+        .broadcast_mul(&inv_std)
+        .unwrap()
+        .broadcast_mul(&w.reshape(bshape.as_slice()).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape(bshape.as_slice()).unwrap())
+        .unwrap();
+    let y = if relu { y.relu().unwrap() } else { y };
+    (y, mean.flatten_all().unwrap(), var.flatten_all().unwrap())
+}
+
+/// Train-mode BatchNorm, with and without the fused ReLU, on 4-D and 2-D
+/// inputs: output, batch statistics and the gradients of input, weight and
+/// bias match the composition of candle ops.
+#[test]
+fn batch_norm_train_matches_candle_ops() {
+    let cases: [&[usize]; 4] = [&[4, 3, 5, 7], &[2, 6, 8, 8], &[3, 5, 1, 1], &[8, 10]];
+    for (i, dims) in cases.iter().enumerate() {
+        for relu in [false, true] {
+            let c = dims[1];
+            // An offset mean checks that the variance is computed stably.
+            let x = Var::from_tensor(&(values(dims, 20 + i as u64) + 3.0).unwrap()).unwrap();
+            let w = Var::from_tensor(&values(&[c], 30 + i as u64)).unwrap();
+            let b = Var::from_tensor(&values(&[c], 40 + i as u64)).unwrap();
+            let (y, mean, var) = cpu::batch_norm_train(&x, &w, &b, 1e-5, relu).unwrap();
+            let (y_ref, mean_ref, var_ref) = batch_norm_reference(&x, &w, &b, relu);
+            let what = format!("case {i} relu {relu}");
+            assert_close(&format!("{what} forward"), &y, &y_ref);
+            assert_close(&format!("{what} mean"), &mean, &mean_ref);
+            assert_close(&format!("{what} var"), &var, &var_ref);
+            assert!(!mean.track_op() && !var.track_op());
+            let r = values(dims, 50 + i as u64);
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in [("x", &x), ("weight", &w), ("bias", &b)] {
+                let a = g.get(var).expect("our gradient");
+                let e = g_ref.get(var).expect("reference gradient");
+                assert_close(&format!("{what} {name} gradient"), a, e);
+            }
+        }
+    }
+}
+
+/// With an input that tracks nothing (a frozen conv's output) only the
+/// weight and bias get gradients.
+#[test]
+fn batch_norm_train_skips_input_gradient() {
+    let x = values(&[2, 3, 4, 4], 1);
+    let w = Var::from_tensor(&values(&[3], 2)).unwrap();
+    let b = Var::from_tensor(&values(&[3], 3)).unwrap();
+    let (y, _, _) = cpu::batch_norm_train(&x, &w, &b, 1e-5, true).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&w).is_some() && grads.get(&b).is_some());
+    assert!(grads.get(&x).is_none());
+}
+
+/// Eval-mode BatchNorm as a per-channel affine (with and without ReLU)
+/// matches broadcast ops, forward and backward.
+#[test]
+fn scale_shift_matches_candle_ops() {
+    for relu in [false, true] {
+        let x = Var::from_tensor(&values(&[3, 4, 5, 6], 7)).unwrap();
+        let scale = Var::from_tensor(&values(&[4], 8)).unwrap();
+        let shift = Var::from_tensor(&values(&[4], 9)).unwrap();
+        let y = cpu::scale_shift(&x, &scale, &shift, relu).unwrap();
+        let y_ref = x
+            .broadcast_mul(&scale.reshape((1, 4, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&shift.reshape((1, 4, 1, 1)).unwrap())
+            .unwrap();
+        let y_ref = if relu { y_ref.relu().unwrap() } else { y_ref };
+        assert_close("scale-shift forward", &y, &y_ref);
+        let r = values(&[3, 4, 5, 6], 10);
+        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in [("x", &x), ("scale", &scale), ("shift", &shift)] {
+            assert_close(
+                &format!("scale-shift relu {relu} {name} gradient"),
+                g.get(var).unwrap(),
+                g_ref.get(var).unwrap(),
+            );
+        }
+    }
+}
+
+/// The residual `relu(a + b)` matches candle's add and relu, forward and
+/// backward, on a tensor larger than one parallel chunk.
+#[test]
+fn add_relu_matches_candle_ops() {
+    let dims = [3, 7, 40, 41];
+    let a = Var::from_tensor(&values(&dims, 11)).unwrap();
+    let b = Var::from_tensor(&values(&dims, 12)).unwrap();
+    let y = cpu::add_relu(&a, &b).unwrap();
+    let y_ref = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+    assert_close("add-relu forward", &y, &y_ref);
+    let r = values(&dims, 13);
+    let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, var) in [("a", &a), ("b", &b)] {
+        assert_close(
+            &format!("add-relu {name} gradient"),
+            g.get(var).unwrap(),
+            g_ref.get(var).unwrap(),
+        );
+    }
+}
+
+/// Other dtypes take candle's path and still give the same values.
+#[test]
+fn f64_falls_back_to_candle() {
+    let x = values(&[2, 3, 6, 6], 1).to_dtype(DType::F64).unwrap();
+    let kernel = values(&[4, 3, 3, 3], 2).to_dtype(DType::F64).unwrap();
+    let ours = cpu::conv2d(&x, &kernel, 1, 2).unwrap();
+    let theirs = x.conv2d(&kernel, 1, 2, 1, 1).unwrap();
+    assert_eq!(ours.dtype(), DType::F64);
+    let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
+}
