@@ -67,6 +67,11 @@ pub struct TrainArgs {
     /// Peak learning rate of the head (fine_tune's `base_lr`)
     #[arg(long, default_value_t = 3e-3)]
     pub base_lr: f64,
+    /// Ratio of the head's learning rate to the stem's in the unfrozen phase
+    /// (fine_tune's `lr_mult`; 1 trains every group at the same rate, as a
+    /// network trained from scratch needs)
+    #[arg(long, default_value_t = 100.0)]
+    pub lr_mult: f64,
     /// Threshold of the accuracy_multi printed each epoch
     #[arg(long, default_value_t = 0.2)]
     pub thresh: f32,
@@ -103,6 +108,7 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub freeze_epochs: usize,
     pub base_lr: f64,
+    pub lr_mult: f64,
     pub metric_thresh: f32,
     pub seed: u64,
 }
@@ -132,6 +138,9 @@ impl TrainArgs {
         }
         if !(self.base_lr > 0.0 && self.base_lr.is_finite()) {
             bail!("--base-lr must be a positive number, got {}", self.base_lr);
+        }
+        if !(self.lr_mult >= 1.0 && self.lr_mult.is_finite()) {
+            bail!("--lr-mult must be at least 1, got {}", self.lr_mult);
         }
         if self.epochs == 0 && self.freeze_epochs == 0 {
             bail!("nothing to train: --epochs and --freeze-epochs are both 0");
@@ -181,6 +190,7 @@ impl TrainArgs {
             epochs: self.epochs,
             freeze_epochs: self.freeze_epochs,
             base_lr: self.base_lr,
+            lr_mult: self.lr_mult,
             metric_thresh: self.thresh,
             seed: self.seed,
         })
@@ -502,6 +512,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
     let plan = FineTune {
         freeze_epochs: config.freeze_epochs,
+        lr_mult: config.lr_mult,
         ..FineTune::new(config.epochs, config.base_lr)
     };
     guard.keep();
@@ -616,12 +627,13 @@ pub fn demo_train_args(
         weights: Some("none".into()),
         offline: true,
         size,
-        min_scale: 0.35,
+        min_scale: 0.75,
         flip: false,
         bs: 32,
         epochs,
         freeze_epochs: 1,
         base_lr: 1e-2,
+        lr_mult: 1.0,
         thresh: 0.5,
         device: "cpu".into(),
         seed,
