@@ -74,34 +74,24 @@ fn dataset() -> &'static Path {
 /// Flags of a quick training run of a narrow ResNet-18 from scratch (64 px:
 /// at 32 px the body ends at 1×1 and learns the synthetic shapes poorly).
 fn train_flags<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    #[rustfmt::skip]
     let mut flags = vec![
-        "train",
-        "--data",
-        data,
-        "--run",
-        run,
-        "--arch",
-        "resnet18",
-        "--width",
-        "8",
-        "--weights",
-        "none",
-        "--size",
-        "32",
-        "--bs",
-        "16",
-        "--freeze-epochs",
-        "1",
-        "--epochs",
-        "3",
-        "--base-lr",
-        "1e-2",
-        "--device",
-        "cpu",
-        "--seed",
-        "3",
+        "train", "--data", data, "--run", run,
+        "--arch", "resnet18", "--width", "16", "--weights", "none",
+        "--size", "64", "--min-scale", "0.9", "--bs", "16",
+        "--freeze-epochs", "1", "--epochs", "3", "--base-lr", "1e-2", "--lr-mult", "1",
+        "--device", "cpu", "--seed", "3",
     ];
-    flags.extend_from_slice(extra);
+    // Flags given in `extra` replace the defaults above (clap refuses repeats).
+    let mut rest = extra.iter();
+    while let Some(&flag) = rest.next() {
+        let takes_value = flag != "--flip";
+        let value = if takes_value { rest.next().copied() } else { None };
+        match (flags.iter().position(|f| *f == flag), value) {
+            (Some(at), Some(value)) => flags[at + 1] = value,
+            (_, value) => flags.extend(std::iter::once(flag).chain(value)),
+        }
+    }
     flags
 }
 
