@@ -100,7 +100,7 @@ impl EvalReport {
         line(
             &mut out,
             format!(
-                "accuracy_multi  {:.6}  (thresh {})",
+                "accuracy_multi  {:.6}  (thresh {:.4})",
                 self.accuracy_multi, self.thresh
             ),
         );
