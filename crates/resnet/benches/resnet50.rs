@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p multilabel-resnet --bench resnet50`; environment variables
 //! `RESNET_BENCH_BATCH` (default 64), `RESNET_BENCH_SIZE` (128) and
-//! `RESNET_BENCH_ITERS` (2, after one warm-up) change the workload.
+//! `RESNET_BENCH_ITERS` (1, after one warm-up) change the workload.
 
 use std::time::Instant;
 
@@ -31,7 +31,7 @@ fn time(iters: usize, mut f: impl FnMut()) -> f64 {
 fn main() -> candle_core::Result<()> {
     let batch = env_usize("RESNET_BENCH_BATCH", 64);
     let size = env_usize("RESNET_BENCH_SIZE", 128);
-    let iters = env_usize("RESNET_BENCH_ITERS", 2).max(1);
+    let iters = env_usize("RESNET_BENCH_ITERS", 1).max(1);
     let device = Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
