@@ -54,13 +54,14 @@ lint:
 # every benchmark
 bench: bench-data bench-resnet bench-cpu
 
-# data pipeline images/s (1 thread and all threads); MULTILABEL_BENCH_DIR=folder adds a real dataset
+# data pipeline images/s at 128 px (1 thread and all threads); `just bench-data DIR` adds a real dataset folder
 bench-data *ARGS:
-    cargo bench -p multilabel-data {{ARGS}}
+    cargo bench -p multilabel-data --bench data_pipeline -- {{ARGS}}
 
 # ResNet-50 forward / forward+backward time per image, frozen and unfrozen
+# (RESNET_BENCH_BATCH, RESNET_BENCH_SIZE, RESNET_BENCH_ITERS change the defaults 64, 128, 1)
 bench-resnet *ARGS:
-    cargo bench -p multilabel-resnet {{ARGS}}
+    cargo bench -p multilabel-resnet --bench resnet50 -- {{ARGS}}
 
 # ResNet-50 training/eval/data images/s and peak memory next to PyTorch's (same threads);
 # e.g. `just bench-cpu --batch-size 16 --iters 2`; writes target/bench/cpu.json
