@@ -31,6 +31,23 @@ def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
+def peak_rss_mb():
+    """This process's peak resident memory in MiB.
+
+    VmHWM belongs to the address space, which execve replaces; ru_maxrss
+    does not reset across execve, so when the Rust bench forks and execs
+    this script it would report the parent's peak instead.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def fastai_head(torch, nf, n_classes):
     nn = torch.nn
 
@@ -211,7 +228,7 @@ def main():
     if args.images and "data" in only:
         log("pytorch: data pipeline")
         result["data"] = time_data(args.images, args.threads, args.size, args.batch_size)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 

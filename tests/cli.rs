@@ -86,7 +86,11 @@ fn train_flags<'a>(data: &'a str, run: &'a str, extra: &[&'a str]) -> Vec<&'a st
     let mut rest = extra.iter();
     while let Some(&flag) = rest.next() {
         let takes_value = flag != "--flip";
-        let value = if takes_value { rest.next().copied() } else { None };
+        let value = if takes_value {
+            rest.next().copied()
+        } else {
+            None
+        };
         match (flags.iter().position(|f| *f == flag), value) {
             (Some(at), Some(value)) => flags[at + 1] = value,
             (_, value) => flags.extend(std::iter::once(flag).chain(value)),
@@ -326,4 +330,31 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
 
     // eval without any run.
     fails(&["eval", "--thresh", "0.5"], cwd, "runs/latest");
+}
+
+#[test]
+fn lr_find_prints_the_search_and_writes_a_plot() {
+    let work = tempfile::tempdir().unwrap();
+    let data = dataset().to_str().unwrap();
+    let mut flags = train_flags(data, "unused", &["--num-it", "12", "--plot", "lr.png"]);
+    flags[0] = "lr-find";
+    let at = flags.iter().position(|f| *f == "--run").unwrap();
+    flags.drain(at..at + 2);
+    let output = ok(&flags, work.path());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let rows = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("1.000e-7") || l.contains("e-"))
+        .count();
+    assert!(rows >= 2, "no lr rows:\n{stdout}");
+    assert!(
+        stdout.contains("1.000e-7"),
+        "first lr is start_lr:\n{stdout}"
+    );
+    let png = std::fs::read(work.path().join("lr.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(
+        !work.path().join("unused").exists(),
+        "lr-find creates no run"
+    );
 }

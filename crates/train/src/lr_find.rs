@@ -66,7 +66,9 @@ pub fn valley(lrs: &[f64], losses: &[f64]) -> Option<f64> {
     let losses = &losses[skip..n_all - 5];
     let n = losses.len();
     let mut longest = vec![1usize; n];
-    let (mut max_start, mut max_end) = (0usize, 0usize);
+    // fastai's `max_start` is one before the run's first point, so it is -1
+    // for a run that starts at the first point: keep it signed.
+    let (mut max_start, mut max_end) = (0isize, 0usize);
     for i in 1..n {
         for j in 0..i {
             if losses[i] < losses[j] && longest[i] < longest[j] + 1 {
@@ -74,13 +76,13 @@ pub fn valley(lrs: &[f64], losses: &[f64]) -> Option<f64> {
             }
             if longest[max_end] < longest[i] {
                 max_end = i;
-                max_start = max_end - longest[max_end];
+                max_start = max_end as isize - longest[max_end] as isize;
             }
         }
     }
-    let sections = (max_end - max_start) as f64 / 3.0;
-    let index = max_start + sections as usize + (sections / 2.0) as usize;
-    lrs.get(index).copied()
+    let sections = (max_end as isize - max_start) as f64 / 3.0;
+    let index = max_start + sections as isize + (sections / 2.0) as isize;
+    lrs.get(index.clamp(0, n as isize - 1) as usize).copied()
 }
 
 impl Learner {
@@ -172,6 +174,17 @@ mod tests {
         // descent, then 0.2), so fastai's start is 70 - 42 = 28; sections = 14
         // → local index 28 + 14 + 7 = 49 → point 59.
         assert_eq!(lr, lrs[59]);
+    }
+
+    #[test]
+    fn valley_of_a_loss_falling_from_the_start() {
+        // Strictly falling over the kept points: the run starts at the first
+        // kept point (fastai's max_start = -1) and the index stays in range.
+        let lrs: Vec<f64> = (0..30).map(|i| exp_lr(1e-7, 10.0, i, 30)).collect();
+        let losses: Vec<f64> = (0..30).map(|i| 10.0 - i as f64 * 0.1).collect();
+        // Kept: points 3..25 (22 points); run -1..21 → sections 22/3 = 7.33
+        // → index -1 + 7 + 3 = 9 → point 12.
+        assert_eq!(valley(&lrs, &losses), Some(lrs[12]));
     }
 
     #[test]

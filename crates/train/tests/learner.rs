@@ -342,3 +342,36 @@ fn non_finite_loss_stops_without_writing_state() {
         assert_eq!(value, old, "{name} changed");
     }
 }
+
+#[test]
+fn lr_find_records_a_rising_lr_and_restores_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let mut learner = learner(&data);
+    learner.freeze();
+    let before = weights(&learner);
+    let step_before = learner.global_step();
+    let config = multilabel_train::LrFindConfig {
+        num_it: 20,
+        ..Default::default()
+    };
+    let result = learner.lr_find(&config).unwrap();
+    // 96 images / 16 = 6 batches per epoch: the finder runs over several epochs.
+    assert!(!result.lrs.is_empty() && result.lrs.len() <= 20);
+    assert_eq!(result.lrs.len(), result.losses.len());
+    assert!((result.lrs[0] - 1e-7).abs() < 1e-20);
+    assert!(
+        result.lrs.windows(2).all(|w| w[1] > w[0]),
+        "exponential schedule"
+    );
+    if !result.diverged {
+        assert_eq!(result.lrs.len(), 20);
+        assert!(result.suggestion.is_some());
+    }
+    // Weights, running statistics, optimizer state and step count are back.
+    assert_eq!(weights(&learner), before);
+    assert_eq!(learner.global_step(), step_before);
+    assert!(learner.optimizer().export_state().tensors.is_empty());
+    // The restored learner still trains normally.
+    learner.fine_tune(&plan()).unwrap();
+}
