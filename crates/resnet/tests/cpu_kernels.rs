@@ -37,7 +37,9 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
 }
 
 /// (n, c_in, c_out, h, w, k, stride, padding)
-const CONV_CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 11] = [
+type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+const CONV_CASES: [ConvCase; 11] = [
     (2, 3, 5, 16, 16, 7, 2, 3), // stem
     (2, 3, 4, 17, 13, 7, 2, 3), // stem, odd and non-square
     (3, 4, 6, 8, 8, 3, 1, 1),   // 3×3
@@ -51,7 +53,7 @@ const CONV_CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 11]
     (1, 2, 3, 5, 5, 5, 1, 0),   // no padding, 5×5
 ];
 
-fn check_conv_case(i: usize, case: (usize, usize, usize, usize, usize, usize, usize, usize)) {
+fn check_conv_case(i: usize, case: ConvCase) {
     let (n, c_in, c_out, h, w, k, stride, padding) = case;
     let x = Var::from_tensor(&values(&[n, c_in, h, w], 10 + i as u64)).unwrap();
     let kernel = Var::from_tensor(&values(&[c_out, c_in, k, k], 100 + i as u64)).unwrap();
