@@ -85,6 +85,41 @@ impl BatchNorm {
         })
     }
 
+    /// `forward_t`, then ReLU if `relu`: one fused pass on the CPU.
+    pub(crate) fn forward_relu_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if crate::cpu::supported(x) && x.rank() == 4 {
+            let channels = self.weight.dim(0)?;
+            if train {
+                let count = x.elem_count() / channels;
+                if count < 2 {
+                    candle_core::bail!(
+                        "batch-norm {}: train mode needs more than one value per channel, got {:?}; use a larger batch",
+                        self.name,
+                        x.dims()
+                    )
+                }
+                let (y, mean, var) = crate::cpu::batch_norm_train(
+                    x,
+                    self.weight.as_tensor(),
+                    self.bias.as_tensor(),
+                    EPS,
+                    relu,
+                )?;
+                self.update_running(&mean, &var, count)?;
+                return Ok(y);
+            }
+            let inv_std = (self.running_var.as_detached_tensor() + EPS)?
+                .sqrt()?
+                .recip()?;
+            let scale = (self.weight.as_tensor() * inv_std)?;
+            let shift =
+                (self.bias.as_tensor() - (self.running_mean.as_detached_tensor() * &scale)?)?;
+            return crate::cpu::scale_shift(x, &scale, &shift, relu);
+        }
+        let y = self.forward_t(x, train)?;
+        if relu { y.relu() } else { Ok(y) }
+    }
+
     pub(crate) fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dtype = x.dtype();
         // Batch statistics and their gradients are sums over up to millions

@@ -17,6 +17,9 @@ use candle_core::{
 
 /// `conv2d(x, kernel)` with square `padding` and `stride`, no dilation, one group.
 pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if crate::cpu::supported(x) && crate::cpu::supported(kernel) {
+        return crate::cpu::conv2d(x, kernel, padding, stride);
+    }
     let out = x.detach().conv2d(&kernel.detach(), padding, stride, 1, 1)?;
     if !x.track_op() && !kernel.track_op() {
         return Ok(out);
@@ -263,7 +266,10 @@ mod tests {
             let ours = conv2d(&x, &w, padding, stride).unwrap();
             let theirs = x.conv2d(&w, padding, stride, 1, 1).unwrap();
             assert_eq!(ours.dims(), theirs.dims(), "case {i}");
-            assert!(max_abs_diff(&ours, &theirs) == 0.0, "case {i}");
+            // On the CPU ours is the im2col + gemm kernel of `crate::cpu`,
+            // which sums in another order than candle: equal up to rounding.
+            let d = max_abs_diff(&ours, &theirs);
+            assert!(d < 1e-4, "case {i} forward: max diff {d}");
             let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g_theirs = (theirs * &r)
                 .unwrap()

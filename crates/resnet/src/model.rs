@@ -144,16 +144,15 @@ impl Block {
         let last = self.convs.len() - 1;
         let mut out = x.clone();
         for (j, (conv, bn)) in self.convs.iter().enumerate() {
-            out = bn.forward_t(&conv.forward(&out, frozen_groups)?, train)?;
-            if j < last {
-                out = out.relu()?;
-            }
+            out = bn.forward_relu_t(&conv.forward(&out, frozen_groups)?, train, j < last)?;
         }
         let identity = match &self.downsample {
-            Some((conv, bn)) => bn.forward_t(&conv.forward(x, frozen_groups)?, train)?,
+            Some((conv, bn)) => {
+                bn.forward_relu_t(&conv.forward(x, frozen_groups)?, train, false)?
+            }
             None => x.clone(),
         };
-        (out + identity)?.relu()
+        crate::cpu::add_relu(&out, &identity)
     }
 
     fn layers(&self) -> impl Iterator<Item = &(Conv, BatchNorm)> {
@@ -256,7 +255,7 @@ impl ResNet {
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let frozen = self.frozen_groups;
         let (conv, bn) = &self.stem;
-        let x = bn.forward_t(&conv.forward(x, frozen)?, train)?.relu()?;
+        let x = bn.forward_relu_t(&conv.forward(x, frozen)?, train, true)?;
         let mut x = max_pool_3x3_s2(&x)?;
         for block in self.stages.iter().flatten() {
             x = block.forward_t(&x, train, frozen)?;

@@ -178,7 +178,8 @@ mod tests {
     use super::*;
 
     fn preds() -> Preds {
-        // Two classes, four images: class "a" perfectly ranked, "b" inverted.
+        // Two classes, four images: class "a" perfectly ranked; "b" has
+        // positives at the highest and the lowest score.
         Preds {
             probs: vec![0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.2, 0.6],
             targets: vec![1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0],
@@ -195,13 +196,14 @@ mod tests {
         assert_eq!(report.n_images, 4);
         assert_eq!(report.per_class[0].ap, Some(1.0));
         assert_eq!(report.per_class[0].support, 2);
-        assert_eq!(report.per_class[1].support, 1);
-        // b's only positive has the lowest score of four: AP = 1/4.
-        assert_eq!(report.per_class[1].ap, Some(0.25));
-        assert!((report.map - 0.625).abs() < 1e-12);
-        // At 0.5: row 0 (1,0) vs (1,1) wrong on b; row 1 (1,0) right; row 2 (0,1) wrong on b;
-        // row 3 (0,1) wrong on b → 5 of 8 elements right.
-        assert!((report.accuracy_multi - 5.0 / 8.0).abs() < 1e-12);
+        assert_eq!(report.per_class[1].support, 2);
+        // b ranked 0.7 (pos), 0.6, 0.2, 0.1 (pos): precision 1/1 and 2/4 → AP 0.75.
+        assert_eq!(report.per_class[1].ap, Some(0.75));
+        assert!((report.map - 0.875).abs() < 1e-12);
+        // At 0.5, a is all right; b predicts (0,0,1,1) for (1,0,1,0): 2 of 4 → 6 of 8.
+        assert!((report.accuracy_multi - 6.0 / 8.0).abs() < 1e-12);
+        // Exact match: rows 1 and 2 are fully right.
+        assert!((report.exact_match - 0.5).abs() < 1e-12);
         assert_eq!(report.sweep.len(), 3);
         assert!(
             report
