@@ -169,16 +169,16 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub dir: PathBuf,
     /// Epochs after the first (frozen) one
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     pub epochs: usize,
     /// Image side in pixels
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Training images to generate
-    #[arg(long, default_value_t = 480)]
+    #[arg(long, default_value_t = 800)]
     pub n_train: usize,
     /// Validation images to generate
-    #[arg(long, default_value_t = 160)]
+    #[arg(long, default_value_t = 200)]
     pub n_valid: usize,
     /// Seed of the data and the training
     #[arg(long, default_value_t = 0)]
