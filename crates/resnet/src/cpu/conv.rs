@@ -286,7 +286,7 @@ fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
     let img_out = o * p;
     let group = g.group();
     let groups = g.n.div_ceil(group);
-    let mut out = vec![0f32; g.n * img_out];
+    let mut out = super::zeroed(g.n * img_out);
     let (par, threads) = plan(groups);
     let run = |(gi, out): (usize, &mut [f32]), col: &mut Vec<f32>, tmp: &mut Vec<f32>| {
         let first = gi * group;
@@ -355,7 +355,7 @@ fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
     let img_out = o * p;
     let group = g.group();
     let groups = g.n.div_ceil(group);
-    let mut dx = vec![0f32; g.n * img_in];
+    let mut dx = super::zeroed(g.n * img_in);
     let (par, threads) = plan(groups);
     // Wᵀ: `[K, O]`.
     let lhs = Mat::rows(kernel.as_ptr(), k).t();

@@ -25,3 +25,27 @@ mod norm;
 
 pub use conv::{conv2d, conv2d_input_grad, conv2d_kernel_grad, supported};
 pub use norm::{add_relu, batch_norm_train, scale_shift};
+
+/// A zeroed `f32` buffer of `len` values, zeroed in parallel.
+///
+/// `vec![0.0; len]` zeroes (and, for a fresh mapping, page-faults in) the
+/// whole buffer on the calling thread, which is the main thread during
+/// backward while the pool idles; at ResNet activation sizes that serial pass
+/// was a visible share of a training step. Zeroing chunks on the pool spreads
+/// both the writes and the page faults over the threads.
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    /// Values per task: below this one thread zeroes everything.
+    const CHUNK: usize = 1 << 16;
+    if len <= CHUNK {
+        return vec![0.0; len];
+    }
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .for_each(|chunk: &mut [MaybeUninit<f32>]| chunk.fill(MaybeUninit::new(0.0)));
+    // SAFETY: the loop above initialised all `len` values.
+    unsafe { out.set_len(len) };
+    out
+}

@@ -124,7 +124,7 @@ impl CustomOp3 for BatchNormTrain {
                 xl.shape().dims()
             )
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::zeroed(x.len());
         let ptr = OutPtr(out.as_mut_ptr());
         let relu = self.relu;
         let per_channel: Vec<(f32, f32, f32)> = (0..c)
@@ -241,7 +241,7 @@ impl CustomOp3 for BatchNormGrad {
         }
         let count = (n * hw) as f64;
         let len = 2 * c + if self.need_x { x.len() } else { 0 };
-        let mut out = vec![0f32; len];
+        let mut out = super::zeroed(len);
         let ptr = OutPtr(out.as_mut_ptr());
         let relu = self.relu;
         (0..c).into_par_iter().for_each(|ci| {
@@ -250,22 +250,28 @@ impl CustomOp3 for BatchNormGrad {
             let (mut sum_g, mut sum_gx) = (0f64, 0f64);
             for ni in 0..n {
                 let (xr, yr, gr) = (&x[row(ni)], &y[row(ni)], &g[row(ni)]);
+                // Zipped fixed-size chunks let the loop vectorise without
+                // bounds checks; indexing `xr[i + l]` kept the checks, and
+                // this pass then cost several times the forward's.
+                let (xc, yc, gc) = (
+                    xr.chunks_exact(LANES),
+                    yr.chunks_exact(LANES),
+                    gr.chunks_exact(LANES),
+                );
+                let (xt, yt, gt) = (xc.remainder(), yc.remainder(), gc.remainder());
                 let mut acc_g = [0f32; LANES];
                 let mut acc_gx = [0f32; LANES];
-                let mut i = 0;
-                while i + LANES <= hw {
+                for ((xs, ys), gs) in xc.zip(yc).zip(gc) {
                     for l in 0..LANES {
-                        let k = i + l;
-                        let gv = if relu && yr[k] <= 0.0 { 0.0 } else { gr[k] };
+                        let gv = if relu && ys[l] <= 0.0 { 0.0 } else { gs[l] };
                         acc_g[l] += gv;
-                        acc_gx[l] += gv * (xr[k] - m);
+                        acc_gx[l] += gv * (xs[l] - m);
                     }
-                    i += LANES;
                 }
-                for k in i..hw {
-                    let gv = if relu && yr[k] <= 0.0 { 0.0 } else { gr[k] };
+                for ((&xv, &yv), &gv) in xt.iter().zip(yt).zip(gt) {
+                    let gv = if relu && yv <= 0.0 { 0.0 } else { gv };
                     sum_g += f64::from(gv);
-                    sum_gx += f64::from(gv * (xr[k] - m));
+                    sum_gx += f64::from(gv * (xv - m));
                 }
                 sum_g += acc_g.iter().map(|&v| f64::from(v)).sum::<f64>();
                 sum_gx += acc_gx.iter().map(|&v| f64::from(v)).sum::<f64>();
@@ -291,9 +297,9 @@ impl CustomOp3 for BatchNormGrad {
                 // SAFETY: row (ni, ci) of dx belongs to this task only.
                 let dst = unsafe { ptr.slice(2 * c + r.start, hw) };
                 let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
-                for k in 0..hw {
-                    let gv = if relu && yr[k] <= 0.0 { 0.0 } else { gr[k] };
-                    dst[k] = k1 * gv - k2 - k3 * (xr[k] - m);
+                for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xr).zip(yr).zip(gr) {
+                    let gv = if relu && yv <= 0.0 { 0.0 } else { gv };
+                    *d = k1 * gv - k2 - k3 * (xv - m);
                 }
             }
         });
@@ -331,7 +337,7 @@ impl CustomOp3 for ScaleShift {
                 shift.len()
             )
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::zeroed(x.len());
         let relu = self.relu;
         let rows_per_task = CHUNK.div_ceil(hw.max(1)).max(1);
         out.par_chunks_mut(rows_per_task * hw.max(1))
@@ -412,7 +418,7 @@ impl CustomOp2 for AddRelu {
                 l2.shape().dims()
             )
         }
-        let mut out = vec![0f32; a.len()];
+        let mut out = super::zeroed(a.len());
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(t, dst)| {
             let at = t * CHUNK;
             for ((d, &u), &v) in dst.iter_mut().zip(&a[at..]).zip(&b[at..]) {
@@ -456,7 +462,7 @@ impl CustomOp2 for ReluGrad {
         if y.len() != g.len() {
             candle_core::bail!("cpu relu-grad: operand shapes differ")
         }
-        let mut out = vec![0f32; y.len()];
+        let mut out = super::zeroed(y.len());
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(t, dst)| {
             let at = t * CHUNK;
             for ((d, &u), &v) in dst.iter_mut().zip(&y[at..]).zip(&g[at..]) {
