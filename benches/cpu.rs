@@ -36,7 +36,7 @@ use multilabel_data::{
     Dataset, DatasetConfig, Loader, LoaderConfig, SynthConfig, TransformConfig, synth,
 };
 use multilabel_resnet::{Arch, ResNet, ResNetConfig};
-use multilabel_train::{Adam, AdamConfig, OptGroup, OptParam, StepHypers, bce_with_logits};
+use multilabel_train::{Adam, AdamConfig, StepHypers, bce_with_logits, opt_groups};
 use serde_json::{Value, json};
 
 const PHASES: [&str; 4] = ["train_frozen", "train_unfrozen", "eval", "data"];
@@ -158,23 +158,7 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn optimizer(model: &ResNet) -> Result<Adam> {
-    let groups = model
-        .param_groups()
-        .into_iter()
-        .map(|g| OptGroup {
-            name: g.name,
-            params: g
-                .params
-                .into_iter()
-                .map(|p| OptParam {
-                    name: p.name,
-                    var: p.var,
-                    no_decay: p.no_decay,
-                })
-                .collect(),
-        })
-        .collect();
-    Ok(Adam::new(groups, AdamConfig::default())?)
+    Ok(Adam::new(opt_groups(model), AdamConfig::default())?)
 }
 
 /// Images/s of `iters` training steps after `warmup` more.

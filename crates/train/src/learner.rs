@@ -107,23 +107,7 @@ impl Learner {
         device: Device,
     ) -> Result<Self> {
         let n_classes = model.config().head.n_classes;
-        let groups = model
-            .param_groups()
-            .into_iter()
-            .map(|g| OptGroup {
-                name: g.name,
-                params: g
-                    .params
-                    .into_iter()
-                    .map(|p| OptParam {
-                        name: p.name,
-                        var: p.var,
-                        no_decay: p.no_decay,
-                    })
-                    .collect(),
-            })
-            .collect();
-        let optimizer = Adam::new(groups, config.adam)?;
+        let optimizer = Adam::new(opt_groups(&model), config.adam)?;
         let pos_weight = match &config.pos_weight {
             None => None,
             Some(w) if w.len() == n_classes => {
@@ -560,6 +544,27 @@ impl Learner {
             .map(|p| p.var)
             .collect();
     }
+}
+
+/// The model's param groups (fastai's `_resnet_split`) as optimizer groups,
+/// each parameter keeping its no-weight-decay flag (BatchNorm and biases).
+pub fn opt_groups(model: &ResNet) -> Vec<OptGroup> {
+    model
+        .param_groups()
+        .into_iter()
+        .map(|g| OptGroup {
+            name: g.name,
+            params: g
+                .params
+                .into_iter()
+                .map(|p| OptParam {
+                    name: p.name,
+                    var: p.var,
+                    no_decay: p.no_decay,
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// What [`Learner::snapshot`] saved.

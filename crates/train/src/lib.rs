@@ -90,7 +90,7 @@ pub use events::{
     EpochRecord, EpochTable, Event, EventsJsonl, HistoryCsv, Recorder, Sink, SmoothedLoss,
 };
 #[cfg(feature = "learner")]
-pub use learner::{Learner, LearnerConfig, Preds, Validation, dropout_seed, predict};
+pub use learner::{Learner, LearnerConfig, Preds, Validation, dropout_seed, opt_groups, predict};
 pub use loss::bce_with_logits;
 #[cfg(feature = "learner")]
 pub use lr_find::{LrFindConfig, LrFindResult};
