@@ -405,11 +405,14 @@ impl multilabel_train::Sink for StopAfter {
 /// training writes anything into it, so a failed start leaves nothing behind.
 struct NewRunGuard {
     path: Option<PathBuf>,
+    /// The parent folder (`runs/`) when this command created it too.
+    new_parent: Option<PathBuf>,
 }
 
 impl NewRunGuard {
     fn keep(&mut self) {
         self.path = None;
+        self.new_parent = None;
     }
 }
 
@@ -423,12 +426,16 @@ impl Drop for NewRunGuard {
             }
             let _ = std::fs::remove_dir(path);
         }
+        if let Some(parent) = &self.new_parent {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
 /// `multilabel train`.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let resuming = args.resume.is_some();
+    let mut new_parent = None;
     let (config, run, existed) = match &args.resume {
         Some(dir) => {
             let run = RunDir::open(dir).with_context(|| format!("--resume {}", dir.display()))?;
@@ -450,6 +457,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 );
             }
             let existed = path.exists();
+            new_parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty() && !p.exists())
+                .map(Path::to_path_buf);
             let run = RunDir::create(&path)
                 .with_context(|| format!("creating the run folder {}", path.display()))?;
             (config, run, existed)
@@ -457,6 +468,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let mut guard = NewRunGuard {
         path: (!existed).then(|| run.path().to_path_buf()),
+        new_parent,
     };
     let device = parse_device(&args.device)?;
     let mut session = build_session(&config, &device, !resuming)?;
