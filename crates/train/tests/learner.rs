@@ -32,6 +32,10 @@ fn dataset(root: &Path) -> Dataset {
 }
 
 fn learner(data: &Dataset) -> Learner {
+    learner_with(data, LearnerConfig::default())
+}
+
+fn learner_with(data: &Dataset, config: LearnerConfig) -> Learner {
     let device = Device::Cpu;
     let n_classes = data.vocab().len();
     let transform = TransformConfig {
@@ -54,25 +58,17 @@ fn learner(data: &Dataset) -> Learner {
         device.clone(),
     );
     let varmap = VarMap::new();
-    let mut config = ResNetConfig::new(Arch::ResNet18, n_classes);
-    config.base_width = 8;
-    config.head.hidden = vec![32];
-    config.head.ps = 0.1;
+    let mut model_config = ResNetConfig::new(Arch::ResNet18, n_classes);
+    model_config.base_width = 8;
+    model_config.head.hidden = vec![32];
+    model_config.head.ps = 0.1;
     let model = ResNet::new(
-        &config,
+        &model_config,
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
         5,
     )
     .unwrap();
-    Learner::new(
-        model,
-        varmap,
-        train,
-        valid,
-        LearnerConfig::default(),
-        device,
-    )
-    .unwrap()
+    Learner::new(model, varmap, train, valid, config, device).unwrap()
 }
 
 fn plan() -> FineTune {
@@ -282,7 +278,6 @@ fn non_finite_loss_stops_without_writing_state() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(&dir.path().join("data"));
     let n_classes = data.vocab().len();
-    let device = Device::Cpu;
     // A NaN positive weight makes the very first loss NaN.
     let config = LearnerConfig {
         pos_weight: Some(vec![f32::NAN; n_classes]),
@@ -290,37 +285,7 @@ fn non_finite_loss_stops_without_writing_state() {
     };
     let base = learner(&data);
     let before = weights(&base);
-    let transform = TransformConfig {
-        size: SIZE,
-        min_scale: 0.75,
-        ..TransformConfig::default()
-    };
-    let train = Loader::new(
-        data.train().to_vec(),
-        n_classes,
-        transform.clone(),
-        LoaderConfig::train(16, 11),
-        device.clone(),
-    );
-    let valid = Loader::new(
-        data.valid().to_vec(),
-        n_classes,
-        transform,
-        LoaderConfig::valid(16),
-        device.clone(),
-    );
-    let varmap = VarMap::new();
-    let mut model_config = ResNetConfig::new(Arch::ResNet18, n_classes);
-    model_config.base_width = 8;
-    model_config.head.hidden = vec![32];
-    model_config.head.ps = 0.1;
-    let model = ResNet::new(
-        &model_config,
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
-        5,
-    )
-    .unwrap();
-    let mut l = Learner::new(model, varmap, train, valid, config, device).unwrap();
+    let mut l = learner_with(&data, config);
     let run = RunDir::create(dir.path().join("runs/nan")).unwrap();
     l.set_run(run.clone());
     match l.fine_tune(&plan()) {
