@@ -179,24 +179,43 @@ fn time_train(
         lrs: vec![1e-4; opt.groups().len()],
         mom: 0.9,
     };
-    let mut step = |model: &ResNet| -> Result<f32> {
+    // Seconds spent in forward (with the loss), backward and the Adam step.
+    let mut split = [0f64; 3];
+    let mut step = |model: &ResNet, split: &mut [f64; 3]| -> Result<f32> {
+        let t0 = Instant::now();
         let logits = model.forward_t(x, true)?;
         let loss = bce_with_logits(&logits, y, None)?;
+        let t1 = Instant::now();
         let grads = loss.backward()?;
+        let t2 = Instant::now();
         opt.step(&grads, &hypers)?;
+        drop(grads);
+        let t3 = Instant::now();
+        split[0] += (t1 - t0).as_secs_f64();
+        split[1] += (t2 - t1).as_secs_f64();
+        split[2] += (t3 - t2).as_secs_f64();
         Ok(loss.to_scalar::<f32>()?)
     };
     for _ in 0..o.warmup {
-        step(model)?;
+        step(model, &mut [0.0; 3])?;
     }
     let start = Instant::now();
     for _ in 0..o.iters {
-        let loss = step(model)?;
+        let loss = step(model, &mut split)?;
         if !loss.is_finite() {
             bail!("training loss became {loss}");
         }
     }
-    Ok((o.iters * o.batch_size) as f64 / start.elapsed().as_secs_f64())
+    let elapsed = start.elapsed().as_secs_f64();
+    let ms = |s: f64| s * 1000.0 / o.iters as f64;
+    eprintln!(
+        "ours: {:.0} ms/step = forward+loss {:.0}, backward {:.0}, optimizer {:.0}",
+        ms(elapsed),
+        ms(split[0]),
+        ms(split[1]),
+        ms(split[2])
+    );
+    Ok((o.iters * o.batch_size) as f64 / elapsed)
 }
 
 fn time_eval(model: &ResNet, x: &Tensor, o: &Options) -> Result<f64> {
@@ -375,6 +394,11 @@ fn pytorch(
 
 fn main() -> Result<()> {
     let o = parse_options()?;
+    // The allocation policy the `multilabel` binary uses; off with
+    // `MULTILABEL_BENCH_DEFAULT_ALLOCATOR=1` to see what it is worth.
+    if env_flag("default-allocator").is_none() {
+        multilabel_resnet::cpu::keep_freed_memory();
+    }
     // Both sides get the same number of threads: rayon (ours, candle, gemm)
     // reads this before its pool starts.
     // SAFETY: nothing else runs yet.

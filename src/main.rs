@@ -38,6 +38,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Training allocates and frees gigabytes per step; keep that memory
+    // mapped for the next step instead of page-faulting it in again.
+    multilabel_resnet::cpu::keep_freed_memory();
     let result = match cli.command {
         Command::Train(args) => cli::train::train(args),
         Command::Eval(args) => cli::eval::eval(args),

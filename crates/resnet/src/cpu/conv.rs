@@ -280,73 +280,120 @@ fn plan(groups: usize) -> (bool, usize) {
     }
 }
 
+/// Runs `f` with this thread's two scratch buffers, kept between calls so
+/// that im2col matrices are neither allocated nor zeroed per image.
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    use std::cell::RefCell;
+    thread_local! {
+        static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (a, b) = &mut *s;
+        f(a, b)
+    })
+}
+
+/// A buffer of `len` values that the caller's parallel loop writes in full
+/// before [`Uninit::finish`] turns it into a `Vec`: gemm overwrites its
+/// output, so zeroing it first would be a wasted pass over memory.
+struct Uninit(Vec<f32>);
+
+impl Uninit {
+    fn new(len: usize) -> Self {
+        // Touches nothing: `finish` sets the length once every value is written.
+        Self(Vec::with_capacity(len))
+    }
+
+    fn chunks(&mut self, len: usize) -> &mut [std::mem::MaybeUninit<f32>] {
+        &mut self.0.spare_capacity_mut()[..len]
+    }
+
+    /// # Safety
+    /// Every one of the `len` values must have been written.
+    unsafe fn finish(mut self, len: usize) -> Vec<f32> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.0.set_len(len) };
+        self.0
+    }
+}
+
+/// A raw view of a `MaybeUninit` chunk as the `f32` pointer gemm writes to.
+fn out_ptr(chunk: &mut [std::mem::MaybeUninit<f32>]) -> *mut f32 {
+    chunk.as_mut_ptr().cast()
+}
+
 fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
     let img_out = o * p;
     let group = g.group();
     let groups = g.n.div_ceil(group);
-    let mut out = super::zeroed(g.n * img_out);
+    let len = g.n * img_out;
+    let mut out = Uninit::new(len);
     let (par, threads) = plan(groups);
-    let run = |(gi, out): (usize, &mut [f32]), col: &mut Vec<f32>, tmp: &mut Vec<f32>| {
-        let first = gi * group;
-        let count = out.len() / img_out;
-        let lhs = Mat::rows(kernel.as_ptr(), k);
-        if count == 1 {
-            let xs = &x[first * img_in..(first + 1) * img_in];
-            let rhs = if g.pointwise() {
-                Mat::rows(xs.as_ptr(), p)
-            } else {
-                col.resize(k * p, 0.0);
-                im2col(g, xs, col, p, 0);
-                Mat::rows(col.as_ptr(), p)
-            };
-            // SAFETY: `out` is `[O, P]`, `lhs` `[O, K]`, `rhs` `[K, P]`.
-            unsafe { matmul(o, p, k, out.as_mut_ptr(), p, false, lhs, rhs, threads) };
-            return;
-        }
-        let ld = count * p;
-        col.resize(k * ld, 0.0);
-        for b in 0..count {
-            let xs = &x[(first + b) * img_in..(first + b + 1) * img_in];
-            im2col(g, xs, col, ld, b * p);
-        }
-        tmp.resize(o * ld, 0.0);
-        // SAFETY: `tmp` is `[O, ld]`, `col` `[K, ld]`.
-        unsafe {
-            matmul(
-                o,
-                ld,
-                k,
-                tmp.as_mut_ptr(),
-                ld,
-                false,
-                lhs,
-                Mat::rows(col.as_ptr(), ld),
-                threads,
-            )
-        };
-        for b in 0..count {
-            for oc in 0..o {
-                out[b * img_out + oc * p..b * img_out + (oc + 1) * p]
-                    .copy_from_slice(&tmp[oc * ld + b * p..oc * ld + (b + 1) * p]);
+    let run = |(gi, out): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+        with_scratch(|col, tmp| {
+            let first = gi * group;
+            let count = out.len() / img_out;
+            let lhs = Mat::rows(kernel.as_ptr(), k);
+            if count == 1 {
+                let xs = &x[first * img_in..(first + 1) * img_in];
+                let rhs = if g.pointwise() {
+                    Mat::rows(xs.as_ptr(), p)
+                } else {
+                    col.resize(k * p, 0.0);
+                    im2col(g, xs, col, p, 0);
+                    Mat::rows(col.as_ptr(), p)
+                };
+                // SAFETY: `out` is `[O, P]`, `lhs` `[O, K]`, `rhs` `[K, P]`;
+                // gemm writes every value without reading any.
+                unsafe { matmul(o, p, k, out_ptr(out), p, false, lhs, rhs, threads) };
+                return;
             }
-        }
+            let ld = count * p;
+            col.resize(k * ld, 0.0);
+            for b in 0..count {
+                let xs = &x[(first + b) * img_in..(first + b + 1) * img_in];
+                im2col(g, xs, col, ld, b * p);
+            }
+            tmp.resize(o * ld, 0.0);
+            // SAFETY: `tmp` is `[O, ld]`, `col` `[K, ld]`.
+            unsafe {
+                matmul(
+                    o,
+                    ld,
+                    k,
+                    tmp.as_mut_ptr(),
+                    ld,
+                    false,
+                    lhs,
+                    Mat::rows(col.as_ptr(), ld),
+                    threads,
+                )
+            };
+            for b in 0..count {
+                for oc in 0..o {
+                    let src = &tmp[oc * ld + b * p..oc * ld + (b + 1) * p];
+                    let dst = &mut out[b * img_out + oc * p..b * img_out + (oc + 1) * p];
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        d.write(*s);
+                    }
+                }
+            }
+        })
     };
+    let chunks = out.chunks(len);
     if par {
-        out.par_chunks_mut(group * img_out)
+        chunks
+            .par_chunks_mut(group * img_out)
             .enumerate()
-            .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(col, tmp), job| run(job, col, tmp),
-            );
+            .for_each(run);
     } else {
-        let (mut col, mut tmp) = (Vec::new(), Vec::new());
-        out.chunks_mut(group * img_out)
-            .enumerate()
-            .for_each(|job| run(job, &mut col, &mut tmp));
+        chunks.chunks_mut(group * img_out).enumerate().for_each(run);
     }
-    out
+    // SAFETY: each chunk was written in full above.
+    unsafe { out.finish(len) }
 }
 
 fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
@@ -355,23 +402,24 @@ fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
     let img_out = o * p;
     let group = g.group();
     let groups = g.n.div_ceil(group);
-    let mut dx = super::zeroed(g.n * img_in);
+    let len = g.n * img_in;
+    let mut dx = Uninit::new(len);
     let (par, threads) = plan(groups);
     // Wᵀ: `[K, O]`.
     let lhs = Mat::rows(kernel.as_ptr(), k).t();
-    let run = |(gi, dx): (usize, &mut [f32]), dcol: &mut Vec<f32>, tmp: &mut Vec<f32>| {
-        let first = gi * group;
-        let count = dx.len() / img_in;
-        let (rhs, ld) = if count == 1 {
-            let gs = &grad[first * img_out..(first + 1) * img_out];
-            if g.pointwise() {
-                // SAFETY: `dx` is `[C, P]` = `[K, P]`.
+    let run = |(gi, dx): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+        with_scratch(|dcol, tmp| {
+            let first = gi * group;
+            let count = dx.len() / img_in;
+            if count == 1 && g.pointwise() {
+                let gs = &grad[first * img_out..(first + 1) * img_out];
+                // SAFETY: `dx` is `[C, P]` = `[K, P]`; gemm writes every value.
                 unsafe {
                     matmul(
                         k,
                         p,
                         o,
-                        dx.as_mut_ptr(),
+                        out_ptr(dx),
                         p,
                         false,
                         lhs,
@@ -381,38 +429,48 @@ fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
                 };
                 return;
             }
-            (Mat::rows(gs.as_ptr(), p), p)
-        } else {
-            let ld = count * p;
-            tmp.resize(o * ld, 0.0);
-            for b in 0..count {
-                let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
-                for oc in 0..o {
-                    tmp[oc * ld + b * p..oc * ld + (b + 1) * p]
-                        .copy_from_slice(&gs[oc * p..(oc + 1) * p]);
-                }
+            // col2im adds into `dx`: zero this chunk here, while it is
+            // about to be used, rather than the whole buffer up front.
+            for v in dx.iter_mut() {
+                v.write(0.0);
             }
-            (Mat::rows(tmp.as_ptr(), ld), ld)
-        };
-        dcol.resize(k * ld, 0.0);
-        // SAFETY: `dcol` is `[K, ld]`, `lhs` `[K, O]`, `rhs` `[O, ld]`.
-        unsafe { matmul(k, ld, o, dcol.as_mut_ptr(), ld, false, lhs, rhs, threads) };
-        for b in 0..count {
-            col2im(g, dcol, ld, b * p, &mut dx[b * img_in..(b + 1) * img_in]);
-        }
+            // SAFETY: initialised just above.
+            let dx: &mut [f32] =
+                unsafe { std::slice::from_raw_parts_mut(dx.as_mut_ptr().cast(), dx.len()) };
+            let (rhs, ld) = if count == 1 {
+                let gs = &grad[first * img_out..(first + 1) * img_out];
+                (Mat::rows(gs.as_ptr(), p), p)
+            } else {
+                let ld = count * p;
+                tmp.resize(o * ld, 0.0);
+                for b in 0..count {
+                    let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
+                    for oc in 0..o {
+                        tmp[oc * ld + b * p..oc * ld + (b + 1) * p]
+                            .copy_from_slice(&gs[oc * p..(oc + 1) * p]);
+                    }
+                }
+                (Mat::rows(tmp.as_ptr(), ld), ld)
+            };
+            dcol.resize(k * ld, 0.0);
+            // SAFETY: `dcol` is `[K, ld]`, `lhs` `[K, O]`, `rhs` `[O, ld]`.
+            unsafe { matmul(k, ld, o, dcol.as_mut_ptr(), ld, false, lhs, rhs, threads) };
+            for b in 0..count {
+                col2im(g, dcol, ld, b * p, &mut dx[b * img_in..(b + 1) * img_in]);
+            }
+        })
     };
+    let chunks = dx.chunks(len);
     if par {
-        dx.par_chunks_mut(group * img_in).enumerate().for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(dcol, tmp), job| run(job, dcol, tmp),
-        );
-    } else {
-        let (mut dcol, mut tmp) = (Vec::new(), Vec::new());
-        dx.chunks_mut(group * img_in)
+        chunks
+            .par_chunks_mut(group * img_in)
             .enumerate()
-            .for_each(|job| run(job, &mut dcol, &mut tmp));
+            .for_each(run);
+    } else {
+        chunks.chunks_mut(group * img_in).enumerate().for_each(run);
     }
-    dx
+    // SAFETY: each chunk was written in full above.
+    unsafe { dx.finish(len) }
 }
 
 fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
@@ -431,53 +489,54 @@ fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let per_task = groups.div_ceil(tasks);
     let partial = |t: usize| -> Vec<f32> {
         let mut dw = vec![0f32; o * k];
-        let (mut col, mut tmp) = (Vec::new(), Vec::new());
-        let mut accumulate = false;
-        for gi in t * per_task..((t + 1) * per_task).min(groups) {
-            let first = gi * group;
-            let count = group.min(g.n - first);
-            let ld = count * p;
-            let (lhs, rhs) = if count == 1 {
-                let gs = &grad[first * img_out..(first + 1) * img_out];
-                let xs = &x[first * img_in..(first + 1) * img_in];
-                let rhs = if g.pointwise() {
-                    Mat::rows(xs.as_ptr(), p)
+        with_scratch(|col, tmp| {
+            let mut accumulate = false;
+            for gi in t * per_task..((t + 1) * per_task).min(groups) {
+                let first = gi * group;
+                let count = group.min(g.n - first);
+                let ld = count * p;
+                let (lhs, rhs) = if count == 1 {
+                    let gs = &grad[first * img_out..(first + 1) * img_out];
+                    let xs = &x[first * img_in..(first + 1) * img_in];
+                    let rhs = if g.pointwise() {
+                        Mat::rows(xs.as_ptr(), p)
+                    } else {
+                        col.resize(k * p, 0.0);
+                        im2col(g, xs, col, p, 0);
+                        Mat::rows(col.as_ptr(), p)
+                    };
+                    (Mat::rows(gs.as_ptr(), p), rhs)
                 } else {
-                    col.resize(k * p, 0.0);
-                    im2col(g, xs, &mut col, p, 0);
-                    Mat::rows(col.as_ptr(), p)
-                };
-                (Mat::rows(gs.as_ptr(), p), rhs)
-            } else {
-                col.resize(k * ld, 0.0);
-                tmp.resize(o * ld, 0.0);
-                for b in 0..count {
-                    let xs = &x[(first + b) * img_in..(first + b + 1) * img_in];
-                    im2col(g, xs, &mut col, ld, b * p);
-                    let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
-                    for oc in 0..o {
-                        tmp[oc * ld + b * p..oc * ld + (b + 1) * p]
-                            .copy_from_slice(&gs[oc * p..(oc + 1) * p]);
+                    col.resize(k * ld, 0.0);
+                    tmp.resize(o * ld, 0.0);
+                    for b in 0..count {
+                        let xs = &x[(first + b) * img_in..(first + b + 1) * img_in];
+                        im2col(g, xs, col, ld, b * p);
+                        let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
+                        for oc in 0..o {
+                            tmp[oc * ld + b * p..oc * ld + (b + 1) * p]
+                                .copy_from_slice(&gs[oc * p..(oc + 1) * p]);
+                        }
                     }
-                }
-                (Mat::rows(tmp.as_ptr(), ld), Mat::rows(col.as_ptr(), ld))
-            };
-            // SAFETY: `dw` is `[O, K]`, `lhs` `[O, ld]`, `rhs`ᵀ `[ld, K]`.
-            unsafe {
-                matmul(
-                    o,
-                    k,
-                    ld,
-                    dw.as_mut_ptr(),
-                    k,
-                    accumulate,
-                    lhs,
-                    rhs.t(),
-                    threads,
-                )
-            };
-            accumulate = true;
-        }
+                    (Mat::rows(tmp.as_ptr(), ld), Mat::rows(col.as_ptr(), ld))
+                };
+                // SAFETY: `dw` is `[O, K]`, `lhs` `[O, ld]`, `rhs`ᵀ `[ld, K]`.
+                unsafe {
+                    matmul(
+                        o,
+                        k,
+                        ld,
+                        dw.as_mut_ptr(),
+                        k,
+                        accumulate,
+                        lhs,
+                        rhs.t(),
+                        threads,
+                    )
+                };
+                accumulate = true;
+            }
+        });
         dw
     };
     if tasks == 1 {
