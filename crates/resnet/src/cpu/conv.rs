@@ -17,8 +17,12 @@
 //! sizes; when there are fewer groups than threads, the products are split
 //! instead.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::Uninit;
 
 /// Shapes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,32 +298,8 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
     })
 }
 
-/// A buffer of `len` values that the caller's parallel loop writes in full
-/// before [`Uninit::finish`] turns it into a `Vec`: gemm overwrites its
-/// output, so zeroing it first would be a wasted pass over memory.
-struct Uninit(Vec<f32>);
-
-impl Uninit {
-    fn new(len: usize) -> Self {
-        // Touches nothing: `finish` sets the length once every value is written.
-        Self(Vec::with_capacity(len))
-    }
-
-    fn chunks(&mut self, len: usize) -> &mut [std::mem::MaybeUninit<f32>] {
-        &mut self.0.spare_capacity_mut()[..len]
-    }
-
-    /// # Safety
-    /// Every one of the `len` values must have been written.
-    unsafe fn finish(mut self, len: usize) -> Vec<f32> {
-        // SAFETY: guaranteed by the caller.
-        unsafe { self.0.set_len(len) };
-        self.0
-    }
-}
-
 /// A raw view of a `MaybeUninit` chunk as the `f32` pointer gemm writes to.
-fn out_ptr(chunk: &mut [std::mem::MaybeUninit<f32>]) -> *mut f32 {
+fn out_ptr(chunk: &mut [MaybeUninit<f32>]) -> *mut f32 {
     chunk.as_mut_ptr().cast()
 }
 
@@ -332,7 +312,7 @@ fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
     let len = g.n * img_out;
     let mut out = Uninit::new(len);
     let (par, threads) = plan(groups);
-    let run = |(gi, out): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+    let run = |(gi, out): (usize, &mut [MaybeUninit<f32>])| {
         with_scratch(|col, tmp| {
             let first = gi * group;
             let count = out.len() / img_out;
@@ -383,7 +363,7 @@ fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
             }
         })
     };
-    let chunks = out.chunks(len);
+    let chunks = out.as_mut_slice();
     if par {
         chunks
             .par_chunks_mut(group * img_out)
@@ -393,7 +373,7 @@ fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
         chunks.chunks_mut(group * img_out).enumerate().for_each(run);
     }
     // SAFETY: each chunk was written in full above.
-    unsafe { out.finish(len) }
+    unsafe { out.finish() }
 }
 
 fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
@@ -407,7 +387,7 @@ fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
     let (par, threads) = plan(groups);
     // Wᵀ: `[K, O]`.
     let lhs = Mat::rows(kernel.as_ptr(), k).t();
-    let run = |(gi, dx): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+    let run = |(gi, dx): (usize, &mut [MaybeUninit<f32>])| {
         with_scratch(|dcol, tmp| {
             let first = gi * group;
             let count = dx.len() / img_in;
@@ -460,7 +440,7 @@ fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
             }
         })
     };
-    let chunks = dx.chunks(len);
+    let chunks = dx.as_mut_slice();
     if par {
         chunks
             .par_chunks_mut(group * img_in)
@@ -470,7 +450,7 @@ fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
         chunks.chunks_mut(group * img_in).enumerate().for_each(run);
     }
     // SAFETY: each chunk was written in full above.
-    unsafe { dx.finish(len) }
+    unsafe { dx.finish() }
 }
 
 fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {

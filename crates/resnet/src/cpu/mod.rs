@@ -57,26 +57,32 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
-/// A zeroed `f32` buffer of `len` values, zeroed in parallel.
-///
-/// `vec![0.0; len]` zeroes (and, for a fresh mapping, page-faults in) the
-/// whole buffer on the calling thread, which is the main thread during
-/// backward while the pool idles; at ResNet activation sizes that serial pass
-/// was a visible share of a training step. Zeroing chunks on the pool spreads
-/// both the writes and the page faults over the threads.
-pub(crate) fn zeroed(len: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    use std::mem::MaybeUninit;
-    /// Values per task: below this one thread zeroes everything.
-    const CHUNK: usize = 1 << 16;
-    if len <= CHUNK {
-        return vec![0.0; len];
+/// An output buffer of `len` values that the op writes in full before
+/// [`Uninit::finish`] turns it into a `Vec`. Kernels that overwrite every
+/// value (gemm, element-wise maps) would waste a pass over memory zeroing
+/// it first; writing through `MaybeUninit` keeps that sound.
+pub(crate) struct Uninit {
+    buf: Vec<f32>,
+    len: usize,
+}
+
+impl Uninit {
+    pub(crate) fn new(len: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(len),
+            len,
+        }
     }
-    let mut out = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(CHUNK)
-        .for_each(|chunk: &mut [MaybeUninit<f32>]| chunk.fill(MaybeUninit::new(0.0)));
-    // SAFETY: the loop above initialised all `len` values.
-    unsafe { out.set_len(len) };
-    out
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [std::mem::MaybeUninit<f32>] {
+        &mut self.buf.spare_capacity_mut()[..self.len]
+    }
+
+    /// # Safety
+    /// Every one of the `len` values must have been written.
+    pub(crate) unsafe fn finish(mut self) -> Vec<f32> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.buf.set_len(self.len) };
+        self.buf
+    }
 }

@@ -7,12 +7,14 @@
 //! while they are still in cache; its backward needs two passes. Channels
 //! run in parallel on rayon's pool.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::Uninit;
 use super::conv::supported;
 
 /// Elements per parallel task in element-wise ops.
@@ -39,7 +41,7 @@ fn data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a 
 
 /// A pointer to an output buffer whose disjoint parts parallel tasks write.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+struct OutPtr(*mut MaybeUninit<f32>);
 // SAFETY: every task writes only its own channel's rows.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -48,7 +50,7 @@ impl OutPtr {
     /// # Safety
     /// `at..at + len` lies in the buffer and no other task touches it.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [MaybeUninit<f32>] {
         // SAFETY: guaranteed by the caller.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
     }
@@ -124,8 +126,8 @@ impl CustomOp3 for BatchNormTrain {
                 xl.shape().dims()
             )
         }
-        let mut out = super::zeroed(x.len());
-        let ptr = OutPtr(out.as_mut_ptr());
+        let mut out = Uninit::new(x.len());
+        let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
         let relu = self.relu;
         let per_channel: Vec<(f32, f32, f32)> = (0..c)
             .into_par_iter()
@@ -145,11 +147,11 @@ impl CustomOp3 for BatchNormTrain {
                     let dst = unsafe { ptr.slice((ni * c + ci) * hw, hw) };
                     if relu {
                         for (d, &v) in dst.iter_mut().zip(row) {
-                            *d = (v * scale + shift).max(0.0);
+                            d.write((v * scale + shift).max(0.0));
                         }
                     } else {
                         for (d, &v) in dst.iter_mut().zip(row) {
-                            *d = v * scale + shift;
+                            d.write(v * scale + shift);
                         }
                     }
                 }
@@ -162,6 +164,8 @@ impl CustomOp3 for BatchNormTrain {
             inv_std: per_channel.iter().map(|s| s.2).collect(),
         };
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        // SAFETY: every channel's task wrote all of its rows.
+        let out = unsafe { out.finish() };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -241,8 +245,8 @@ impl CustomOp3 for BatchNormGrad {
         }
         let count = (n * hw) as f64;
         let len = 2 * c + if self.need_x { x.len() } else { 0 };
-        let mut out = super::zeroed(len);
-        let ptr = OutPtr(out.as_mut_ptr());
+        let mut out = Uninit::new(len);
+        let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
         let relu = self.relu;
         (0..c).into_par_iter().for_each(|ci| {
             let row = |ni: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
@@ -281,8 +285,8 @@ impl CustomOp3 for BatchNormGrad {
             let db = sum_g;
             // SAFETY: entries ci and c + ci belong to this task only.
             unsafe {
-                ptr.slice(ci, 1)[0] = dw as f32;
-                ptr.slice(c + ci, 1)[0] = db as f32;
+                ptr.slice(ci, 1)[0].write(dw as f32);
+                ptr.slice(c + ci, 1)[0].write(db as f32);
             }
             if !self.need_x {
                 return;
@@ -299,10 +303,13 @@ impl CustomOp3 for BatchNormGrad {
                 let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
                 for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xr).zip(yr).zip(gr) {
                     let gv = if relu && yv <= 0.0 { 0.0 } else { gv };
-                    *d = k1 * gv - k2 - k3 * (xv - m);
+                    d.write(k1 * gv - k2 - k3 * (xv - m));
                 }
             }
         });
+        // SAFETY: every channel's task wrote its dweight and dbias entries
+        // and, with `need_x`, all of its dx rows.
+        let out = unsafe { out.finish() };
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
@@ -337,10 +344,10 @@ impl CustomOp3 for ScaleShift {
                 shift.len()
             )
         }
-        let mut out = super::zeroed(x.len());
+        let mut out = Uninit::new(x.len());
         let relu = self.relu;
         let rows_per_task = CHUNK.div_ceil(hw.max(1)).max(1);
-        out.par_chunks_mut(rows_per_task * hw.max(1))
+        out.as_mut_slice().par_chunks_mut(rows_per_task * hw.max(1))
             .enumerate()
             .for_each(|(t, dst)| {
                 for (r, dst) in dst.chunks_mut(hw.max(1)).enumerate() {
@@ -350,15 +357,17 @@ impl CustomOp3 for ScaleShift {
                     let src = &x[row * hw..(row + 1) * hw];
                     if relu {
                         for (d, &v) in dst.iter_mut().zip(src) {
-                            *d = (v * a + b).max(0.0);
+                            d.write((v * a + b).max(0.0));
                         }
                     } else {
                         for (d, &v) in dst.iter_mut().zip(src) {
-                            *d = v * a + b;
+                            d.write(v * a + b);
                         }
                     }
                 }
             });
+        // SAFETY: the chunks cover the buffer and each was written in full.
+        let out = unsafe { out.finish() };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -418,13 +427,18 @@ impl CustomOp2 for AddRelu {
                 l2.shape().dims()
             )
         }
-        let mut out = super::zeroed(a.len());
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(t, dst)| {
-            let at = t * CHUNK;
-            for ((d, &u), &v) in dst.iter_mut().zip(&a[at..]).zip(&b[at..]) {
-                *d = (u + v).max(0.0);
-            }
-        });
+        let mut out = Uninit::new(a.len());
+        out.as_mut_slice()
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(t, dst)| {
+                let at = t * CHUNK;
+                for ((d, &u), &v) in dst.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+                    d.write((u + v).max(0.0));
+                }
+            });
+        // SAFETY: the chunks cover the buffer and each was written in full.
+        let out = unsafe { out.finish() };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -462,13 +476,18 @@ impl CustomOp2 for ReluGrad {
         if y.len() != g.len() {
             candle_core::bail!("cpu relu-grad: operand shapes differ")
         }
-        let mut out = super::zeroed(y.len());
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(t, dst)| {
-            let at = t * CHUNK;
-            for ((d, &u), &v) in dst.iter_mut().zip(&y[at..]).zip(&g[at..]) {
-                *d = if u > 0.0 { v } else { 0.0 };
-            }
-        });
+        let mut out = Uninit::new(y.len());
+        out.as_mut_slice()
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(t, dst)| {
+                let at = t * CHUNK;
+                for ((d, &u), &v) in dst.iter_mut().zip(&y[at..]).zip(&g[at..]) {
+                    d.write(if u > 0.0 { v } else { 0.0 });
+                }
+            });
+        // SAFETY: the chunks cover the buffer and each was written in full.
+        let out = unsafe { out.finish() };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
