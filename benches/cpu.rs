@@ -7,7 +7,8 @@
 //! - `train_frozen`, `train_unfrozen`: images/s of forward, stable BCE,
 //!   backward and an Adam step, with the body frozen (BatchNorm still
 //!   trains, as fastai's `freeze()`) and unfrozen;
-//! - `eval`: images/s of the forward pass in eval mode;
+//! - `eval`: images/s of the forward pass in eval mode without a gradient
+//!   graph (`ResNet::forward_infer`; PyTorch's side runs under `no_grad`);
 //! - `data`: images/s of the training loader (decode, RandomResizedCrop,
 //!   normalise) over a generated synthetic dataset;
 //! - `peak_rss_mb`: the process's peak resident memory (VmHWM).
@@ -220,12 +221,12 @@ fn time_train(
 
 fn time_eval(model: &ResNet, x: &Tensor, o: &Options) -> Result<f64> {
     for _ in 0..o.warmup {
-        model.forward_t(x, false)?;
+        model.forward_infer(x)?;
     }
     let start = Instant::now();
     for _ in 0..o.iters {
         // Reading a value back makes sure the work is done.
-        model.forward_t(x, false)?.sum_all()?.to_scalar::<f32>()?;
+        model.forward_infer(x)?.sum_all()?.to_scalar::<f32>()?;
     }
     Ok((o.iters * o.batch_size) as f64 / start.elapsed().as_secs_f64())
 }

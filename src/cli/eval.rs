@@ -138,7 +138,7 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     for (paths, images) in args.images.chunks(32).zip(inputs.chunks(32)) {
         let batch = Tensor::stack(images, 0)?.to_device(&device)?;
         let probs =
-            candle_nn::ops::sigmoid(&loaded.model.forward_t(&batch, false)?)?.to_vec2::<f32>()?;
+            candle_nn::ops::sigmoid(&loaded.model.forward_infer(&batch)?)?.to_vec2::<f32>()?;
         for (path, row) in paths.iter().zip(probs) {
             let mut found: Vec<(usize, f32)> = row
                 .iter()

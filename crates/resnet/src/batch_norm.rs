@@ -108,16 +108,22 @@ impl BatchNorm {
                 self.update_running(&mean, &var, count)?;
                 return Ok(y);
             }
-            let inv_std = (self.running_var.as_detached_tensor() + EPS)?
-                .sqrt()?
-                .recip()?;
-            let scale = (self.weight.as_tensor() * inv_std)?;
-            let shift =
-                (self.bias.as_tensor() - (self.running_mean.as_detached_tensor() * &scale)?)?;
+            let (scale, shift) = self.eval_affine()?;
             return crate::cpu::scale_shift(x, &scale, &shift, relu);
         }
         let y = self.forward_t(x, train)?;
         if relu { y.relu() } else { Ok(y) }
+    }
+
+    /// Eval mode as a per-channel affine `x · scale + shift` (`[C]` each):
+    /// `scale = w / sqrt(running_var + eps)`, `shift = b - running_mean · scale`.
+    pub(crate) fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+        let inv_std = (self.running_var.as_detached_tensor() + EPS)?
+            .sqrt()?
+            .recip()?;
+        let scale = (self.weight.as_tensor() * inv_std)?;
+        let shift = (self.bias.as_tensor() - (self.running_mean.as_detached_tensor() * &scale)?)?;
+        Ok((scale, shift))
     }
 
     pub(crate) fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {

@@ -57,7 +57,8 @@
 //!     let _gradient = grads.get(&param.var); // hand these to an optimizer
 //! }
 //! let eval_logits = model.forward_t(&images, false)?; // eval mode: running statistics
-//! assert_eq!(eval_logits.dims(), &[8, 20]);
+//! let predictions = model.forward_infer(&images)?; // the same, fused and without a graph
+//! assert_eq!(predictions.dims(), &[8, 20]);
 //! varmap.save("model.safetensors")?; // weights and running statistics
 //! # Ok(())
 //! # }

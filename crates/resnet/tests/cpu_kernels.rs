@@ -291,3 +291,60 @@ fn f64_falls_back_to_candle() {
     let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
     assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
 }
+
+/// The fused inference conv equals, to the bit, the conv followed by the
+/// separate scale-shift and add-relu ops, for every conv case (the grouped
+/// small-image path included), with and without a residual and a ReLU.
+#[test]
+fn conv2d_affine_equals_separate_ops_bitwise() {
+    for (i, &(n, c_in, c_out, h, w, k, stride, padding)) in CONV_CASES.iter().enumerate() {
+        let x = values(&[n, c_in, h, w], 10 + i as u64);
+        let kernel = values(&[c_out, c_in, k, k], 100 + i as u64);
+        let scale = values(&[c_out], 200 + i as u64);
+        let shift = values(&[c_out], 300 + i as u64);
+        let conv = cpu::conv2d(&x, &kernel, padding, stride).unwrap();
+        let residual = values(conv.dims(), 400 + i as u64);
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        for relu in [false, true] {
+            let fused =
+                cpu::conv2d_affine(&x, &kernel, padding, stride, &scale, &shift, None, relu)
+                    .unwrap();
+            let separate = cpu::scale_shift(&conv, &scale, &shift, relu).unwrap();
+            assert_eq!(bits(&fused), bits(&separate), "case {i}, relu {relu}");
+        }
+        let fused = cpu::conv2d_affine(
+            &x,
+            &kernel,
+            padding,
+            stride,
+            &scale,
+            &shift,
+            Some(&residual),
+            true,
+        )
+        .unwrap();
+        let separate = cpu::add_relu(
+            &cpu::scale_shift(&conv, &scale, &shift, false).unwrap(),
+            &residual,
+        )
+        .unwrap();
+        assert_eq!(bits(&fused), bits(&separate), "case {i}, residual");
+        assert!(!fused.track_op(), "inference carries no graph");
+    }
+}
+
+/// A residual of the wrong shape is an error naming both shapes.
+#[test]
+fn conv2d_affine_rejects_a_mismatched_residual() {
+    let x = values(&[2, 3, 8, 8], 1);
+    let kernel = values(&[4, 3, 3, 3], 2);
+    let (scale, shift) = (values(&[4], 3), values(&[4], 4));
+    let residual = values(&[2, 4, 4, 4], 5);
+    let err = cpu::conv2d_affine(&x, &kernel, 1, 1, &scale, &shift, Some(&residual), true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("residual") && err.contains("[2, 4, 4, 4]"), "{err}");
+}

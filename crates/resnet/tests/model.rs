@@ -292,6 +292,41 @@ fn freezing_limits_gradients_to_head_and_batch_norms() {
     }
 }
 
+/// `forward_infer` (each conv fused with its BatchNorm, residual and ReLU)
+/// gives the same logits and features as `forward_t(x, false)` once the
+/// running statistics are no longer the initial 0/1, for bottleneck and
+/// basic blocks, and carries no graph.
+#[test]
+fn inference_equals_eval_mode() {
+    for arch in [Arch::ResNet18, Arch::ResNet50] {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let mut cfg = small_config(0.5);
+        cfg.arch = arch;
+        let model = ResNet::new(&cfg, vb, 3).unwrap();
+        // Two train-mode passes move every running mean and variance.
+        for seed in [1, 2] {
+            model.forward_t(&image(seed), true).unwrap();
+        }
+        let x = image(5);
+        let eval = model.forward_t(&x, false).unwrap();
+        let infer = model.forward_infer(&x).unwrap();
+        assert!(!infer.track_op());
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            eval.flatten_all().unwrap().to_vec1().unwrap(),
+            infer.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(a, b, "{arch:?} logits");
+        let eval = model.features_t(&x, false).unwrap();
+        let infer = model.features_infer(&x).unwrap();
+        assert_eq!(
+            eval.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            infer.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{arch:?} features"
+        );
+    }
+}
+
 /// Eval mode uses the running statistics, has no dropout and leaves the
 /// statistics alone; train mode updates them, and dropout masks replay from a seed.
 #[test]

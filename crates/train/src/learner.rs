@@ -594,9 +594,8 @@ pub fn predict(
     for (index, batch) in loader.epoch(0).enumerate() {
         let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
         let logits = model
-            .forward_t(&batch.images, false)
-            .map_err(|e| Error::Model(Box::new(e)))?
-            .detach();
+            .forward_infer(&batch.images)
+            .map_err(|e| Error::Model(Box::new(e)))?;
         let loss = bce_with_logits(&logits, &batch.targets, pos_weight)?
             .to_dtype(DType::F32)
             .and_then(|l| l.to_scalar::<f32>())

@@ -19,7 +19,7 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::Uninit;
@@ -303,7 +303,54 @@ fn out_ptr(chunk: &mut [MaybeUninit<f32>]) -> *mut f32 {
     chunk.as_mut_ptr().cast()
 }
 
-fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
+/// What [`forward`] applies to each output row `(image, channel)` while it
+/// is still in cache: `relu?(v · scale[c] + shift[c] (+ residual))`, the
+/// eval-mode BatchNorm, residual add and ReLU after a convolution. The same
+/// operations in the same order as the separate ops, so the result is the
+/// same to the bit.
+pub(crate) struct Epilogue<'a> {
+    pub(crate) scale: &'a [f32],
+    pub(crate) shift: &'a [f32],
+    /// `[N, O, OH, OW]`, like the output.
+    pub(crate) residual: Option<&'a [f32]>,
+    pub(crate) relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Writes the epilogue of `src`, output row `row` (`image·O + channel`), into `dst`.
+    #[inline]
+    fn apply(&self, row: usize, channels: usize, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        let c = row % channels;
+        let (a, b) = (self.scale[c], self.shift[c]);
+        let len = src.len();
+        match (self.residual, self.relu) {
+            (Some(r), true) => {
+                let r = &r[row * len..(row + 1) * len];
+                for ((d, &v), &r) in dst.iter_mut().zip(src).zip(r) {
+                    d.write((v * a + b + r).max(0.0));
+                }
+            }
+            (Some(r), false) => {
+                let r = &r[row * len..(row + 1) * len];
+                for ((d, &v), &r) in dst.iter_mut().zip(src).zip(r) {
+                    d.write(v * a + b + r);
+                }
+            }
+            (None, true) => {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    d.write((v * a + b).max(0.0));
+                }
+            }
+            (None, false) => {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    d.write(v * a + b);
+                }
+            }
+        }
+    }
+}
+
+fn forward(g: &Geometry, x: &[f32], kernel: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
     let img_out = o * p;
@@ -329,6 +376,14 @@ fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
                 // SAFETY: `out` is `[O, P]`, `lhs` `[O, K]`, `rhs` `[K, P]`;
                 // gemm writes every value without reading any.
                 unsafe { matmul(o, p, k, out_ptr(out), p, false, lhs, rhs, threads) };
+                if let Some(e) = epilogue {
+                    for (oc, row) in out.chunks_mut(p).enumerate() {
+                        // SAFETY: gemm initialised the row; the epilogue
+                        // rewrites it in place, value by value.
+                        let src = unsafe { std::slice::from_raw_parts(row.as_ptr().cast(), p) };
+                        e.apply(first * o + oc, o, src, row);
+                    }
+                }
                 return;
             }
             let ld = count * p;
@@ -356,8 +411,13 @@ fn forward(g: &Geometry, x: &[f32], kernel: &[f32]) -> Vec<f32> {
                 for oc in 0..o {
                     let src = &tmp[oc * ld + b * p..oc * ld + (b + 1) * p];
                     let dst = &mut out[b * img_out + oc * p..b * img_out + (oc + 1) * p];
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        d.write(*s);
+                    match epilogue {
+                        Some(e) => e.apply((first + b) * o + oc, o, src, dst),
+                        None => {
+                            for (d, s) in dst.iter_mut().zip(src) {
+                                d.write(*s);
+                            }
+                        }
                     }
                 }
             }
@@ -573,7 +633,7 @@ impl CustomOp2 for Conv2d {
             self.padding,
             self.stride,
         )?;
-        let out = forward(&g, data(xs, xl, "input")?, data(ks, kl, "kernel")?);
+        let out = forward(&g, data(xs, xl, "input")?, data(ks, kl, "kernel")?, None);
         Ok((CpuStorage::F32(out), Shape::from(g.out_dims())))
     }
 
@@ -694,6 +754,147 @@ impl CustomOp2 for KernelGrad {
         }
         let dw = kernel_grad(&g, data(xs, xl, "input")?, data(gs, gl, "output gradient")?);
         Ok((CpuStorage::F32(dw), Shape::from((o, c, self.kh, self.kw))))
+    }
+}
+
+/// `conv2d` + per-channel affine (+ residual) (+ ReLU) for inference:
+/// `x.apply_op2_no_bwd(kernel, ..)`, or `x.apply_op3_no_bwd(kernel, residual, ..)`.
+struct ConvAffine {
+    padding: usize,
+    stride: usize,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+}
+
+impl ConvAffine {
+    fn run(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ks, kl): (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(
+            xl.shape().dims4()?,
+            kl.shape().dims4()?,
+            self.padding,
+            self.stride,
+        )?;
+        if self.scale.len() != g.o || self.shift.len() != g.o {
+            candle_core::bail!(
+                "cpu conv2d-affine: {} output channels but scale/shift have {}/{} values",
+                g.o,
+                self.scale.len(),
+                self.shift.len()
+            )
+        }
+        let residual = match residual {
+            Some((rs, rl)) => {
+                if rl.shape().dims() != [g.n, g.o, g.oh, g.ow] {
+                    candle_core::bail!(
+                        "cpu conv2d-affine: residual {:?} does not match the output {:?}",
+                        rl.shape().dims(),
+                        g.out_dims()
+                    )
+                }
+                Some(data(rs, rl, "residual")?)
+            }
+            None => None,
+        };
+        let epilogue = Epilogue {
+            scale: &self.scale,
+            shift: &self.shift,
+            residual,
+            relu: self.relu,
+        };
+        let out = forward(
+            &g,
+            data(xs, xl, "input")?,
+            data(ks, kl, "kernel")?,
+            Some(&epilogue),
+        );
+        Ok((CpuStorage::F32(out), Shape::from(g.out_dims())))
+    }
+}
+
+impl CustomOp2 for ConvAffine {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((xs, xl), (ks, kl), None)
+    }
+}
+
+impl CustomOp3 for ConvAffine {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-affine-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((xs, xl), (ks, kl), Some((rs, rl)))
+    }
+}
+
+/// Inference: `relu?(conv2d(x, kernel) · scale[c] + shift[c] (+ residual))`
+/// in one pass, the eval-mode BatchNorm, residual add and ReLU applied to
+/// each output row while the convolution's result is still in cache.
+///
+/// `scale` and `shift` are `[O]`; `residual`, if any, has the output's shape.
+/// The result carries no gradient graph. Equal to the bit to
+/// [`conv2d`] followed by [`scale_shift`](super::scale_shift) and
+/// [`add_relu`](super::add_relu); elsewhere than the CPU in `f32` it is
+/// those candle ops.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_affine(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    scale: &Tensor,
+    shift: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    let (x, kernel) = (x.detach(), kernel.detach());
+    let (scale, shift) = (scale.detach(), shift.detach());
+    if !supported(&x) || !supported(&kernel) {
+        let channels = (1, scale.elem_count(), 1, 1);
+        let y = super::super::conv::conv2d(&x, &kernel, padding, stride)?
+            .broadcast_mul(&scale.reshape(channels)?)?
+            .broadcast_add(&shift.reshape(channels)?)?;
+        let y = match residual {
+            Some(r) => (y + r.detach())?,
+            None => y,
+        };
+        return if relu { y.relu() } else { Ok(y) };
+    }
+    let op = ConvAffine {
+        padding,
+        stride,
+        scale: scale.flatten_all()?.to_vec1()?,
+        shift: shift.flatten_all()?.to_vec1()?,
+        relu,
+    };
+    let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
+    match residual {
+        Some(r) => x.apply_op3_no_bwd(&kernel, &r.detach().contiguous()?, &op),
+        None => x.apply_op2_no_bwd(&kernel, &op),
     }
 }
 

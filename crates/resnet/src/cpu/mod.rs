@@ -23,7 +23,7 @@
 mod conv;
 mod norm;
 
-pub use conv::{conv2d, conv2d_input_grad, conv2d_kernel_grad, supported};
+pub use conv::{conv2d, conv2d_affine, conv2d_input_grad, conv2d_kernel_grad, supported};
 pub use norm::{add_relu, batch_norm_train, scale_shift};
 
 /// Keeps freed memory in the process for reuse instead of handing it back
