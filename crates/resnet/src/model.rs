@@ -83,15 +83,30 @@ impl Conv {
         })
     }
 
-    fn forward(&self, x: &Tensor, frozen_groups: usize) -> Result<Tensor> {
-        // A frozen kernel enters the graph detached, so backward computes no
-        // gradient for it (see `conv.rs`).
-        let weight = if self.group < frozen_groups {
+    /// The kernel as it enters the graph: a frozen one detached, so backward
+    /// computes no gradient for it (see `conv.rs`).
+    fn kernel(&self, frozen_groups: usize) -> Tensor {
+        if self.group < frozen_groups {
             self.weight.as_detached_tensor()
         } else {
             self.weight.as_tensor().clone()
-        };
-        conv2d(x, &weight, self.padding, self.stride)
+        }
+    }
+
+    /// `relu?(bn(conv(x)))`; in train mode on the CPU one fused graph node.
+    fn forward_bn_t(
+        &self,
+        bn: &BatchNorm,
+        x: &Tensor,
+        train: bool,
+        frozen_groups: usize,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let kernel = self.kernel(frozen_groups);
+        if train && crate::cpu::supported(x) && crate::cpu::supported(&kernel) {
+            return bn.conv_forward_train(x, &kernel, self.padding, self.stride, relu);
+        }
+        bn.forward_relu_t(&conv2d(x, &kernel, self.padding, self.stride)?, train, relu)
     }
 
     /// Inference: this conv with its eval-mode BatchNorm, the residual and
@@ -166,12 +181,10 @@ impl Block {
         let last = self.convs.len() - 1;
         let mut out = x.clone();
         for (j, (conv, bn)) in self.convs.iter().enumerate() {
-            out = bn.forward_relu_t(&conv.forward(&out, frozen_groups)?, train, j < last)?;
+            out = conv.forward_bn_t(bn, &out, train, frozen_groups, j < last)?;
         }
         let identity = match &self.downsample {
-            Some((conv, bn)) => {
-                bn.forward_relu_t(&conv.forward(x, frozen_groups)?, train, false)?
-            }
+            Some((conv, bn)) => conv.forward_bn_t(bn, x, train, frozen_groups, false)?,
             None => x.clone(),
         };
         crate::cpu::add_relu(&out, &identity)
@@ -295,7 +308,7 @@ impl ResNet {
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let frozen = self.frozen_groups;
         let (conv, bn) = &self.stem;
-        let x = bn.forward_relu_t(&conv.forward(x, frozen)?, train, true)?;
+        let x = conv.forward_bn_t(bn, x, train, frozen, true)?;
         let mut x = max_pool_3x3_s2(&x)?;
         for block in self.stages.iter().flatten() {
             x = block.forward_t(&x, train, frozen)?;

@@ -346,5 +346,78 @@ fn conv2d_affine_rejects_a_mismatched_residual() {
     let err = cpu::conv2d_affine(&x, &kernel, 1, 1, &scale, &shift, Some(&residual), true)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("residual") && err.contains("[2, 4, 4, 4]"), "{err}");
+    assert!(
+        err.contains("residual") && err.contains("[2, 4, 4, 4]"),
+        "{err}"
+    );
+}
+
+/// The fused train-mode conv + BatchNorm (+ ReLU) node equals the two
+/// separate ops (our conv and our BatchNorm, each checked against candle
+/// above): output, batch statistics and the gradients of input, kernel,
+/// weight and bias, for every conv case, with and without ReLU.
+#[test]
+fn conv2d_batch_norm_train_matches_separate_ops() {
+    for (i, &(n, c_in, c_out, h, w, k, stride, padding)) in CONV_CASES.iter().enumerate() {
+        for relu in [false, true] {
+            let x = Var::from_tensor(&values(&[n, c_in, h, w], 10 + i as u64)).unwrap();
+            let kernel = Var::from_tensor(&values(&[c_out, c_in, k, k], 100 + i as u64)).unwrap();
+            let wt = Var::from_tensor(&values(&[c_out], 200 + i as u64)).unwrap();
+            let b = Var::from_tensor(&values(&[c_out], 300 + i as u64)).unwrap();
+            let fused =
+                cpu::conv2d_batch_norm_train(&x, &kernel, padding, stride, &wt, &b, 1e-5, relu);
+            let (oh, ow) = (
+                (h + 2 * padding - k) / stride + 1,
+                (w + 2 * padding - k) / stride + 1,
+            );
+            if n * oh * ow < 2 {
+                // One value per channel: no batch variance.
+                let err = fused.unwrap_err().to_string();
+                assert!(err.contains("more than one value per channel"), "{err}");
+                continue;
+            }
+            let (y, mean, var) = fused.unwrap();
+            let conv = cpu::conv2d(&x, &kernel, padding, stride).unwrap();
+            let (y_ref, mean_ref, var_ref) =
+                cpu::batch_norm_train(&conv, &wt, &b, 1e-5, relu).unwrap();
+            let what = format!("case {i} relu {relu}");
+            assert_close(&format!("{what} forward"), &y, &y_ref);
+            assert_close(&format!("{what} mean"), &mean, &mean_ref);
+            assert_close(&format!("{what} var"), &var, &var_ref);
+            let r = values(y.dims(), 400 + i as u64);
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [
+                ("x", &x),
+                ("kernel", &kernel),
+                ("weight", &wt),
+                ("bias", &b),
+            ] {
+                let a = g.get(v).expect("our gradient");
+                let e = g_ref.get(v).expect("reference gradient");
+                assert_close(&format!("{what} {name} gradient"), a, e);
+            }
+        }
+    }
+}
+
+/// A frozen (detached) kernel and an input image that tracks nothing get
+/// no gradient from the fused node, while the BatchNorm parameters still do.
+#[test]
+fn conv2d_batch_norm_train_computes_only_needed_gradients() {
+    let x = Var::from_tensor(&values(&[2, 3, 6, 6], 1)).unwrap();
+    let kernel = Var::from_tensor(&values(&[4, 3, 3, 3], 2)).unwrap();
+    let wt = Var::from_tensor(&values(&[4], 3)).unwrap();
+    let b = Var::from_tensor(&values(&[4], 4)).unwrap();
+    let frozen = kernel.as_detached_tensor();
+    let (y, _, _) = cpu::conv2d_batch_norm_train(&x, &frozen, 1, 1, &wt, &b, 1e-5, true).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_some() && grads.get(&wt).is_some() && grads.get(&b).is_some());
+    assert!(grads.get(&kernel).is_none());
+    let image = x.as_detached_tensor();
+    let (y, _, _) =
+        cpu::conv2d_batch_norm_train(&image, &frozen, 1, 2, &wt, &b, 1e-5, false).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&wt).is_some() && grads.get(&b).is_some());
+    assert!(grads.get(&image).is_none() && grads.get(&kernel).is_none());
 }

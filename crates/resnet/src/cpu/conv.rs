@@ -26,7 +26,7 @@ use super::Uninit;
 
 /// Shapes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geometry {
+pub(crate) struct Geometry {
     n: usize,
     c: usize,
     h: usize,
@@ -44,7 +44,7 @@ struct Geometry {
 const MIN_COLUMNS: usize = 256;
 
 impl Geometry {
-    fn new(
+    pub(crate) fn new(
         x: (usize, usize, usize, usize),
         k: (usize, usize, usize, usize),
         padding: usize,
@@ -102,7 +102,7 @@ impl Geometry {
         MIN_COLUMNS.div_ceil(self.p()).clamp(1, self.n.max(1))
     }
 
-    fn out_dims(&self) -> (usize, usize, usize, usize) {
+    pub(crate) fn out_dims(&self) -> (usize, usize, usize, usize) {
         (self.n, self.o, self.oh, self.ow)
     }
 }
@@ -350,7 +350,12 @@ impl Epilogue<'_> {
     }
 }
 
-fn forward(g: &Geometry, x: &[f32], kernel: &[f32], epilogue: Option<&Epilogue>) -> Vec<f32> {
+pub(crate) fn forward(
+    g: &Geometry,
+    x: &[f32],
+    kernel: &[f32],
+    epilogue: Option<&Epilogue>,
+) -> Vec<f32> {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
     let img_out = o * p;
@@ -436,7 +441,7 @@ fn forward(g: &Geometry, x: &[f32], kernel: &[f32], epilogue: Option<&Epilogue>)
     unsafe { out.finish() }
 }
 
-fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
+pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
     let img_out = o * p;
@@ -513,7 +518,7 @@ fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
     unsafe { dx.finish() }
 }
 
-fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
     let img_out = o * p;
@@ -594,7 +599,7 @@ fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
 }
 
 /// The contiguous `f32` data of a CPU operand.
-fn data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("cpu conv2d: the {what} must be contiguous; call .contiguous() first")
     };

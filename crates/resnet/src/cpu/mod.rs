@@ -9,6 +9,11 @@
 //! - [`conv2d`]: im2col + `gemm`; backward computes only the gradients whose
 //!   operands track them (no kernel gradient for a frozen kernel, no input
 //!   gradient for the image).
+//! - [`conv2d_batch_norm_train`]: a convolution and the train-mode BatchNorm
+//!   (and ReLU) after it as one graph node, so the BatchNorm's input
+//!   gradient goes straight into the convolution's backward;
+//! - [`conv2d_affine`]: inference, a convolution with its eval-mode
+//!   BatchNorm, residual add and ReLU applied while the result is in cache;
 //! - [`batch_norm_train`]: BatchNorm with batch statistics, optionally fused
 //!   with the ReLU after it, in one parallel pass per channel, and a backward
 //!   in two.
@@ -21,9 +26,11 @@
 //! dtypes) runs the equivalent candle ops, so the GPU builds keep working.
 
 mod conv;
+mod conv_bn;
 mod norm;
 
 pub use conv::{conv2d, conv2d_affine, conv2d_input_grad, conv2d_kernel_grad, supported};
+pub use conv_bn::conv2d_batch_norm_train;
 pub use norm::{add_relu, batch_norm_train, scale_shift};
 
 /// Keeps freed memory in the process for reuse instead of handing it back

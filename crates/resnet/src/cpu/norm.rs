@@ -78,11 +78,62 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 
 /// Per-channel batch statistics kept for the backward pass.
 #[derive(Debug, Clone)]
-struct Stats {
-    mean: Vec<f32>,
+pub(crate) struct Stats {
+    pub(crate) mean: Vec<f32>,
     /// Biased variance, as used for normalising.
-    var: Vec<f32>,
-    inv_std: Vec<f32>,
+    pub(crate) var: Vec<f32>,
+    pub(crate) inv_std: Vec<f32>,
+}
+
+/// Train-mode BatchNorm (+ ReLU) of `x` `[N, C, HW]` with its batch
+/// statistics: the output and the statistics, channels in parallel.
+pub(crate) fn bn_train_forward(
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    w: &[f32],
+    b: &[f32],
+    eps: f64,
+    relu: bool,
+) -> (Vec<f32>, Stats) {
+    let count = n * hw;
+    let mut out = Uninit::new(x.len());
+    let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
+    let per_channel: Vec<(f32, f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            let rows = || (0..n).map(|ni| &x[(ni * c + ci) * hw..(ni * c + ci + 1) * hw]);
+            let mean = rows().map(|r| lane_sum(r, |v| v)).sum::<f64>() / count as f64;
+            let m = mean as f32;
+            let var = rows()
+                .map(|r| lane_sum(r, |v| (v - m) * (v - m)))
+                .sum::<f64>()
+                / count as f64;
+            let inv_std = 1.0 / (var + eps).sqrt();
+            let scale = (f64::from(w[ci]) * inv_std) as f32;
+            let shift = (f64::from(b[ci]) - mean * f64::from(scale)) as f32;
+            for (ni, row) in rows().enumerate() {
+                // SAFETY: row (ni, ci) belongs to this channel's task only.
+                let dst = unsafe { ptr.slice((ni * c + ci) * hw, hw) };
+                if relu {
+                    for (d, &v) in dst.iter_mut().zip(row) {
+                        d.write((v * scale + shift).max(0.0));
+                    }
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(row) {
+                        d.write(v * scale + shift);
+                    }
+                }
+            }
+            (m, var as f32, inv_std as f32)
+        })
+        .collect();
+    let stats = Stats {
+        mean: per_channel.iter().map(|s| s.0).collect(),
+        var: per_channel.iter().map(|s| s.1).collect(),
+        inv_std: per_channel.iter().map(|s| s.2).collect(),
+    };
+    // SAFETY: every channel's task wrote all of its rows.
+    (unsafe { out.finish() }, stats)
 }
 
 /// Train-mode BatchNorm: `x.apply_op3(weight, bias, BatchNormTrain { .. })`.
@@ -119,53 +170,14 @@ impl CustomOp3 for BatchNormTrain {
                 b.len()
             )
         }
-        let count = n * hw;
-        if count < 2 {
+        if n * hw < 2 {
             candle_core::bail!(
                 "cpu batch-norm: train mode needs more than one value per channel, got {:?}; use a larger batch",
                 xl.shape().dims()
             )
         }
-        let mut out = Uninit::new(x.len());
-        let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
-        let relu = self.relu;
-        let per_channel: Vec<(f32, f32, f32)> = (0..c)
-            .into_par_iter()
-            .map(|ci| {
-                let rows = || (0..n).map(|ni| &x[(ni * c + ci) * hw..(ni * c + ci + 1) * hw]);
-                let mean = rows().map(|r| lane_sum(r, |v| v)).sum::<f64>() / count as f64;
-                let m = mean as f32;
-                let var = rows()
-                    .map(|r| lane_sum(r, |v| (v - m) * (v - m)))
-                    .sum::<f64>()
-                    / count as f64;
-                let inv_std = 1.0 / (var + self.eps).sqrt();
-                let scale = (f64::from(w[ci]) * inv_std) as f32;
-                let shift = (f64::from(b[ci]) - mean * f64::from(scale)) as f32;
-                for (ni, row) in rows().enumerate() {
-                    // SAFETY: row (ni, ci) belongs to this channel's task only.
-                    let dst = unsafe { ptr.slice((ni * c + ci) * hw, hw) };
-                    if relu {
-                        for (d, &v) in dst.iter_mut().zip(row) {
-                            d.write((v * scale + shift).max(0.0));
-                        }
-                    } else {
-                        for (d, &v) in dst.iter_mut().zip(row) {
-                            d.write(v * scale + shift);
-                        }
-                    }
-                }
-                (m, var as f32, inv_std as f32)
-            })
-            .collect();
-        let stats = Stats {
-            mean: per_channel.iter().map(|s| s.0).collect(),
-            var: per_channel.iter().map(|s| s.1).collect(),
-            inv_std: per_channel.iter().map(|s| s.2).collect(),
-        };
+        let (out, stats) = bn_train_forward(x, (n, c, hw), w, b, self.eps, self.relu);
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
-        // SAFETY: every channel's task wrote all of its rows.
-        let out = unsafe { out.finish() };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -211,38 +223,24 @@ impl CustomOp3 for BatchNormTrain {
 
 /// Backward of [`BatchNormTrain`]: `x.apply_op3_no_bwd(y, grad, ..)` gives
 /// `[dweight (C), dbias (C), dx (N·C·H·W, if need_x)]` flattened.
-struct BatchNormGrad {
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
-    weight: Vec<f32>,
-    relu: bool,
-    need_x: bool,
+pub(crate) struct BatchNormGrad {
+    pub(crate) mean: Vec<f32>,
+    pub(crate) inv_std: Vec<f32>,
+    pub(crate) weight: Vec<f32>,
+    pub(crate) relu: bool,
+    pub(crate) need_x: bool,
 }
 
-impl CustomOp3 for BatchNormGrad {
-    fn name(&self) -> &'static str {
-        "cpu-batch-norm-grad"
-    }
-
-    fn cpu_fwd(
+impl BatchNormGrad {
+    /// `[dweight (C), dbias (C), dx (N·C·HW, if need_x)]` from the BatchNorm
+    /// input `x`, its output `y` and the output gradient `g`, channels in parallel.
+    pub(crate) fn run(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ys: &CpuStorage,
-        yl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let what = "batch-norm backward";
-        let (n, c, hw) = dims(xl.shape(), what)?;
-        let (x, y, g) = (
-            data(xs, xl, what)?,
-            data(ys, yl, what)?,
-            data(gs, gl, what)?,
-        );
-        if y.len() != x.len() || g.len() != x.len() {
-            candle_core::bail!("cpu batch-norm backward: operand shapes differ")
-        }
+        x: &[f32],
+        y: &[f32],
+        g: &[f32],
+        (n, c, hw): (usize, usize, usize),
+    ) -> Vec<f32> {
         let count = (n * hw) as f64;
         let len = 2 * c + if self.need_x { x.len() } else { 0 };
         let mut out = Uninit::new(len);
@@ -310,6 +308,36 @@ impl CustomOp3 for BatchNormGrad {
         // SAFETY: every channel's task wrote its dweight and dbias entries
         // and, with `need_x`, all of its dx rows.
         let out = unsafe { out.finish() };
+        out
+    }
+}
+
+impl CustomOp3 for BatchNormGrad {
+    fn name(&self) -> &'static str {
+        "cpu-batch-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "batch-norm backward";
+        let (n, c, hw) = dims(xl.shape(), what)?;
+        let (x, y, g) = (
+            data(xs, xl, what)?,
+            data(ys, yl, what)?,
+            data(gs, gl, what)?,
+        );
+        if y.len() != x.len() || g.len() != x.len() {
+            candle_core::bail!("cpu batch-norm backward: operand shapes differ")
+        }
+        let out = self.run(x, y, g, (n, c, hw));
+        let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
@@ -347,7 +375,8 @@ impl CustomOp3 for ScaleShift {
         let mut out = Uninit::new(x.len());
         let relu = self.relu;
         let rows_per_task = CHUNK.div_ceil(hw.max(1)).max(1);
-        out.as_mut_slice().par_chunks_mut(rows_per_task * hw.max(1))
+        out.as_mut_slice()
+            .par_chunks_mut(rows_per_task * hw.max(1))
             .enumerate()
             .for_each(|(t, dst)| {
                 for (r, dst) in dst.chunks_mut(hw.max(1)).enumerate() {

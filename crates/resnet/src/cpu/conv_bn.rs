@@ -1,0 +1,198 @@
+//! A convolution and the train-mode BatchNorm (and ReLU) after it as one
+//! graph node.
+//!
+//! As two nodes, candle's backward hands the BatchNorm's input gradient to
+//! the convolution through its gradient store: it allocates a zeroed tensor
+//! of the conv output's size, adds the gradient into it (a new tensor
+//! again), and only then runs the convolution's backward. A ResNet-50 has 53
+//! such pairs, so at batch 64 that was gigabytes of memory traffic per step
+//! for nothing. As one node the BatchNorm's input gradient goes straight
+//! into the convolution's input and kernel gradients.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+use super::conv::{Geometry, data, forward, input_grad, kernel_grad, supported};
+use super::norm::{BatchNormGrad, Stats, batch_norm_train, bn_train_forward};
+
+/// What the forward pass keeps for the backward pass and the caller.
+struct Saved {
+    /// The convolution's output: the BatchNorm's input.
+    conv: Vec<f32>,
+    stats: Stats,
+}
+
+/// `x.apply_op3(kernel, cat([weight, bias]), ConvBnTrain { .. })`.
+struct ConvBnTrain {
+    padding: usize,
+    stride: usize,
+    eps: f64,
+    relu: bool,
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+impl ConvBnTrain {
+    fn geometry(&self, x: &Layout, kernel: &Layout) -> Result<Geometry> {
+        Geometry::new(
+            x.shape().dims4()?,
+            kernel.shape().dims4()?,
+            self.padding,
+            self.stride,
+        )
+    }
+}
+
+/// Runs `f` on the contiguous `f32` data of a CPU tensor.
+fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(data(cpu, layout, what)?),
+        _ => candle_core::bail!("cpu conv-batch-norm: the {what} is not on the CPU"),
+    }
+}
+
+impl CustomOp3 for ConvBnTrain {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry(xl, kl)?;
+        let (n, o, oh, ow) = g.out_dims();
+        let params = data(ps, pl, "batch-norm weight and bias")?;
+        if params.len() != 2 * o {
+            candle_core::bail!(
+                "cpu conv-batch-norm: {o} channels but {} weight and bias values (expected {})",
+                params.len(),
+                2 * o
+            )
+        }
+        if n * oh * ow < 2 {
+            candle_core::bail!(
+                "cpu conv-batch-norm: train mode needs more than one value per channel, got {:?}; use a larger batch",
+                g.out_dims()
+            )
+        }
+        let conv = forward(&g, data(xs, xl, "input")?, data(ks, kl, "kernel")?, None);
+        let (y, stats) = bn_train_forward(
+            &conv,
+            (n, o, oh * ow),
+            &params[..o],
+            &params[o..],
+            self.eps,
+            self.relu,
+        );
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { conv, stats });
+        Ok((CpuStorage::F32(y), Shape::from(g.out_dims())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        params: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (need_x, need_k, need_p) = (x.track_op(), kernel.track_op(), params.track_op());
+        if !need_x && !need_k && !need_p {
+            return Ok((None, None, None));
+        }
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(saved) = saved.as_ref() else {
+            candle_core::bail!("cpu conv-batch-norm: backward before forward")
+        };
+        let (x, kernel) = (x.detach().contiguous()?, kernel.detach().contiguous()?);
+        let g = self.geometry(x.layout(), kernel.layout())?;
+        let (n, o, oh, ow) = g.out_dims();
+        let weight: Vec<f32> = params.detach().narrow(0, 0, o)?.to_vec1()?;
+        let bn = BatchNormGrad {
+            mean: saved.stats.mean.clone(),
+            inv_std: saved.stats.inv_std.clone(),
+            weight,
+            relu: self.relu,
+            // The conv output's gradient feeds both conv gradients.
+            need_x: need_x || need_k,
+        };
+        let grad = grad.detach().contiguous()?;
+        let y = y.detach();
+        let flat = with_data(&y, "output", |y| {
+            with_data(&grad, "output gradient", |g| {
+                Ok(bn.run(&saved.conv, y, g, (n, o, oh * ow)))
+            })
+        })?;
+        let device = x.device();
+        let dparams = need_p
+            .then(|| Tensor::from_slice(&flat[..2 * o], 2 * o, device))
+            .transpose()?;
+        let dconv = &flat[2 * o..];
+        let dx = if need_x {
+            let dx = with_data(&kernel, "kernel", |k| Ok(input_grad(&g, dconv, k)))?;
+            Some(Tensor::from_vec(dx, x.shape(), device)?)
+        } else {
+            None
+        };
+        let dk = if need_k {
+            let dk = with_data(&x, "input", |x| Ok(kernel_grad(&g, x, dconv)))?;
+            Some(Tensor::from_vec(dk, kernel.shape(), device)?)
+        } else {
+            None
+        };
+        Ok((dx, dk, dparams))
+    }
+}
+
+/// Train mode `relu?(batch_norm(conv2d(x, kernel)))` as one graph node.
+///
+/// The convolution is [`conv2d`](super::conv2d)'s (square `padding` and
+/// `stride`, one group), the BatchNorm [`batch_norm_train`]'s with the
+/// batch's statistics. Returns `(y, mean, var)` as `batch_norm_train` does.
+/// Backward computes the input gradient only if `x` tracks gradients, the
+/// kernel gradient only if `kernel` does (a frozen kernel is passed
+/// detached), and the weight and bias gradients if either tracks them.
+/// Elsewhere than the CPU in `f32` it is the two ops.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_batch_norm_train(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if ![x, kernel, weight, bias].into_iter().all(supported) {
+        let conv = crate::conv::conv2d(x, kernel, padding, stride)?;
+        return batch_norm_train(&conv, weight, bias, eps, relu);
+    }
+    let saved = Arc::new(Mutex::new(None));
+    let op = ConvBnTrain {
+        padding,
+        stride,
+        eps,
+        relu,
+        saved: saved.clone(),
+    };
+    let params = Tensor::cat(&[weight, bias], 0)?;
+    let y = x
+        .contiguous()?
+        .apply_op3(&kernel.contiguous()?, &params, op)?;
+    let guard = saved.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(saved) = guard.as_ref() else {
+        candle_core::bail!("cpu conv-batch-norm: the forward pass left no statistics")
+    };
+    let c = saved.stats.mean.len();
+    let mean = Tensor::from_slice(&saved.stats.mean, c, x.device())?;
+    let var = Tensor::from_slice(&saved.stats.var, c, x.device())?;
+    Ok((y, mean, var))
+}
