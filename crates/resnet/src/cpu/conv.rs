@@ -40,6 +40,9 @@ pub(crate) struct Geometry {
     ow: usize,
 }
 
+/// Kernel-gradient tasks per thread (see [`kernel_grad`]).
+const TASKS_PER_THREAD: usize = 4;
+
 /// Matrix width below which images are grouped into one product.
 const MIN_COLUMNS: usize = 256;
 
@@ -525,9 +528,12 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let group = g.group();
     let groups = g.n.div_ceil(group);
     let (par, threads) = plan(groups);
-    // Each task sums a contiguous range of groups into its own `[O, K]`.
+    // Each task sums a contiguous range of groups into its own `[O, K]`;
+    // the partial sums are added in task order, so the result does not
+    // depend on which thread ran what. Several tasks per thread let a thread
+    // that finishes early take over work instead of idling.
     let tasks = if par {
-        rayon::current_num_threads().min(groups)
+        (TASKS_PER_THREAD * rayon::current_num_threads()).min(groups)
     } else {
         1
     };
