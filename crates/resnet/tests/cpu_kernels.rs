@@ -421,3 +421,33 @@ fn conv2d_batch_norm_train_computes_only_needed_gradients() {
     assert!(grads.get(&wt).is_some() && grads.get(&b).is_some());
     assert!(grads.get(&image).is_none() && grads.get(&kernel).is_none());
 }
+
+/// Forward, input gradient and kernel gradient are the same to the bit
+/// with 1, 3 and 8 threads (8 is more threads than image groups, so each
+/// product is split across threads instead).
+#[test]
+fn conv2d_results_do_not_depend_on_thread_count() {
+    let x = values(&[20, 4, 8, 8], 1);
+    let kernel = values(&[6, 4, 3, 3], 2);
+    let grad = values(&[20, 6, 8, 8], 3);
+    let bits = |t: Tensor| -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            (
+                bits(cpu::conv2d(&x, &kernel, 1, 1).unwrap()),
+                bits(cpu::conv2d_input_grad(&grad, &kernel, (20, 4, 8, 8), 1, 1).unwrap()),
+                bits(cpu::conv2d_kernel_grad(&x, &grad, (6, 4, 3, 3), 1, 1).unwrap()),
+            )
+        })
+    };
+    let one = run(1);
+    assert!(one == run(3), "1 vs 3 threads");
+    assert!(one == run(8), "1 vs 8 threads");
+}

@@ -40,8 +40,8 @@ pub(crate) struct Geometry {
     ow: usize,
 }
 
-/// Kernel-gradient tasks per thread (see [`kernel_grad`]).
-const TASKS_PER_THREAD: usize = 4;
+/// Partial sums of a kernel gradient (see [`kernel_grad`]).
+const KERNEL_GRAD_TASKS: usize = 8;
 
 /// Matrix width below which images are grouped into one product.
 const MIN_COLUMNS: usize = 256;
@@ -529,14 +529,11 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let groups = g.n.div_ceil(group);
     let (par, threads) = plan(groups);
     // Each task sums a contiguous range of groups into its own `[O, K]`;
-    // the partial sums are added in task order, so the result does not
-    // depend on which thread ran what. Several tasks per thread let a thread
-    // that finishes early take over work instead of idling.
-    let tasks = if par {
-        (TASKS_PER_THREAD * rayon::current_num_threads()).min(groups)
-    } else {
-        1
-    };
+    // the partial sums are added in task order. The split depends only on
+    // the shapes, so the result does not depend on the thread count or on
+    // which thread ran what; several tasks per thread let a thread that
+    // finishes early take over work instead of idling.
+    let tasks = KERNEL_GRAD_TASKS.min(groups);
     let per_task = groups.div_ceil(tasks);
     let partial = |t: usize| -> Vec<f32> {
         let mut dw = vec![0f32; o * k];
@@ -593,7 +590,11 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     if tasks == 1 {
         return partial(0);
     }
-    let parts: Vec<Vec<f32>> = (0..tasks).into_par_iter().map(partial).collect();
+    let parts: Vec<Vec<f32>> = if par {
+        (0..tasks).into_par_iter().map(partial).collect()
+    } else {
+        (0..tasks).map(partial).collect()
+    };
     let mut parts = parts.into_iter();
     let mut dw = parts.next().expect("at least one task");
     for part in parts {
