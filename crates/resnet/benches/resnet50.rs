@@ -1,5 +1,5 @@
-//! ResNet-50 (fastai head, 20 classes) on the CPU: forward and
-//! forward+backward time per image, body frozen and unfrozen.
+//! ResNet-50 (fastai head, 20 classes) on the CPU: forward (eval mode and
+//! fused inference) and forward+backward time per image, body frozen and unfrozen.
 //!
 //! `cargo bench -p multilabel-resnet --bench resnet50`; environment variables
 //! `RESNET_BENCH_BATCH` (default 64), `RESNET_BENCH_SIZE` (128) and
@@ -50,6 +50,13 @@ fn main() -> candle_core::Result<()> {
     println!(
         "forward eval               {:8.2} ms/image",
         per_image(eval)
+    );
+    let infer = time(iters, || {
+        model.forward_infer(&images).unwrap();
+    });
+    println!(
+        "forward inference (fused)  {:8.2} ms/image",
+        per_image(infer)
     );
     for frozen in [true, false] {
         if frozen {
