@@ -307,8 +307,7 @@ impl BatchNormGrad {
         });
         // SAFETY: every channel's task wrote its dweight and dbias entries
         // and, with `need_x`, all of its dx rows.
-        let out = unsafe { out.finish() };
-        out
+        unsafe { out.finish() }
     }
 }
 
