@@ -141,6 +141,33 @@ impl BatchNorm {
         Ok(y)
     }
 
+    /// Train mode `relu(self(conv2d(x, kernel)) + residual)` as one graph
+    /// node on the CPU ([`crate::cpu::conv2d_batch_norm_add_relu_train`]);
+    /// updates the running statistics.
+    pub(crate) fn conv_add_relu_forward_train(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        padding: usize,
+        stride: usize,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let (y, mean, var) = crate::cpu::conv2d_batch_norm_add_relu_train(
+            x,
+            kernel,
+            padding,
+            stride,
+            self.weight.as_tensor(),
+            self.bias.as_tensor(),
+            EPS,
+            residual,
+        )
+        .map_err(|e| e.context(format!("batch-norm {}", self.name)))?;
+        let count = y.elem_count() / y.dim(1)?;
+        self.update_running(&mean, &var, count)?;
+        Ok(y)
+    }
+
     /// Eval mode as a per-channel affine `x · scale + shift` (`[C]` each):
     /// `scale = w / sqrt(running_var + eps)`, `shift = b - running_mean · scale`.
     pub(crate) fn eval_affine(&self) -> Result<(Tensor, Tensor)> {

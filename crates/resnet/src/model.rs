@@ -178,15 +178,26 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool, frozen_groups: usize) -> Result<Tensor> {
-        let last = self.convs.len() - 1;
-        let mut out = x.clone();
-        for (j, (conv, bn)) in self.convs.iter().enumerate() {
-            out = conv.forward_bn_t(bn, &out, train, frozen_groups, j < last)?;
-        }
         let identity = match &self.downsample {
             Some((conv, bn)) => conv.forward_bn_t(bn, x, train, frozen_groups, false)?,
             None => x.clone(),
         };
+        let last = self.convs.len() - 1;
+        let mut out = x.clone();
+        for (j, (conv, bn)) in self.convs.iter().enumerate() {
+            if j == last && train && crate::cpu::supported(&out) {
+                // The last conv, its BatchNorm, the add and the ReLU: one node.
+                let kernel = conv.kernel(frozen_groups);
+                return bn.conv_add_relu_forward_train(
+                    &out,
+                    &kernel,
+                    conv.padding,
+                    conv.stride,
+                    &identity,
+                );
+            }
+            out = conv.forward_bn_t(bn, &out, train, frozen_groups, j < last)?;
+        }
         crate::cpu::add_relu(&out, &identity)
     }
 

@@ -451,3 +451,69 @@ fn conv2d_results_do_not_depend_on_thread_count() {
     assert!(one == run(3), "1 vs 3 threads");
     assert!(one == run(8), "1 vs 8 threads");
 }
+
+/// The end of a residual block as one node equals the fused conv +
+/// BatchNorm followed by add-relu: output, statistics and the gradients of
+/// input, kernel, weight, bias and residual, for every conv case.
+#[test]
+fn conv2d_batch_norm_add_relu_train_matches_separate_ops() {
+    for (i, &(n, c_in, c_out, h, w, k, stride, padding)) in CONV_CASES.iter().enumerate() {
+        let (oh, ow) = (
+            (h + 2 * padding - k) / stride + 1,
+            (w + 2 * padding - k) / stride + 1,
+        );
+        if n * oh * ow < 2 {
+            continue;
+        }
+        let x = Var::from_tensor(&values(&[n, c_in, h, w], 10 + i as u64)).unwrap();
+        let kernel = Var::from_tensor(&values(&[c_out, c_in, k, k], 100 + i as u64)).unwrap();
+        let wt = Var::from_tensor(&values(&[c_out], 200 + i as u64)).unwrap();
+        let b = Var::from_tensor(&values(&[c_out], 300 + i as u64)).unwrap();
+        let res = Var::from_tensor(&values(&[n, c_out, oh, ow], 500 + i as u64)).unwrap();
+        let (y, mean, var) = cpu::conv2d_batch_norm_add_relu_train(
+            &x, &kernel, padding, stride, &wt, &b, 1e-5, &res,
+        )
+        .unwrap();
+        let (bn, mean_ref, var_ref) =
+            cpu::conv2d_batch_norm_train(&x, &kernel, padding, stride, &wt, &b, 1e-5, false)
+                .unwrap();
+        let y_ref = cpu::add_relu(&bn, &res).unwrap();
+        let what = format!("case {i}");
+        assert_close(&format!("{what} forward"), &y, &y_ref);
+        assert_close(&format!("{what} mean"), &mean, &mean_ref);
+        assert_close(&format!("{what} var"), &var, &var_ref);
+        let r = values(y.dims(), 400 + i as u64);
+        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [
+            ("x", &x),
+            ("kernel", &kernel),
+            ("weight", &wt),
+            ("bias", &b),
+            ("residual", &res),
+        ] {
+            let a = g.get(v).expect("our gradient");
+            let e = g_ref.get(v).expect("reference gradient");
+            assert_close(&format!("{what} {name} gradient"), a, e);
+        }
+    }
+}
+
+/// A frozen kernel gets no gradient from the block-end node; the input,
+/// the BatchNorm parameters and the residual still do.
+#[test]
+fn conv2d_batch_norm_add_relu_train_skips_a_frozen_kernel() {
+    let x = Var::from_tensor(&values(&[2, 3, 6, 6], 1)).unwrap();
+    let kernel = Var::from_tensor(&values(&[4, 3, 1, 1], 2)).unwrap();
+    let wt = Var::from_tensor(&values(&[4], 3)).unwrap();
+    let b = Var::from_tensor(&values(&[4], 4)).unwrap();
+    let res = Var::from_tensor(&values(&[2, 4, 6, 6], 5)).unwrap();
+    let frozen = kernel.as_detached_tensor();
+    let (y, _, _) =
+        cpu::conv2d_batch_norm_add_relu_train(&x, &frozen, 0, 1, &wt, &b, 1e-5, &res).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    for v in [&x, &wt, &b, &res] {
+        assert!(grads.get(v).is_some());
+    }
+    assert!(grads.get(&kernel).is_none());
+}

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::conv::{Geometry, data, forward, input_grad, kernel_grad, supported};
-use super::norm::{BatchNormGrad, Stats, batch_norm_train, bn_train_forward};
+use super::norm::{BatchNormGrad, Stats, add_relu, batch_norm_train, bn_train_forward, relu_mask};
 
 /// What the forward pass keeps for the backward pass and the caller.
 struct Saved {
@@ -90,6 +90,7 @@ impl CustomOp3 for ConvBnTrain {
             &params[o..],
             self.eps,
             self.relu,
+            None,
         );
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { conv, stats });
         Ok((CpuStorage::F32(y), Shape::from(g.out_dims())))
@@ -190,6 +191,219 @@ pub fn conv2d_batch_norm_train(
     let guard = saved.lock().unwrap_or_else(|e| e.into_inner());
     let Some(saved) = guard.as_ref() else {
         candle_core::bail!("cpu conv-batch-norm: the forward pass left no statistics")
+    };
+    let c = saved.stats.mean.len();
+    let mean = Tensor::from_slice(&saved.stats.mean, c, x.device())?;
+    let var = Tensor::from_slice(&saved.stats.var, c, x.device())?;
+    Ok((y, mean, var))
+}
+
+/// The last conv of a residual block with its BatchNorm, the residual add
+/// and the ReLU: `x.apply_op3(cat([kernel, weight, bias]), residual, ..)`.
+/// A trainable kernel travels with the BatchNorm parameters because a node
+/// has at most three operands (that copy is small next to the activations);
+/// a frozen one is no operand at all and the op holds it.
+struct ConvBnAddReluTrain {
+    padding: usize,
+    stride: usize,
+    eps: f64,
+    kernel_dims: (usize, usize, usize, usize),
+    /// The kernel when it is frozen (detached): not in the graph.
+    frozen_kernel: Option<Tensor>,
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+impl ConvBnAddReluTrain {
+    /// Kernel values at the start of the packed operand: all or none.
+    fn kernel_len(&self) -> usize {
+        let (o, c, kh, kw) = self.kernel_dims;
+        if self.frozen_kernel.is_some() {
+            0
+        } else {
+            o * c * kh * kw
+        }
+    }
+
+    /// Runs `f` on the kernel: the op's own, or the head of `packed`.
+    fn with_kernel<R>(&self, packed: &[f32], f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        match &self.frozen_kernel {
+            Some(k) => with_data(k, "kernel", f),
+            None => f(&packed[..self.kernel_len()]),
+        }
+    }
+}
+
+impl CustomOp3 for ConvBnAddReluTrain {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-batch-norm-add-relu-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(
+            xl.shape().dims4()?,
+            self.kernel_dims,
+            self.padding,
+            self.stride,
+        )?;
+        let (n, o, oh, ow) = g.out_dims();
+        let kn = self.kernel_len();
+        let packed = data(ps, pl, "kernel, batch-norm weight and bias")?;
+        if packed.len() != kn + 2 * o {
+            candle_core::bail!(
+                "cpu conv-batch-norm-add-relu: expected {} kernel, weight and bias values, got {}",
+                kn + 2 * o,
+                packed.len()
+            )
+        }
+        if rl.shape().dims() != [n, o, oh, ow] {
+            candle_core::bail!(
+                "cpu conv-batch-norm-add-relu: residual {:?} does not match the output {:?}",
+                rl.shape().dims(),
+                g.out_dims()
+            )
+        }
+        if n * oh * ow < 2 {
+            candle_core::bail!(
+                "cpu conv-batch-norm-add-relu: train mode needs more than one value per channel, got {:?}; use a larger batch",
+                g.out_dims()
+            )
+        }
+        let x = data(xs, xl, "input")?;
+        let conv = self.with_kernel(packed, |k| Ok(forward(&g, x, k, None)))?;
+        let (y, stats) = bn_train_forward(
+            &conv,
+            (n, o, oh * ow),
+            &packed[kn..kn + o],
+            &packed[kn + o..],
+            self.eps,
+            true,
+            Some(data(rs, rl, "residual")?),
+        );
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { conv, stats });
+        Ok((CpuStorage::F32(y), Shape::from(g.out_dims())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        packed: &Tensor,
+        residual: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (need_x, need_p, need_r) = (x.track_op(), packed.track_op(), residual.track_op());
+        if !need_x && !need_p && !need_r {
+            return Ok((None, None, None));
+        }
+        let need_k = need_p && self.frozen_kernel.is_none();
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(saved) = saved.as_ref() else {
+            candle_core::bail!("cpu conv-batch-norm-add-relu: backward before forward")
+        };
+        let x = x.detach().contiguous()?;
+        let g = Geometry::new(x.dims4()?, self.kernel_dims, self.padding, self.stride)?;
+        let (n, o, oh, ow) = g.out_dims();
+        let kn = self.kernel_len();
+        let packed = packed.detach().contiguous()?;
+        let weight: Vec<f32> = packed.narrow(0, kn, o)?.to_vec1()?;
+        // The ReLU after the add masks the gradient of both branches; with
+        // `y` the block's output, BatchNormGrad's ReLU mask is that mask.
+        let bn = BatchNormGrad {
+            mean: saved.stats.mean.clone(),
+            inv_std: saved.stats.inv_std.clone(),
+            weight,
+            relu: true,
+            need_x: need_x || need_k,
+        };
+        let grad = grad.detach().contiguous()?;
+        let y = y.detach();
+        let device = x.device();
+        let (flat, dres) = with_data(&y, "output", |y| {
+            with_data(&grad, "output gradient", |gr| {
+                let flat = bn.run(&saved.conv, y, gr, (n, o, oh * ow));
+                let dres = need_r.then(|| relu_mask(y, gr));
+                Ok((flat, dres))
+            })
+        })?;
+        let dres = dres
+            .map(|d| Tensor::from_vec(d, residual.shape(), device))
+            .transpose()?;
+        let dconv = &flat[2 * o..];
+        let dx = if need_x {
+            let dx = with_data(&packed, "kernel", |p| {
+                self.with_kernel(p, |k| Ok(input_grad(&g, dconv, k)))
+            })?;
+            Some(Tensor::from_vec(dx, x.shape(), device)?)
+        } else {
+            None
+        };
+        let dpacked = if need_p {
+            let mut d = if need_k {
+                with_data(&x, "input", |xv| Ok(kernel_grad(&g, xv, dconv)))?
+            } else {
+                Vec::with_capacity(2 * o)
+            };
+            d.extend_from_slice(&flat[..2 * o]);
+            Some(Tensor::from_vec(d, kn + 2 * o, device)?)
+        } else {
+            None
+        };
+        Ok((dx, dpacked, dres))
+    }
+}
+
+/// Train mode `relu(batch_norm(conv2d(x, kernel)) + residual)`, the end of
+/// a residual block, as one graph node: [`conv2d_batch_norm_train`] without
+/// ReLU followed by [`add_relu`](super::add_relu), without the two gradient
+/// hand-overs between them. Returns `(y, mean, var)`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_batch_norm_add_relu_train(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    residual: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if ![x, kernel, weight, bias, residual]
+        .into_iter()
+        .all(supported)
+    {
+        let (y, mean, var) =
+            conv2d_batch_norm_train(x, kernel, padding, stride, weight, bias, eps, false)?;
+        return Ok((add_relu(&y, residual)?, mean, var));
+    }
+    let saved = Arc::new(Mutex::new(None));
+    let frozen = !kernel.track_op();
+    let packed = if frozen {
+        Tensor::cat(&[weight, bias], 0)?
+    } else {
+        Tensor::cat(&[&kernel.flatten_all()?, weight, bias], 0)?
+    };
+    let op = ConvBnAddReluTrain {
+        padding,
+        stride,
+        eps,
+        kernel_dims: kernel.dims4()?,
+        frozen_kernel: frozen.then(|| kernel.contiguous()).transpose()?,
+        saved: saved.clone(),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&packed, &residual.contiguous()?, op)?;
+    let guard = saved.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(saved) = guard.as_ref() else {
+        candle_core::bail!("cpu conv-batch-norm-add-relu: the forward pass left no statistics")
     };
     let c = saved.stats.mean.len();
     let mean = Tensor::from_slice(&saved.stats.mean, c, x.device())?;

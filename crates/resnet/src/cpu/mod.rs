@@ -30,7 +30,7 @@ mod conv_bn;
 mod norm;
 
 pub use conv::{conv2d, conv2d_affine, conv2d_input_grad, conv2d_kernel_grad, supported};
-pub use conv_bn::conv2d_batch_norm_train;
+pub use conv_bn::{conv2d_batch_norm_add_relu_train, conv2d_batch_norm_train};
 pub use norm::{add_relu, batch_norm_train, scale_shift};
 
 /// Keeps freed memory in the process for reuse instead of handing it back

@@ -85,8 +85,11 @@ pub(crate) struct Stats {
     pub(crate) inv_std: Vec<f32>,
 }
 
-/// Train-mode BatchNorm (+ ReLU) of `x` `[N, C, HW]` with its batch
-/// statistics: the output and the statistics, channels in parallel.
+/// Train-mode BatchNorm (+ residual) (+ ReLU) of `x` `[N, C, HW]` with its
+/// batch statistics: the output and the statistics, channels in parallel.
+/// With a residual `r` (of `x`'s shape) the output is `relu?(x̂·w + b + r)`,
+/// the same operations in the same order as BatchNorm then [`add_relu`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn bn_train_forward(
     x: &[f32],
     (n, c, hw): (usize, usize, usize),
@@ -94,6 +97,7 @@ pub(crate) fn bn_train_forward(
     b: &[f32],
     eps: f64,
     relu: bool,
+    residual: Option<&[f32]>,
 ) -> (Vec<f32>, Stats) {
     let count = n * hw;
     let mut out = Uninit::new(x.len());
@@ -114,7 +118,13 @@ pub(crate) fn bn_train_forward(
             for (ni, row) in rows().enumerate() {
                 // SAFETY: row (ni, ci) belongs to this channel's task only.
                 let dst = unsafe { ptr.slice((ni * c + ci) * hw, hw) };
-                if relu {
+                if let Some(r) = residual {
+                    let r = &r[(ni * c + ci) * hw..(ni * c + ci + 1) * hw];
+                    for ((d, &v), &r) in dst.iter_mut().zip(row).zip(r) {
+                        let y = v * scale + shift + r;
+                        d.write(if relu { y.max(0.0) } else { y });
+                    }
+                } else if relu {
                     for (d, &v) in dst.iter_mut().zip(row) {
                         d.write((v * scale + shift).max(0.0));
                     }
@@ -176,7 +186,7 @@ impl CustomOp3 for BatchNormTrain {
                 xl.shape().dims()
             )
         }
-        let (out, stats) = bn_train_forward(x, (n, c, hw), w, b, self.eps, self.relu);
+        let (out, stats) = bn_train_forward(x, (n, c, hw), w, b, self.eps, self.relu, None);
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -504,20 +514,24 @@ impl CustomOp2 for ReluGrad {
         if y.len() != g.len() {
             candle_core::bail!("cpu relu-grad: operand shapes differ")
         }
-        let mut out = Uninit::new(y.len());
-        out.as_mut_slice()
-            .par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(t, dst)| {
-                let at = t * CHUNK;
-                for ((d, &u), &v) in dst.iter_mut().zip(&y[at..]).zip(&g[at..]) {
-                    d.write(if u > 0.0 { v } else { 0.0 });
-                }
-            });
-        // SAFETY: the chunks cover the buffer and each was written in full.
-        let out = unsafe { out.finish() };
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(relu_mask(y, g)), l1.shape().clone()))
     }
+}
+
+/// `g` where `y > 0`, zero elsewhere, in parallel: the ReLU backward from its output.
+pub(crate) fn relu_mask(y: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut out = Uninit::new(y.len());
+    out.as_mut_slice()
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(t, dst)| {
+            let at = t * CHUNK;
+            for ((d, &u), &v) in dst.iter_mut().zip(&y[at..]).zip(&g[at..]) {
+                d.write(if u > 0.0 { v } else { 0.0 });
+            }
+        });
+    // SAFETY: the chunks cover the buffer and each was written in full.
+    unsafe { out.finish() }
 }
 
 /// `grad` where `y > 0`, zero elsewhere (the ReLU backward from its output).
