@@ -535,6 +535,12 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     // finishes early take over work instead of idling.
     let tasks = KERNEL_GRAD_TASKS.min(groups);
     let per_task = groups.div_ceil(tasks);
+    // With few output channels, `gemm` runs faster with them as the short
+    // side of dWᵀ = col · Gᵀ than as the rows of dW = G · colᵀ (measured on
+    // the ResNet-50 shapes: up to 1.4× for the stem and the 64- and
+    // 128-channel stages, a little for 256, slower for 512). dWᵀ is transposed
+    // once at the end.
+    let transposed = o <= 256 && o < k;
     let partial = |t: usize| -> Vec<f32> {
         let mut dw = vec![0f32; o * k];
         with_scratch(|col, tmp| {
@@ -568,41 +574,70 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
                     }
                     (Mat::rows(tmp.as_ptr(), ld), Mat::rows(col.as_ptr(), ld))
                 };
-                // SAFETY: `dw` is `[O, K]`, `lhs` `[O, ld]`, `rhs`ᵀ `[ld, K]`.
-                unsafe {
-                    matmul(
-                        o,
-                        k,
-                        ld,
-                        dw.as_mut_ptr(),
-                        k,
-                        accumulate,
-                        lhs,
-                        rhs.t(),
-                        threads,
-                    )
-                };
+                if transposed {
+                    // SAFETY: `dw` is `[K, O]`, `rhs` `[K, ld]`, `lhs`ᵀ `[ld, O]`.
+                    unsafe {
+                        matmul(
+                            k,
+                            o,
+                            ld,
+                            dw.as_mut_ptr(),
+                            o,
+                            accumulate,
+                            rhs,
+                            lhs.t(),
+                            threads,
+                        )
+                    };
+                } else {
+                    // SAFETY: `dw` is `[O, K]`, `lhs` `[O, ld]`, `rhs`ᵀ `[ld, K]`.
+                    unsafe {
+                        matmul(
+                            o,
+                            k,
+                            ld,
+                            dw.as_mut_ptr(),
+                            k,
+                            accumulate,
+                            lhs,
+                            rhs.t(),
+                            threads,
+                        )
+                    };
+                }
                 accumulate = true;
             }
         });
         dw
     };
-    if tasks == 1 {
-        return partial(0);
-    }
-    let parts: Vec<Vec<f32>> = if par {
-        (0..tasks).into_par_iter().map(partial).collect()
+    let dw = if tasks == 1 {
+        partial(0)
     } else {
-        (0..tasks).map(partial).collect()
+        let parts: Vec<Vec<f32>> = if par {
+            (0..tasks).into_par_iter().map(partial).collect()
+        } else {
+            (0..tasks).map(partial).collect()
+        };
+        let mut parts = parts.into_iter();
+        let mut dw = parts.next().expect("at least one task");
+        for part in parts {
+            for (a, b) in dw.iter_mut().zip(&part) {
+                *a += *b;
+            }
+        }
+        dw
     };
-    let mut parts = parts.into_iter();
-    let mut dw = parts.next().expect("at least one task");
-    for part in parts {
-        for (a, b) in dw.iter_mut().zip(&part) {
-            *a += *b;
+    if !transposed {
+        return dw;
+    }
+    // `[K, O]` → `[O, K]`.
+    let mut out = vec![0f32; o * k];
+    for (r, row) in dw.chunks_exact(o).enumerate() {
+        for (oc, &v) in row.iter().enumerate() {
+            out[oc * k + r] = v;
         }
     }
-    dw
+    out
 }
 
 /// The contiguous `f32` data of a CPU operand.
