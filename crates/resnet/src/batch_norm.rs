@@ -115,53 +115,28 @@ impl BatchNorm {
         if relu { y.relu() } else { Ok(y) }
     }
 
-    /// Train mode `relu?(self(conv2d(x, kernel)))` as one graph node on the
-    /// CPU ([`crate::cpu::conv2d_batch_norm_train`]); updates the running statistics.
+    /// Train mode `relu?(self(conv2d(x, kernel)))`, or with a residual
+    /// `relu(self(conv2d(x, kernel)) + residual)`, as one graph node on the
+    /// CPU ([`crate::cpu::conv2d_batch_norm_train`],
+    /// [`crate::cpu::conv2d_batch_norm_add_relu_train`]); updates the
+    /// running statistics.
     pub(crate) fn conv_forward_train(
         &self,
         x: &Tensor,
         kernel: &Tensor,
-        padding: usize,
-        stride: usize,
+        (padding, stride): (usize, usize),
         relu: bool,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (y, mean, var) = crate::cpu::conv2d_batch_norm_train(
-            x,
-            kernel,
-            padding,
-            stride,
-            self.weight.as_tensor(),
-            self.bias.as_tensor(),
-            EPS,
-            relu,
-        )
-        .map_err(|e| e.context(format!("batch-norm {}", self.name)))?;
-        let count = y.elem_count() / y.dim(1)?;
-        self.update_running(&mean, &var, count)?;
-        Ok(y)
-    }
-
-    /// Train mode `relu(self(conv2d(x, kernel)) + residual)` as one graph
-    /// node on the CPU ([`crate::cpu::conv2d_batch_norm_add_relu_train`]);
-    /// updates the running statistics.
-    pub(crate) fn conv_add_relu_forward_train(
-        &self,
-        x: &Tensor,
-        kernel: &Tensor,
-        padding: usize,
-        stride: usize,
-        residual: &Tensor,
-    ) -> Result<Tensor> {
-        let (y, mean, var) = crate::cpu::conv2d_batch_norm_add_relu_train(
-            x,
-            kernel,
-            padding,
-            stride,
-            self.weight.as_tensor(),
-            self.bias.as_tensor(),
-            EPS,
-            residual,
-        )
+        let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
+        let (y, mean, var) = match residual {
+            None => {
+                crate::cpu::conv2d_batch_norm_train(x, kernel, padding, stride, w, b, EPS, relu)
+            }
+            Some(r) => crate::cpu::conv2d_batch_norm_add_relu_train(
+                x, kernel, padding, stride, w, b, EPS, r,
+            ),
+        }
         .map_err(|e| e.context(format!("batch-norm {}", self.name)))?;
         let count = y.elem_count() / y.dim(1)?;
         self.update_running(&mean, &var, count)?;

@@ -104,7 +104,7 @@ impl Conv {
     ) -> Result<Tensor> {
         let kernel = self.kernel(frozen_groups);
         if train && crate::cpu::supported(x) && crate::cpu::supported(&kernel) {
-            return bn.conv_forward_train(x, &kernel, self.padding, self.stride, relu);
+            return bn.conv_forward_train(x, &kernel, (self.padding, self.stride), relu, None);
         }
         bn.forward_relu_t(&conv2d(x, &kernel, self.padding, self.stride)?, train, relu)
     }
@@ -188,12 +188,12 @@ impl Block {
             if j == last && train && crate::cpu::supported(&out) {
                 // The last conv, its BatchNorm, the add and the ReLU: one node.
                 let kernel = conv.kernel(frozen_groups);
-                return bn.conv_add_relu_forward_train(
+                return bn.conv_forward_train(
                     &out,
                     &kernel,
-                    conv.padding,
-                    conv.stride,
-                    &identity,
+                    (conv.padding, conv.stride),
+                    true,
+                    Some(&identity),
                 );
             }
             out = conv.forward_bn_t(bn, &out, train, frozen_groups, j < last)?;

@@ -352,6 +352,28 @@ fn conv2d_affine_rejects_a_mismatched_residual() {
     );
 }
 
+/// A fused train-mode node `(y, mean, var)` equals its reference: values,
+/// statistics, and the gradients of `vars` under a random linear loss.
+fn assert_same_node(
+    what: &str,
+    (y, mean, var): (&Tensor, &Tensor, &Tensor),
+    (y_ref, mean_ref, var_ref): (&Tensor, &Tensor, &Tensor),
+    seed: u64,
+    vars: &[(&str, &Var)],
+) {
+    assert_close(&format!("{what} forward"), y, y_ref);
+    assert_close(&format!("{what} mean"), mean, mean_ref);
+    assert_close(&format!("{what} var"), var, var_ref);
+    let r = values(y.dims(), seed);
+    let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in vars {
+        let a = g.get(v).expect("our gradient");
+        let e = g_ref.get(v).expect("reference gradient");
+        assert_close(&format!("{what} {name} gradient"), a, e);
+    }
+}
+
 /// The fused train-mode conv + BatchNorm (+ ReLU) node equals the two
 /// separate ops (our conv and our BatchNorm, each checked against candle
 /// above): output, batch statistics and the gradients of input, kernel,
@@ -380,23 +402,18 @@ fn conv2d_batch_norm_train_matches_separate_ops() {
             let conv = cpu::conv2d(&x, &kernel, padding, stride).unwrap();
             let (y_ref, mean_ref, var_ref) =
                 cpu::batch_norm_train(&conv, &wt, &b, 1e-5, relu).unwrap();
-            let what = format!("case {i} relu {relu}");
-            assert_close(&format!("{what} forward"), &y, &y_ref);
-            assert_close(&format!("{what} mean"), &mean, &mean_ref);
-            assert_close(&format!("{what} var"), &var, &var_ref);
-            let r = values(y.dims(), 400 + i as u64);
-            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, v) in [
-                ("x", &x),
-                ("kernel", &kernel),
-                ("weight", &wt),
-                ("bias", &b),
-            ] {
-                let a = g.get(v).expect("our gradient");
-                let e = g_ref.get(v).expect("reference gradient");
-                assert_close(&format!("{what} {name} gradient"), a, e);
-            }
+            assert_same_node(
+                &format!("case {i} relu {relu}"),
+                (&y, &mean, &var),
+                (&y_ref, &mean_ref, &var_ref),
+                400 + i as u64,
+                &[
+                    ("x", &x),
+                    ("kernel", &kernel),
+                    ("weight", &wt),
+                    ("bias", &b),
+                ],
+            );
         }
     }
 }
@@ -478,24 +495,19 @@ fn conv2d_batch_norm_add_relu_train_matches_separate_ops() {
             cpu::conv2d_batch_norm_train(&x, &kernel, padding, stride, &wt, &b, 1e-5, false)
                 .unwrap();
         let y_ref = cpu::add_relu(&bn, &res).unwrap();
-        let what = format!("case {i}");
-        assert_close(&format!("{what} forward"), &y, &y_ref);
-        assert_close(&format!("{what} mean"), &mean, &mean_ref);
-        assert_close(&format!("{what} var"), &var, &var_ref);
-        let r = values(y.dims(), 400 + i as u64);
-        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, v) in [
-            ("x", &x),
-            ("kernel", &kernel),
-            ("weight", &wt),
-            ("bias", &b),
-            ("residual", &res),
-        ] {
-            let a = g.get(v).expect("our gradient");
-            let e = g_ref.get(v).expect("reference gradient");
-            assert_close(&format!("{what} {name} gradient"), a, e);
-        }
+        assert_same_node(
+            &format!("case {i}"),
+            (&y, &mean, &var),
+            (&y_ref, &mean_ref, &var_ref),
+            400 + i as u64,
+            &[
+                ("x", &x),
+                ("kernel", &kernel),
+                ("weight", &wt),
+                ("bias", &b),
+                ("residual", &res),
+            ],
+        );
     }
 }
 

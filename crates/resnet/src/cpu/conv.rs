@@ -301,6 +301,17 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
     })
 }
 
+/// `col(xs)` of one image as a `[K, P]` matrix: the image itself for a
+/// pointwise conv, else written into `col`.
+fn image_col(g: &Geometry, xs: &[f32], col: &mut Vec<f32>) -> Mat {
+    if g.pointwise() {
+        return Mat::rows(xs.as_ptr(), g.p());
+    }
+    col.resize(g.k() * g.p(), 0.0);
+    im2col(g, xs, col, g.p(), 0);
+    Mat::rows(col.as_ptr(), g.p())
+}
+
 /// A raw view of a `MaybeUninit` chunk as the `f32` pointer gemm writes to.
 fn out_ptr(chunk: &mut [MaybeUninit<f32>]) -> *mut f32 {
     chunk.as_mut_ptr().cast()
@@ -373,14 +384,7 @@ pub(crate) fn forward(
             let count = out.len() / img_out;
             let lhs = Mat::rows(kernel.as_ptr(), k);
             if count == 1 {
-                let xs = &x[first * img_in..(first + 1) * img_in];
-                let rhs = if g.pointwise() {
-                    Mat::rows(xs.as_ptr(), p)
-                } else {
-                    col.resize(k * p, 0.0);
-                    im2col(g, xs, col, p, 0);
-                    Mat::rows(col.as_ptr(), p)
-                };
+                let rhs = image_col(g, &x[first * img_in..(first + 1) * img_in], col);
                 // SAFETY: `out` is `[O, P]`, `lhs` `[O, K]`, `rhs` `[K, P]`;
                 // gemm writes every value without reading any.
                 unsafe { matmul(o, p, k, out_ptr(out), p, false, lhs, rhs, threads) };
@@ -551,14 +555,7 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
                 let ld = count * p;
                 let (lhs, rhs) = if count == 1 {
                     let gs = &grad[first * img_out..(first + 1) * img_out];
-                    let xs = &x[first * img_in..(first + 1) * img_in];
-                    let rhs = if g.pointwise() {
-                        Mat::rows(xs.as_ptr(), p)
-                    } else {
-                        col.resize(k * p, 0.0);
-                        im2col(g, xs, col, p, 0);
-                        Mat::rows(col.as_ptr(), p)
-                    };
+                    let rhs = image_col(g, &x[first * img_in..(first + 1) * img_in], col);
                     (Mat::rows(gs.as_ptr(), p), rhs)
                 } else {
                     col.resize(k * ld, 0.0);

@@ -188,14 +188,24 @@ pub fn conv2d_batch_norm_train(
     let y = x
         .contiguous()?
         .apply_op3(&kernel.contiguous()?, &params, op)?;
+    let (mean, var) = batch_stats(&saved, x.device())?;
+    Ok((y, mean, var))
+}
+
+/// The batch mean and biased variance `[C]` a forward pass left in `saved`.
+fn batch_stats(
+    saved: &Mutex<Option<Saved>>,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
     let guard = saved.lock().unwrap_or_else(|e| e.into_inner());
     let Some(saved) = guard.as_ref() else {
         candle_core::bail!("cpu conv-batch-norm: the forward pass left no statistics")
     };
     let c = saved.stats.mean.len();
-    let mean = Tensor::from_slice(&saved.stats.mean, c, x.device())?;
-    let var = Tensor::from_slice(&saved.stats.var, c, x.device())?;
-    Ok((y, mean, var))
+    Ok((
+        Tensor::from_slice(&saved.stats.mean, c, device)?,
+        Tensor::from_slice(&saved.stats.var, c, device)?,
+    ))
 }
 
 /// The last conv of a residual block with its BatchNorm, the residual add
@@ -401,12 +411,6 @@ pub fn conv2d_batch_norm_add_relu_train(
     let y = x
         .contiguous()?
         .apply_op3(&packed, &residual.contiguous()?, op)?;
-    let guard = saved.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(saved) = guard.as_ref() else {
-        candle_core::bail!("cpu conv-batch-norm-add-relu: the forward pass left no statistics")
-    };
-    let c = saved.stats.mean.len();
-    let mean = Tensor::from_slice(&saved.stats.mean, c, x.device())?;
-    let var = Tensor::from_slice(&saved.stats.var, c, x.device())?;
+    let (mean, var) = batch_stats(&saved, x.device())?;
     Ok((y, mean, var))
 }
