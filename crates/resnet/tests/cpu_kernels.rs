@@ -292,6 +292,72 @@ fn f64_falls_back_to_candle() {
     assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
 }
 
+/// Off the fast path (f64 here; CUDA and Metal in practice) the fused ops
+/// are compositions of candle ops with the same results: forward values and
+/// gradients agree with the f32 kernels.
+#[test]
+fn fused_ops_fall_back_to_candle_with_the_same_results() {
+    let f64_var = |v: &Var| Var::from_tensor(&v.to_dtype(DType::F64).unwrap()).unwrap();
+    let to32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let x = Var::from_tensor(&values(&[3, 4, 8, 8], 1)).unwrap();
+    let kernel = Var::from_tensor(&values(&[6, 4, 3, 3], 2)).unwrap();
+    let wt = Var::from_tensor(&values(&[6], 3)).unwrap();
+    let b = Var::from_tensor(&values(&[6], 4)).unwrap();
+    let res = Var::from_tensor(&values(&[3, 6, 8, 8], 5)).unwrap();
+    let (x64, k64, w64, b64, r64) = (
+        f64_var(&x),
+        f64_var(&kernel),
+        f64_var(&wt),
+        f64_var(&b),
+        f64_var(&res),
+    );
+    let (y, mean, var) =
+        cpu::conv2d_batch_norm_add_relu_train(&x, &kernel, 1, 1, &wt, &b, 1e-5, &res).unwrap();
+    let (y64, mean64, var64) =
+        cpu::conv2d_batch_norm_add_relu_train(&x64, &k64, 1, 1, &w64, &b64, 1e-5, &r64).unwrap();
+    assert_eq!(y64.dtype(), DType::F64);
+    assert_same_node(
+        "f64 fallback",
+        (&y, &mean, &var),
+        (&to32(&y64), &to32(&mean64), &to32(&var64)),
+        6,
+        &[],
+    );
+    let r = values(y.dims(), 7);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g64 = (&y64 * r.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, v, v64) in [
+        ("x", &x, &x64),
+        ("kernel", &kernel, &k64),
+        ("weight", &wt, &w64),
+        ("bias", &b, &b64),
+        ("residual", &res, &r64),
+    ] {
+        let a = g.get(v).expect("f32 gradient");
+        let e = to32(g64.get(v64).expect("f64 gradient"));
+        assert_close(&format!("f64 fallback {name} gradient"), a, &e);
+    }
+    let (scale, shift) = (values(&[6], 8), values(&[6], 9));
+    let fused = cpu::conv2d_affine(&x, &kernel, 1, 1, &scale, &shift, Some(&res), true).unwrap();
+    let fused64 = cpu::conv2d_affine(
+        &x64,
+        &k64,
+        1,
+        1,
+        &scale.to_dtype(DType::F64).unwrap(),
+        &shift.to_dtype(DType::F64).unwrap(),
+        Some(&r64),
+        true,
+    )
+    .unwrap();
+    assert_close("f64 fallback inference", &fused, &to32(&fused64));
+}
+
 /// The fused inference conv equals, to the bit, the conv followed by the
 /// separate scale-shift and add-relu ops, for every conv case (the grouped
 /// small-image path included), with and without a residual and a ReLU.
