@@ -29,6 +29,8 @@ fn time(iters: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
+    // As the CLI and `bench-cpu` do: keep freed activations mapped.
+    multilabel_resnet::cpu::keep_freed_memory();
     let batch = env_usize("RESNET_BENCH_BATCH", 64);
     let size = env_usize("RESNET_BENCH_SIZE", 128);
     let iters = env_usize("RESNET_BENCH_ITERS", 1).max(1);
