@@ -42,6 +42,17 @@ use serde_json::{Value, json};
 
 const PHASES: [&str; 4] = ["train_frozen", "train_unfrozen", "eval", "data"];
 const N_CLASSES: usize = 20;
+/// The flags that take a value, each also read from `MULTILABEL_BENCH_<FLAG>`.
+const VALUE_FLAGS: [&str; 8] = [
+    "batch-size",
+    "iters",
+    "warmup",
+    "size",
+    "threads",
+    "images",
+    "python",
+    "only",
+];
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -64,16 +75,7 @@ fn env_flag(name: &str) -> Option<String> {
 fn parse_options() -> Result<Options> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut flags: BTreeMap<String, String> = BTreeMap::new();
-    for name in [
-        "batch-size",
-        "iters",
-        "warmup",
-        "size",
-        "threads",
-        "images",
-        "python",
-        "only",
-    ] {
+    for name in VALUE_FLAGS {
         if let Some(v) = env_flag(name) {
             flags.insert(name.into(), v);
         }
@@ -119,17 +121,7 @@ fn parse_options() -> Result<Options> {
         }
     };
     for name in flags.keys() {
-        let known = [
-            "batch-size",
-            "iters",
-            "warmup",
-            "size",
-            "threads",
-            "images",
-            "python",
-            "only",
-        ];
-        if !known.contains(&name.as_str()) {
+        if !VALUE_FLAGS.contains(&name.as_str()) {
             bail!("unknown flag --{name}; see the flags in benches/cpu.rs");
         }
     }
