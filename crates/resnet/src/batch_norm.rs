@@ -6,13 +6,16 @@
 //! (it appears in a param group); the running statistics are buffers that
 //! train mode overwrites: `new = (1 - momentum)·old + momentum·batch`, with
 //! the unbiased batch variance, as `torch.nn.BatchNorm2d` does. All four stay
-//! f32 whatever the dtype of the activations.
+//! f32 whatever the dtype of the activations. The arithmetic is an op of
+//! [`Ops`]: the CPU kernels (sums in f64) or the generic ops (in the
+//! activations' dtype, with blocked sums).
 
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::error::{ResNetError, WithName};
 use crate::init;
+use crate::ops::Ops;
 
 /// PyTorch's defaults.
 const EPS: f64 = 1e-5;
@@ -85,60 +88,74 @@ impl BatchNorm {
         })
     }
 
-    /// `forward_t`, then ReLU if `relu`: one fused pass on the CPU.
-    pub(crate) fn forward_relu_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if crate::cpu::supported(x) && x.rank() == 4 {
-            let channels = self.weight.dim(0)?;
-            if train {
-                let count = x.elem_count() / channels;
-                if count < 2 {
-                    candle_core::bail!(
-                        "batch-norm {}: train mode needs more than one value per channel, got {:?}; use a larger batch",
-                        self.name,
-                        x.dims()
-                    )
-                }
-                let (y, mean, var) = crate::cpu::batch_norm_train(
-                    x,
-                    self.weight.as_tensor(),
-                    self.bias.as_tensor(),
-                    EPS,
-                    relu,
-                )?;
-                self.update_running(&mean, &var, count)?;
-                return Ok(y);
-            }
-            let (scale, shift) = self.eval_affine()?;
-            return crate::cpu::scale_shift(x, &scale, &shift, relu);
+    /// `forward_t`, then ReLU if `relu`.
+    pub(crate) fn forward_relu_t(
+        &self,
+        ops: &Ops,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
+        if train {
+            let count = self.train_count(x)?;
+            let (y, mean, var) = ops
+                .batch_norm_train(x, w, b, EPS, relu)
+                .map_err(|e| e.context(format!("batch-norm {}", self.name)))?;
+            self.update_running(&mean, &var, count)?;
+            return Ok(y);
         }
-        let y = self.forward_t(x, train)?;
-        if relu { y.relu() } else { Ok(y) }
+        let (scale, shift) = self.eval_affine()?;
+        ops.scale_shift(
+            x,
+            &scale.to_dtype(x.dtype())?,
+            &shift.to_dtype(x.dtype())?,
+            relu,
+        )
+    }
+
+    /// PyTorch's BatchNorm: batch statistics (and a running-statistics
+    /// update) in train mode, running statistics in eval mode.
+    pub(crate) fn forward_t(&self, ops: &Ops, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_relu_t(ops, x, train, false)
+    }
+
+    /// Values per channel in train mode; BatchNorm needs at least two.
+    fn train_count(&self, x: &Tensor) -> Result<usize> {
+        let rank = x.rank();
+        if rank != 2 && rank != 4 {
+            candle_core::bail!("batch-norm {}: expects rank 2 or 4, got {rank}", self.name)
+        }
+        let count = x.elem_count() / self.weight.dim(0)?;
+        if count < 2 {
+            candle_core::bail!(
+                "batch-norm {}: train mode needs more than one value per channel, got {:?}; use a larger batch",
+                self.name,
+                x.dims()
+            )
+        }
+        Ok(count)
     }
 
     /// Train mode `relu?(self(conv2d(x, kernel)))`, or with a residual
-    /// `relu(self(conv2d(x, kernel)) + residual)`, as one graph node on the
-    /// CPU ([`crate::cpu::conv2d_batch_norm_train`],
-    /// [`crate::cpu::conv2d_batch_norm_add_relu_train`]); updates the
-    /// running statistics.
+    /// `relu(self(conv2d(x, kernel)) + residual)`, as one op of `ops`;
+    /// updates the running statistics.
     pub(crate) fn conv_forward_train(
         &self,
+        ops: &Ops,
         x: &Tensor,
         kernel: &Tensor,
-        (padding, stride): (usize, usize),
+        conv: (usize, usize),
         relu: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
         let (y, mean, var) = match residual {
-            None => {
-                crate::cpu::conv2d_batch_norm_train(x, kernel, padding, stride, w, b, EPS, relu)
-            }
-            Some(r) => crate::cpu::conv2d_batch_norm_add_relu_train(
-                x, kernel, padding, stride, w, b, EPS, r,
-            ),
+            None => ops.conv2d_batch_norm_train(x, kernel, conv, w, b, EPS, relu),
+            Some(r) => ops.conv2d_batch_norm_add_relu_train(x, kernel, conv, w, b, EPS, r),
         }
         .map_err(|e| e.context(format!("batch-norm {}", self.name)))?;
-        let count = y.elem_count() / y.dim(1)?;
+        let count = self.train_count(&y)?;
         self.update_running(&mean, &var, count)?;
         Ok(y)
     }
@@ -152,66 +169,6 @@ impl BatchNorm {
         let scale = (self.weight.as_tensor() * inv_std)?;
         let shift = (self.bias.as_tensor() - (self.running_mean.as_detached_tensor() * &scale)?)?;
         Ok((scale, shift))
-    }
-
-    pub(crate) fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let dtype = x.dtype();
-        // Batch statistics and their gradients are sums over up to millions
-        // of terms that partly cancel; like PyTorch's CPU kernels (which
-        // accumulate in double), compute them in f64 so the result does not
-        // depend on the summation order.
-        let compute = if train { DType::F64 } else { DType::F32 };
-        let x = x.to_dtype(compute)?;
-        let channels = self.weight.dim(0)?;
-        let (reduce, bshape): (Vec<usize>, Vec<usize>) = match x.rank() {
-            2 => (vec![0], vec![1, channels]),
-            4 => (vec![0, 2, 3], vec![1, channels, 1, 1]),
-            rank => candle_core::bail!("batch-norm {}: expects rank 2 or 4, got {rank}", self.name),
-        };
-        let weight = self
-            .weight
-            .as_tensor()
-            .to_dtype(compute)?
-            .reshape(bshape.as_slice())?;
-        let bias = self
-            .bias
-            .as_tensor()
-            .to_dtype(compute)?
-            .reshape(bshape.as_slice())?;
-        let y = if train {
-            let count = x.elem_count() / channels;
-            if count < 2 {
-                candle_core::bail!(
-                    "batch-norm {}: train mode needs more than one value per channel, got {:?}; use a larger batch",
-                    self.name,
-                    x.dims()
-                )
-            }
-            let mean = x.mean_keepdim(reduce.as_slice())?;
-            let centred = x.broadcast_sub(&mean)?;
-            let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
-            let inv_std = (var.clone() + EPS)?.sqrt()?.recip()?;
-            self.update_running(&mean.detach(), &var.detach(), count)?;
-            centred
-                .broadcast_mul(&inv_std)?
-                .broadcast_mul(&weight)?
-                .broadcast_add(&bias)?
-        } else {
-            // Buffers: no gradient flows into them.
-            let running_mean = self
-                .running_mean
-                .as_detached_tensor()
-                .reshape(bshape.as_slice())?;
-            let running_var = self
-                .running_var
-                .as_detached_tensor()
-                .reshape(bshape.as_slice())?;
-            let scale = weight.broadcast_div(&(running_var + EPS)?.sqrt()?)?;
-            x.broadcast_sub(&running_mean)?
-                .broadcast_mul(&scale)?
-                .broadcast_add(&bias)?
-        };
-        y.to_dtype(dtype)
     }
 
     fn update_running(&self, mean: &Tensor, biased_var: &Tensor, count: usize) -> Result<()> {

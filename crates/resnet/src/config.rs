@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ResNetError;
+use crate::{Kernels, ResNetError};
 
 /// One of the five torchvision ResNets ("v1.5": the stride sits on the 3×3 conv).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -169,6 +169,12 @@ pub struct ResNetConfig {
     #[serde(default = "default_base_width")]
     pub base_width: usize,
     pub head: HeadConfig,
+    /// Which implementation runs the ops: the CPU kernels where they apply
+    /// ([`Kernels::Auto`]) or the generic candle ops everywhere
+    /// ([`Kernels::Generic`], what CUDA and Metal run; on the CPU it is how
+    /// the tests check that path).
+    #[serde(default, skip_serializing_if = "Kernels::is_auto")]
+    pub kernels: Kernels,
 }
 
 impl ResNetConfig {
@@ -178,6 +184,7 @@ impl ResNetConfig {
             arch,
             base_width: default_base_width(),
             head: HeadConfig::new(n_classes),
+            kernels: Kernels::Auto,
         }
     }
 

@@ -10,39 +10,50 @@
 //! op carries the graph edge: its backward looks at which operands track
 //! gradients and computes only those.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, Layout, MetalStorage, Result, Shape, Tensor,
+    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor,
 };
 
-/// `conv2d(x, kernel)` with square `padding` and `stride`, no dilation, one group.
+use crate::generic::Precomputed;
+
+/// `conv2d(x, kernel)` with square `padding` and `stride`, no dilation, one
+/// group, through [`Ops`](crate::Ops)' default choice: the CPU kernels for
+/// `f32` on the CPU, the generic op (candle's convolution with this module's
+/// backward) elsewhere.
 pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    if crate::cpu::supported(x) && crate::cpu::supported(kernel) {
-        return crate::cpu::conv2d(x, kernel, padding, stride);
-    }
+    crate::Ops::default().conv2d(x, kernel, padding, stride)
+}
+
+/// The generic convolution: candle's forward, this module's backward.
+pub(crate) fn conv2d_generic(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
     let out = x.detach().conv2d(&kernel.detach(), padding, stride, 1, 1)?;
     if !x.track_op() && !kernel.track_op() {
         return Ok(out);
     }
-    let out = out.contiguous()?;
-    x.apply_op3(kernel, &out, ConvGrad { padding, stride })
+    let op = ConvGrad {
+        padding,
+        stride,
+        output: Precomputed::new(out)?,
+    };
+    x.apply_op2(kernel, op)
 }
 
-/// The graph node of [`conv2d`]: forwards its precomputed third operand.
+/// The graph node of [`conv2d_generic`]. Its forward hands over the output
+/// candle's convolution already computed, which the op gives up in doing
+/// so: the graph then holds only `x` and the kernel, never a second copy of
+/// the output.
 struct ConvGrad {
     padding: usize,
     stride: usize,
+    output: Precomputed,
 }
 
-/// Copies the precomputed output; it is fresh and contiguous by construction.
-fn forward_copy<S: BackendStorage>(storage: &S, layout: &Layout) -> Result<(S, Shape)> {
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        candle_core::bail!("conv-grad: precomputed output must be contiguous from offset 0")
-    }
-    Ok((storage.try_clone(layout)?, layout.shape().clone()))
-}
-
-impl CustomOp3 for ConvGrad {
+impl CustomOp2 for ConvGrad {
     fn name(&self) -> &'static str {
         "conv2d-needed-grads"
     }
@@ -53,10 +64,8 @@ impl CustomOp3 for ConvGrad {
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
-        out: &CpuStorage,
-        out_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        forward_copy(out, out_layout)
+        self.output.cpu()
     }
 
     fn cuda_fwd(
@@ -65,10 +74,8 @@ impl CustomOp3 for ConvGrad {
         _: &Layout,
         _: &CudaStorage,
         _: &Layout,
-        out: &CudaStorage,
-        out_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        forward_copy(out, out_layout)
+        self.output.cuda()
     }
 
     fn metal_fwd(
@@ -77,20 +84,17 @@ impl CustomOp3 for ConvGrad {
         _: &Layout,
         _: &MetalStorage,
         _: &Layout,
-        out: &MetalStorage,
-        out_layout: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        forward_copy(out, out_layout)
+        self.output.metal()
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         kernel: &Tensor,
-        _precomputed: &Tensor,
         _out: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad_x = if x.track_op() {
             Some(input_grad(
                 grad,
@@ -113,7 +117,7 @@ impl CustomOp3 for ConvGrad {
         } else {
             None
         };
-        Ok((grad_x, grad_kernel, None))
+        Ok((grad_x, grad_kernel))
     }
 }
 
@@ -174,9 +178,12 @@ pub(crate) fn kernel_grad(
     // Correlate the input (batch as channels) with the output gradient used
     // as a kernel dilated by the stride; the result may overhang the kernel
     // by up to stride-1 rows/columns, which are cut.
+    // Both operands are made contiguous: candle's cuDNN path sends strided
+    // operands to its naive kernel.
     let result = x
         .transpose(0, 1)?
-        .conv2d(&grad.transpose(0, 1)?, padding, 1, stride, 1)?
+        .contiguous()?
+        .conv2d(&grad.transpose(0, 1)?.contiguous()?, padding, 1, stride, 1)?
         .transpose(0, 1)?;
     result.narrow(2, 0, k_h)?.narrow(3, 0, k_w)?.contiguous()
 }

@@ -4,13 +4,14 @@ use std::sync::Mutex;
 
 use candle_core::{Result, Tensor, Var};
 use candle_nn::VarBuilder;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::batch_norm::{BatchNorm, get_var, join};
 use crate::config::HeadConfig;
 use crate::error::{ResNetError, WithName};
 use crate::init;
+use crate::ops::Ops;
 
 /// fastai initialises every head BatchNorm with weight 1 and bias 1e-3.
 const HEAD_BN_BIAS: f64 = 1e-3;
@@ -77,6 +78,7 @@ impl Head {
     /// Logits `[N, n_classes]` from body features `[N, C, H, W]`.
     pub(crate) fn forward_t(
         &self,
+        ops: &Ops,
         features: &Tensor,
         train: bool,
         rng: &Mutex<ChaCha8Rng>,
@@ -91,9 +93,9 @@ impl Head {
         };
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.bn.forward_t(&x, train)?;
+            x = layer.bn.forward_t(ops, &x, train)?;
             if train {
-                x = dropout(&x, layer.dropout, rng)?;
+                x = ops.dropout(&x, layer.dropout, rng)?;
             }
             x = x.matmul(&layer.linear.as_tensor().t()?)?;
             if i < last {
@@ -102,23 +104,6 @@ impl Head {
         }
         Ok(x)
     }
-}
-
-/// Zeroes each element with probability `p` and scales the rest by `1/(1-p)`,
-/// with a mask drawn from `rng` on the CPU so that it does not depend on the device.
-pub(crate) fn dropout(x: &Tensor, p: f32, rng: &Mutex<ChaCha8Rng>) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = {
-        let mut rng = rng.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        (0..x.elem_count())
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
-            .collect()
-    };
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
 }
 
 /// A fresh dropout generator.
@@ -138,7 +123,8 @@ mod tests {
         let x = Tensor::ones((100, 100), candle_core::DType::F32, &Device::Cpu).unwrap();
         for p in [0.25f32, 0.5] {
             let rng = Mutex::new(dropout_rng(5));
-            let y: Vec<f32> = dropout(&x, p, &rng)
+            let y: Vec<f32> = Ops::default()
+                .dropout(&x, p, &rng)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -151,7 +137,8 @@ mod tests {
                     .all(|&v| v == 0.0 || (v - 1.0 / (1.0 - p)).abs() < 1e-6)
             );
             let again = Mutex::new(dropout_rng(5));
-            let z: Vec<f32> = dropout(&x, p, &again)
+            let z: Vec<f32> = Ops::default()
+                .dropout(&x, p, &again)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -160,7 +147,8 @@ mod tests {
             assert_eq!(y, z);
         }
         let rng = Mutex::new(dropout_rng(5));
-        let same: Vec<f32> = dropout(&x, 0.0, &rng)
+        let same: Vec<f32> = Ops::default()
+            .dropout(&x, 0.0, &rng)
             .unwrap()
             .flatten_all()
             .unwrap()

@@ -69,10 +69,12 @@ mod config;
 mod conv;
 pub mod cpu;
 mod error;
+mod generic;
 mod head;
 mod init;
 mod max_pool;
 mod model;
+mod ops;
 mod weights;
 
 pub use config::{Arch, BlockKind, HeadConfig, ResNetConfig};
@@ -80,6 +82,7 @@ pub use conv::conv2d;
 pub use error::ResNetError;
 pub use max_pool::{max_pool_3x3_s2, max_pool_composed, pooled_len};
 pub use model::{Buffer, N_GROUPS, Param, ParamGroup, ResNet};
+pub use ops::{Kernels, Ops};
 pub use weights::{
     DEFAULT_HUB_REPO, HUB_WEIGHTS_FILE, LoadReport, WeightsSource, hub_file, load_pretrained,
     transformers_to_torchvision,

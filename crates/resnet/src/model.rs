@@ -9,11 +9,10 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::batch_norm::{BatchNorm, get_var, join};
 use crate::config::{BlockKind, ResNetConfig};
-use crate::conv::conv2d;
 use crate::error::{ResNetError, WithName};
 use crate::head::{Head, dropout_rng};
 use crate::init;
-use crate::max_pool::max_pool_3x3_s2;
+use crate::ops::Ops;
 
 /// Number of parameter groups ([`ResNet::param_groups`]).
 pub const N_GROUPS: usize = 3;
@@ -93,9 +92,11 @@ impl Conv {
         }
     }
 
-    /// `relu?(bn(conv(x)))`; in train mode on the CPU one fused graph node.
+    /// `relu?(bn(conv(x)))`; in train mode one op of `ops` (on the CPU one
+    /// fused graph node).
     fn forward_bn_t(
         &self,
+        ops: &Ops,
         bn: &BatchNorm,
         x: &Tensor,
         train: bool,
@@ -103,29 +104,36 @@ impl Conv {
         relu: bool,
     ) -> Result<Tensor> {
         let kernel = self.kernel(frozen_groups);
-        if train && crate::cpu::supported(x) && crate::cpu::supported(&kernel) {
-            return bn.conv_forward_train(x, &kernel, (self.padding, self.stride), relu, None);
+        if train {
+            return bn.conv_forward_train(ops, x, &kernel, self.geometry(), relu, None);
         }
-        bn.forward_relu_t(&conv2d(x, &kernel, self.padding, self.stride)?, train, relu)
+        let y = ops.conv2d(x, &kernel, self.padding, self.stride)?;
+        bn.forward_relu_t(ops, &y, train, relu)
+    }
+
+    /// `(padding, stride)`.
+    fn geometry(&self) -> (usize, usize) {
+        (self.padding, self.stride)
     }
 
     /// Inference: this conv with its eval-mode BatchNorm, the residual and
     /// the ReLU applied in the same pass; carries no gradient graph.
     fn forward_infer(
         &self,
+        ops: &Ops,
         bn: &BatchNorm,
         x: &Tensor,
         residual: Option<&Tensor>,
         relu: bool,
     ) -> Result<Tensor> {
         let (scale, shift) = bn.eval_affine()?;
-        crate::cpu::conv2d_affine(
+        let dtype = x.dtype();
+        ops.conv2d_affine(
             x,
             self.weight.as_tensor(),
-            self.padding,
-            self.stride,
-            &scale,
-            &shift,
+            self.geometry(),
+            &scale.to_dtype(dtype)?,
+            &shift.to_dtype(dtype)?,
             residual,
             relu,
         )
@@ -177,43 +185,50 @@ impl Block {
         Ok(Self { convs, downsample })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool, frozen_groups: usize) -> Result<Tensor> {
+    fn forward_t(
+        &self,
+        ops: &Ops,
+        x: &Tensor,
+        train: bool,
+        frozen_groups: usize,
+    ) -> Result<Tensor> {
         let identity = match &self.downsample {
-            Some((conv, bn)) => conv.forward_bn_t(bn, x, train, frozen_groups, false)?,
+            Some((conv, bn)) => conv.forward_bn_t(ops, bn, x, train, frozen_groups, false)?,
             None => x.clone(),
         };
         let last = self.convs.len() - 1;
         let mut out = x.clone();
         for (j, (conv, bn)) in self.convs.iter().enumerate() {
-            if j == last && train && crate::cpu::supported(&out) {
-                // The last conv, its BatchNorm, the add and the ReLU: one node.
+            if j == last && train {
+                // The last conv, its BatchNorm, the add and the ReLU: one op.
                 let kernel = conv.kernel(frozen_groups);
                 return bn.conv_forward_train(
+                    ops,
                     &out,
                     &kernel,
-                    (conv.padding, conv.stride),
+                    conv.geometry(),
                     true,
                     Some(&identity),
                 );
             }
-            out = conv.forward_bn_t(bn, &out, train, frozen_groups, j < last)?;
+            out = conv.forward_bn_t(ops, bn, &out, train, frozen_groups, j < last)?;
         }
-        crate::cpu::add_relu(&out, &identity)
+        ops.add_relu(&out, &identity)
     }
 
     /// Eval mode without a gradient graph, each conv fused with what follows it.
-    fn forward_infer(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_infer(&self, ops: &Ops, x: &Tensor) -> Result<Tensor> {
         let identity = match &self.downsample {
-            Some((conv, bn)) => conv.forward_infer(bn, x, None, false)?,
+            Some((conv, bn)) => conv.forward_infer(ops, bn, x, None, false)?,
             None => x.clone(),
         };
         let last = self.convs.len() - 1;
         let mut out = x.clone();
         for (j, (conv, bn)) in self.convs.iter().enumerate() {
             out = if j < last {
-                conv.forward_infer(bn, &out, None, true)?
+                conv.forward_infer(ops, bn, &out, None, true)?
             } else {
-                conv.forward_infer(bn, &out, Some(&identity), true)?
+                conv.forward_infer(ops, bn, &out, Some(&identity), true)?
             };
         }
         Ok(out)
@@ -236,6 +251,7 @@ pub struct ResNet {
     stages: Vec<Vec<Block>>,
     head: Head,
     frozen_groups: usize,
+    ops: Ops,
     dropout_rng: Mutex<ChaCha8Rng>,
 }
 
@@ -307,6 +323,7 @@ impl ResNet {
             stages,
             head,
             frozen_groups: 0,
+            ops: Ops::new(cfg.kernels),
             dropout_rng: Mutex::new(dropout_rng(init_seed)),
         })
     }
@@ -318,11 +335,12 @@ impl ResNet {
     /// Body features `[N, C, H/32, W/32]` (C = 2048 for a full ResNet-50).
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let frozen = self.frozen_groups;
+        let ops = &self.ops;
         let (conv, bn) = &self.stem;
-        let x = conv.forward_bn_t(bn, x, train, frozen, true)?;
-        let mut x = max_pool_3x3_s2(&x)?;
+        let x = conv.forward_bn_t(ops, bn, x, train, frozen, true)?;
+        let mut x = ops.max_pool_3x3_s2(&x)?;
         for block in self.stages.iter().flatten() {
-            x = block.forward_t(&x, train, frozen)?;
+            x = block.forward_t(ops, &x, train, frozen)?;
         }
         Ok(x)
     }
@@ -331,11 +349,12 @@ impl ResNet {
     /// runs with its BatchNorm, residual add and ReLU in one pass, and the
     /// result carries no gradient graph. Equal to `features_t(x, false)`.
     pub fn features_infer(&self, x: &Tensor) -> Result<Tensor> {
+        let ops = &self.ops;
         let (conv, bn) = &self.stem;
-        let x = conv.forward_infer(bn, &x.detach(), None, true)?;
-        let mut x = max_pool_3x3_s2(&x)?;
+        let x = conv.forward_infer(ops, bn, &x.detach(), None, true)?;
+        let mut x = ops.max_pool_3x3_s2(&x)?;
         for block in self.stages.iter().flatten() {
-            x = block.forward_infer(&x)?;
+            x = block.forward_infer(ops, &x)?;
         }
         Ok(x)
     }
@@ -348,7 +367,7 @@ impl ResNet {
         let features = self.features_infer(x)?;
         Ok(self
             .head
-            .forward_t(&features, false, &self.dropout_rng)?
+            .forward_t(&self.ops, &features, false, &self.dropout_rng)?
             .detach())
     }
 
@@ -357,7 +376,8 @@ impl ResNet {
     /// statistics and no dropout.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let features = self.features_t(x, train)?;
-        self.head.forward_t(&features, train, &self.dropout_rng)
+        self.head
+            .forward_t(&self.ops, &features, train, &self.dropout_rng)
     }
 
     /// Restarts the dropout masks from `seed`.

@@ -116,6 +116,7 @@ fn build(seed: u64) -> VarMap {
         arch: Arch::ResNet18,
         base_width: 4,
         head: HeadConfig::new(2),
+        kernels: Default::default(),
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

@@ -203,6 +203,7 @@ fn small_config(ps: f32) -> ResNetConfig {
             hidden: vec![16],
             concat_pool: true,
         },
+        kernels: Default::default(),
     }
 }
 

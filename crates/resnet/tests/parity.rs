@@ -69,6 +69,7 @@ fn load(case: &Case) -> Loaded {
             hidden: vec![32],
             concat_pool: true,
         },
+        kernels: Default::default(),
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);

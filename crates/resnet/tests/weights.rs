@@ -19,6 +19,7 @@ fn config() -> ResNetConfig {
             hidden: vec![8],
             concat_pool: true,
         },
+        kernels: Default::default(),
     }
 }
 

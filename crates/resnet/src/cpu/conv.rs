@@ -918,15 +918,15 @@ pub fn conv2d_affine(
     let (x, kernel) = (x.detach(), kernel.detach());
     let (scale, shift) = (scale.detach(), shift.detach());
     if !supported(&x) || !supported(&kernel) {
-        let channels = (1, scale.elem_count(), 1, 1);
-        let y = super::super::conv::conv2d(&x, &kernel, padding, stride)?
-            .broadcast_mul(&scale.reshape(channels)?)?
-            .broadcast_add(&shift.reshape(channels)?)?;
-        let y = match residual {
-            Some(r) => (y + r.detach())?,
-            None => y,
-        };
-        return if relu { y.relu() } else { Ok(y) };
+        return crate::generic::conv2d_affine(
+            &x,
+            &kernel,
+            (padding, stride),
+            &scale,
+            &shift,
+            residual,
+            relu,
+        );
     }
     let op = ConvAffine {
         padding,
@@ -954,10 +954,10 @@ pub fn supported(t: &Tensor) -> bool {
 /// this runs [the im2col kernels](self); backward computes the input gradient
 /// only if `x` tracks gradients and the kernel gradient only if `kernel` does
 /// (pass `var.as_detached_tensor()` for a frozen kernel). Elsewhere it is
-/// candle's own convolution.
+/// the generic convolution of [`Ops`](crate::Ops).
 pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     if !supported(x) || !supported(kernel) {
-        return x.conv2d(kernel, padding, stride, 1, 1);
+        return crate::conv::conv2d_generic(x, kernel, padding, stride);
     }
     x.contiguous()?
         .apply_op2(&kernel.contiguous()?, Conv2d { padding, stride })

@@ -578,20 +578,7 @@ pub fn batch_norm_train(
         let var = Tensor::from_vec(stats.var, c, x.device())?;
         return Ok((y, mean, var));
     }
-    let c = x.dim(1)?;
-    let mut bshape = vec![1; x.rank()];
-    bshape[1] = c;
-    let reduce: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
-    let mean = x.mean_keepdim(reduce.as_slice())?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
-    let inv_std = (var.clone() + eps)?.sqrt()?.recip()?;
-    let y = centred
-        .broadcast_mul(&inv_std)?
-        .broadcast_mul(&weight.reshape(bshape.as_slice())?)?
-        .broadcast_add(&bias.reshape(bshape.as_slice())?)?;
-    let y = if relu { y.relu()? } else { y };
-    Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
+    crate::generic::batch_norm_train(x, weight, bias, eps, relu)
 }
 
 /// `relu?(x · scale[c] + shift[c])` over `x` `[N, C, ...]`: eval-mode
@@ -605,12 +592,7 @@ pub fn scale_shift(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Re
             ScaleShift { relu },
         );
     }
-    let mut bshape = vec![1; x.rank()];
-    bshape[1] = x.dim(1)?;
-    let y = x
-        .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
-        .broadcast_add(&shift.reshape(bshape.as_slice())?)?;
-    if relu { y.relu() } else { Ok(y) }
+    crate::generic::scale_shift(x, scale, shift, relu)
 }
 
 /// `relu(a + b)` for two tensors of the same shape (a residual connection).
@@ -618,5 +600,5 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if supported(a) && supported(b) && a.dtype() == DType::F32 {
         return a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu);
     }
-    (a + b)?.relu()
+    crate::generic::add_relu(a, b)
 }

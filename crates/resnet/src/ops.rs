@@ -1,0 +1,222 @@
+//! The training ops of the network, each with two implementations side by
+//! side: the CPU kernels of [`crate::cpu`] and a generic one built from
+//! candle tensor ops that every backend implements (CPU, CUDA, Metal).
+//!
+//! [`Ops`] picks one per call: the CPU kernels for `f32` tensors on the CPU
+//! unless the model config asks for [`Kernels::Generic`], the generic ops
+//! otherwise. The generic path computes in the tensors' own dtype (never
+//! `f64`, which Metal lacks), and is what runs on a GPU until device kernels
+//! land. Forcing it on the CPU is how the tests check, on a machine without a
+//! GPU, that the GPU path computes what the CPU kernels compute.
+
+use std::sync::Mutex;
+
+use candle_core::{Result, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::{cpu, generic};
+
+/// Which implementation runs the model's ops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// The fastest available: the CPU kernels for `f32` on the CPU, the
+    /// generic ops elsewhere.
+    #[default]
+    Auto,
+    /// The generic candle ops everywhere, also on the CPU (what CUDA and
+    /// Metal run): slower there, but the same maths.
+    Generic,
+}
+
+impl Kernels {
+    pub fn is_auto(&self) -> bool {
+        *self == Kernels::Auto
+    }
+}
+
+/// The network's ops, dispatched to the CPU kernels or the generic ops.
+///
+/// Every op takes and returns ordinary tensors, tracks gradients only for
+/// the operands that track them (a frozen kernel passed detached gets no
+/// kernel gradient, the input image none), and returns the same values on
+/// either path up to the summation order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ops {
+    kernels: Kernels,
+}
+
+impl Ops {
+    pub fn new(kernels: Kernels) -> Self {
+        Self { kernels }
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Whether the CPU kernels take these operands.
+    fn cpu(&self, operands: &[&Tensor]) -> bool {
+        self.kernels == Kernels::Auto && operands.iter().all(|t| cpu::supported(t))
+    }
+
+    /// `conv2d(x, kernel)` with square `padding` and `stride`, one group.
+    pub fn conv2d(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Tensor> {
+        if self.cpu(&[x, kernel]) {
+            cpu::conv2d(x, kernel, padding, stride)
+        } else {
+            crate::conv::conv2d_generic(x, kernel, padding, stride)
+        }
+    }
+
+    /// Train-mode BatchNorm over `[N, C, ...]` (+ ReLU): `(y, mean, biased var)`.
+    pub fn batch_norm_train(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+        relu: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        if self.cpu(&[x, weight, bias]) {
+            cpu::batch_norm_train(x, weight, bias, eps, relu)
+        } else {
+            generic::batch_norm_train(x, weight, bias, eps, relu)
+        }
+    }
+
+    /// Train mode `relu?(batch_norm(conv2d(x, kernel)))`: `(y, mean, biased var)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d_batch_norm_train(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        (padding, stride): (usize, usize),
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+        relu: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        if self.cpu(&[x, kernel, weight, bias]) {
+            cpu::conv2d_batch_norm_train(x, kernel, padding, stride, weight, bias, eps, relu)
+        } else {
+            let conv = self.conv2d(x, kernel, padding, stride)?;
+            generic::batch_norm_train(&conv, weight, bias, eps, relu)
+        }
+    }
+
+    /// Train mode `relu(batch_norm(conv2d(x, kernel)) + residual)`, the end of
+    /// a residual block: `(y, mean, biased var)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d_batch_norm_add_relu_train(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        (padding, stride): (usize, usize),
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+        residual: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        if self.cpu(&[x, kernel, weight, bias, residual]) {
+            cpu::conv2d_batch_norm_add_relu_train(
+                x, kernel, padding, stride, weight, bias, eps, residual,
+            )
+        } else {
+            let (y, mean, var) = self.conv2d_batch_norm_train(
+                x,
+                kernel,
+                (padding, stride),
+                weight,
+                bias,
+                eps,
+                false,
+            )?;
+            Ok((generic::add_relu(&y, residual)?, mean, var))
+        }
+    }
+
+    /// `relu?(x · scale[c] + shift[c])`: eval-mode BatchNorm.
+    pub fn scale_shift(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        relu: bool,
+    ) -> Result<Tensor> {
+        if self.cpu(&[x, scale, shift]) {
+            cpu::scale_shift(x, scale, shift, relu)
+        } else {
+            generic::scale_shift(x, scale, shift, relu)
+        }
+    }
+
+    /// `relu(a + b)`: a residual connection.
+    pub fn add_relu(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.cpu(&[a, b]) {
+            cpu::add_relu(a, b)
+        } else {
+            generic::add_relu(a, b)
+        }
+    }
+
+    /// The stem's 3×3, stride 2, padding 1 max-pool, with its backward.
+    pub fn max_pool_3x3_s2(&self, x: &Tensor) -> Result<Tensor> {
+        if self.cpu(&[x]) {
+            crate::max_pool::max_pool_3x3_s2(x)
+        } else {
+            crate::max_pool::max_pool_composed(x)
+        }
+    }
+
+    /// Inference: `relu?(conv2d(x, kernel) · scale + shift (+ residual))`
+    /// with no gradient graph.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv2d_affine(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        (padding, stride): (usize, usize),
+        scale: &Tensor,
+        shift: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
+        if self.cpu(&[x, kernel]) {
+            cpu::conv2d_affine(x, kernel, padding, stride, scale, shift, residual, relu)
+        } else {
+            generic::conv2d_affine(x, kernel, (padding, stride), scale, shift, residual, relu)
+        }
+    }
+
+    /// Inverted dropout with probability `p`, its mask drawn from `rng`.
+    ///
+    /// On the CPU the mask is drawn on the host (it is the device); on a GPU
+    /// the host only draws a seed from `rng` and the mask is drawn on the
+    /// device, so nothing is uploaded per step. Either way the masks are a
+    /// pure function of the state of `rng`.
+    pub fn dropout(&self, x: &Tensor, p: f32, rng: &Mutex<ChaCha8Rng>) -> Result<Tensor> {
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let mut rng = rng.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if x.device().is_cpu() {
+            let scale = 1.0 / (1.0 - p);
+            let mask: Vec<f32> = (0..x.elem_count())
+                .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
+                .collect();
+            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            x.mul(&mask)
+        } else {
+            generic::dropout_on_device(x, p, rng.random::<u64>())
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The generic path on a real GPU (CUDA device 0, or Metal) against the CPU
+//! kernels on the CPU: see `paths/mod.rs`. Built only with the `cuda` or
+//! `metal` feature; a machine without the GPU fails these tests (they are
+//! what `bench/gpu/run.sh` runs on the borrowed GPU machine).
+#![cfg(any(feature = "cuda", feature = "metal"))]
+
+mod paths;
+
+use candle_core::Device;
+use multilabel_resnet::Arch;
+
+fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    let device = Device::new_cuda(0);
+    #[cfg(not(feature = "cuda"))]
+    let device = Device::new_metal(0);
+    device.expect("a GPU: these tests run only where one is present")
+}
+
+#[test]
+fn conv2d_forward_and_gradients() {
+    paths::conv2d_forward_and_gradients(&device());
+}
+
+#[test]
+fn max_pool_forward_and_gradient() {
+    paths::max_pool_forward_and_gradient(&device());
+}
+
+#[test]
+fn batch_norm_train_and_eval() {
+    paths::batch_norm_train_and_eval(&device());
+}
+
+#[test]
+fn fused_block_nodes() {
+    paths::fused_block_nodes(&device());
+}
+
+#[test]
+fn resnet18_training_step() {
+    paths::whole_network_step(&device(), Arch::ResNet18, (16, 4, 64), true);
+}
+
+#[test]
+fn resnet50_training_step() {
+    paths::whole_network_step(&device(), Arch::ResNet50, (64, 4, 64), false);
+}
+
+#[test]
+fn generic_path_stays_in_f32() {
+    paths::generic_path_stays_in_f32(&device());
+}
+
+/// Dropout masks drawn on the device: the right fraction, the right scale,
+/// and the same mask again from the same seed.
+#[test]
+fn dropout_on_the_device() {
+    use std::sync::Mutex;
+
+    use candle_core::{DType, Tensor};
+    use multilabel_resnet::Ops;
+    use rand::SeedableRng;
+
+    let device = device();
+    let x = Tensor::ones((200, 100), DType::F32, &device).unwrap();
+    let draw = || {
+        let rng = Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(5));
+        Ops::default()
+            .dropout(&x, 0.25, &rng)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let mask = draw();
+    let zeros = mask.iter().filter(|&&v| v == 0.0).count() as f32 / mask.len() as f32;
+    assert!((zeros - 0.25).abs() < 0.02, "zero fraction {zeros}");
+    assert!(
+        mask.iter()
+            .all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6)
+    );
+    assert_eq!(mask, draw());
+}
