@@ -70,5 +70,5 @@ pub use show::{ShowBatchConfig, render_batch, show_batch};
 pub use synth::{SynthConfig, SynthSummary, synth};
 pub use transform::{
     Augment, IMAGENET_MEAN, IMAGENET_STD, TransformConfig, load_image_for_eval, normalize_into,
-    random_resized_crop_box, transform_image, valid_image, valid_xtra,
+    normalize_on_device, random_resized_crop_box, transform_image, valid_image, valid_xtra,
 };

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::DataError;
 use crate::dataset::Item;
 use crate::decode::decode_rgb;
-use crate::transform::{Augment, TransformConfig, normalize_into, transform_image};
+use crate::transform::{Augment, TransformConfig, chw_into, normalize_on_device, transform_image};
 
 /// How a [`Loader`] groups, orders and augments items.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +70,11 @@ impl LoaderConfig {
 /// One batch: normalized images `[N, 3, S, S]`, multi-hot targets `[N, C]`
 /// (both `f32` on the loader's device) and each row's position in the
 /// loader's item list.
+///
+/// The images travel to the device as `u8` pixels (a quarter of the bytes
+/// of `f32`) and are normalized there, with the same `f32` arithmetic as
+/// [`normalize_into`](crate::normalize_into): the values are the same to
+/// the bit on every device.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub images: Tensor,
@@ -195,6 +200,8 @@ impl Loader {
             handle,
             device: self.device.clone(),
             size: self.transform.size,
+            mean: self.transform.mean,
+            std: self.transform.std,
             n_classes: self.n_classes,
             remaining: if self.invalid.is_some() { 1 } else { remaining },
         }
@@ -207,6 +214,8 @@ pub struct EpochIter {
     handle: Option<JoinHandle<()>>,
     device: Device,
     size: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
     n_classes: usize,
     remaining: usize,
 }
@@ -234,6 +243,7 @@ impl Iterator for EpochIter {
         };
         let n = raw.indices.len();
         let images = Tensor::from_vec(raw.images, (n, 3, self.size, self.size), &self.device)
+            .and_then(|pixels| normalize_on_device(&pixels, &self.mean, &self.std))
             .map_err(|e| DataError::tensor("moving a batch of images to the device", e));
         let targets = Tensor::from_vec(raw.targets, (n, self.n_classes), &self.device)
             .map_err(|e| DataError::tensor("moving a batch of targets to the device", e));
@@ -303,7 +313,8 @@ fn validate(
 }
 
 struct RawBatch {
-    images: Vec<f32>,
+    /// CHW `u8` pixels, image after image.
+    images: Vec<u8>,
     targets: Vec<f32>,
     indices: Vec<usize>,
 }
@@ -338,7 +349,7 @@ fn produce(
 fn make_batch(job: &Job, indices: Vec<usize>) -> Result<RawBatch, DataError> {
     let size = job.transform.size;
     let per_image = 3 * size * size;
-    let mut images = vec![0f32; indices.len() * per_image];
+    let mut images = vec![0u8; indices.len() * per_image];
     let results: Vec<Result<(), DataError>> = images
         .par_chunks_mut(per_image)
         .zip(indices.par_iter())
@@ -347,7 +358,7 @@ fn make_batch(job: &Job, indices: Vec<usize>) -> Result<RawBatch, DataError> {
             let decoded = decode_rgb(&item.path)?;
             let mut rng = item_rng(job.seed, job.epoch, position);
             let image = transform_image(&decoded, &job.transform, job.augment, &mut rng);
-            normalize_into(&image, &job.transform.mean, &job.transform.std, out);
+            chw_into(&image, out);
             Ok(())
         })
         .collect();

@@ -192,6 +192,38 @@ pub fn normalize_into(image: &RgbImage, mean: &[f32; 3], std: &[f32; 3], out: &m
     }
 }
 
+/// Writes `image` as CHW `u8` pixels into `out` (length `3 * width * height`).
+pub(crate) fn chw_into(image: &RgbImage, out: &mut [u8]) {
+    let plane = (image.width() * image.height()) as usize;
+    debug_assert_eq!(out.len(), 3 * plane, "output buffer has the wrong length");
+    let (red, rest) = out.split_at_mut(plane);
+    let (green, blue) = rest.split_at_mut(plane);
+    for (i, pixel) in image.as_raw().chunks_exact(3).enumerate() {
+        red[i] = pixel[0];
+        green[i] = pixel[1];
+        blue[i] = pixel[2];
+    }
+}
+
+/// Normalizes `[N, 3, H, W]` `u8` pixels on their device into `f32`,
+/// `x · 1/(255·std) − mean/std` per channel: the same two `f32` operations,
+/// in the same order, as [`normalize_into`], so the results are equal to the bit.
+pub fn normalize_on_device(
+    pixels: &Tensor,
+    mean: &[f32; 3],
+    std: &[f32; 3],
+) -> candle_core::Result<Tensor> {
+    let device = pixels.device();
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
+    let shift: [f32; 3] = std::array::from_fn(|c| mean[c] / std[c]);
+    let scale = Tensor::from_slice(&scale, (1, 3, 1, 1), device)?;
+    let shift = Tensor::from_slice(&shift, (1, 3, 1, 1), device)?;
+    pixels
+        .to_dtype(candle_core::DType::F32)?
+        .broadcast_mul(&scale)?
+        .broadcast_sub(&shift)
+}
+
 /// Loads one image with the validation transform, as `[3, size, size]` on
 /// the CPU: what `predict` feeds the model.
 pub fn load_image_for_eval(path: &Path, transform: &TransformConfig) -> Result<Tensor, DataError> {
