@@ -19,7 +19,15 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
     match spec.as_str() {
         "auto" => {
             if candle_core::utils::cuda_is_available() {
-                return Device::new_cuda(0).context("starting CUDA device 0");
+                // A CUDA build on a machine whose driver has no usable GPU
+                // (or is the toolkit's stub) runs on the CPU instead.
+                match Device::new_cuda(0) {
+                    Ok(device) => return Ok(device),
+                    Err(err) => eprintln!(
+                        "note: this is a CUDA build but CUDA device 0 cannot start ({}); running on the CPU",
+                        first_line(&err.to_string())
+                    ),
+                }
             }
             if candle_core::utils::metal_is_available() {
                 return Device::new_metal(0).context("starting the Metal device");
@@ -67,6 +75,16 @@ pub fn device_name(device: &Device) -> String {
 
 fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The first line of a message, shortened to 160 characters.
+fn first_line(message: &str) -> String {
+    let line = message.lines().next().unwrap_or_default();
+    if line.chars().count() > 160 {
+        format!("{}…", line.chars().take(160).collect::<String>())
+    } else {
+        line.to_string()
+    }
 }
 
 /// The run folder named by `--run`, or `runs/latest` when none is given.

@@ -13,7 +13,7 @@ use multilabel_data::{
     default_cache_dir, download_pascal_2007,
 };
 use multilabel_resnet::{
-    Arch, DEFAULT_HUB_REPO, ResNet, ResNetConfig, WeightsSource, load_pretrained,
+    Arch, DEFAULT_HUB_REPO, Kernels, ResNet, ResNetConfig, WeightsSource, load_pretrained,
 };
 use multilabel_train::metrics::{best_threshold, default_thresholds, threshold_sweep};
 use multilabel_train::{
@@ -93,6 +93,20 @@ pub struct TrainArgs {
     /// Act as if Ctrl-C came after this many optimizer steps (for tests of --resume)
     #[arg(long, hide = true, value_name = "N")]
     pub stop_after_steps: Option<u64>,
+    /// Which implementation runs the model's ops: `auto` (the CPU kernels
+    /// for f32 on the CPU, candle's generic ops on CUDA/Metal) or `generic`
+    /// (candle's ops everywhere: what a GPU runs, slower on the CPU; for
+    /// checking one against the other)
+    #[arg(long, default_value = "auto", value_parser = parse_kernels)]
+    pub kernels: Kernels,
+}
+
+fn parse_kernels(value: &str) -> Result<Kernels, String> {
+    match value {
+        "auto" => Ok(Kernels::Auto),
+        "generic" => Ok(Kernels::Generic),
+        other => Err(format!("`{other}`: expected auto or generic")),
+    }
 }
 
 /// The resolved settings of a training run, saved as `config.json` so that
@@ -172,6 +186,7 @@ impl TrainArgs {
         };
         let mut model = ResNetConfig::new(arch, 1);
         model.base_width = self.width;
+        model.kernels = self.kernels;
         let transform = TransformConfig {
             size: self.size,
             min_scale: self.min_scale,
@@ -296,6 +311,7 @@ pub fn build_session(
         metric_thresh: config.metric_thresh,
         adam: AdamConfig::default(),
         pos_weight: None,
+        read_every: 0,
     };
     let learner = Learner::new(model, varmap, train, valid, learner_config, device.clone())?;
     Ok(Session {
@@ -653,6 +669,7 @@ pub fn demo_train_args(
         run: Some(run),
         resume: None,
         stop_after_steps: None,
+        kernels: Kernels::Auto,
     }
 }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CandleContext, Error, Result};
 use crate::events::{EpochRecord, Event, Sink, SmoothedLoss};
+use crate::host;
 use crate::loss::bce_with_logits;
 use crate::metrics::accuracy_multi;
 use crate::optim::{Adam, AdamConfig, AdamState, OptGroup, OptParam, StepHypers};
@@ -28,7 +29,19 @@ pub struct LearnerConfig {
     pub adam: AdamConfig,
     /// Optional per-class weight of the positive term of the loss.
     pub pos_weight: Option<Vec<f32>>,
+    /// Training steps between reads of the loss from the device (0: every
+    /// step on the CPU, where a read costs nothing, and every
+    /// [`GPU_READ_EVERY`] steps elsewhere, where each read waits for the
+    /// queued work). Progress events, the smoothed loss and the check for a
+    /// non-finite loss follow these reads: with 1 a non-finite loss stops
+    /// training before the optimizer steps on it; with more, at the next
+    /// read, before anything is written to the run folder.
+    #[serde(default)]
+    pub read_every: usize,
 }
+
+/// Steps between loss reads on a GPU when [`LearnerConfig::read_every`] is 0.
+pub const GPU_READ_EVERY: usize = 20;
 
 impl Default for LearnerConfig {
     fn default() -> Self {
@@ -37,6 +50,7 @@ impl Default for LearnerConfig {
             metric_thresh: 0.2,
             adam: AdamConfig::default(),
             pos_weight: None,
+            read_every: 0,
         }
     }
 }
@@ -300,10 +314,12 @@ impl Learner {
             let first = if epoch == start_epoch { start_batch } else { 0 };
             if first < n_batches {
                 let batches = self.train.epoch(epoch_offset + epoch);
+                let read_every = self.read_every();
+                let mut pending: Vec<PendingStep> = Vec::with_capacity(read_every);
                 for (index, batch) in batches.enumerate().skip(first) {
                     let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
                     let hypers = cycle.at(epoch, index);
-                    let loss_value = match self.train_step(&batch, &hypers) {
+                    let loss = match self.train_step_deferred(&batch, &hypers, read_every == 1) {
                         Err(Error::NonFiniteLoss { loss, .. }) => {
                             // Nothing is written: the last checkpoint is the last good state.
                             return Err(Error::NonFiniteLoss {
@@ -314,18 +330,19 @@ impl Learner {
                         }
                         other => other?,
                     };
-                    let smooth_loss = smooth.push(f64::from(loss_value));
-                    self.emit(Event::BatchEnd {
-                        phase: phase.into(),
-                        epoch,
+                    pending.push(PendingStep {
                         batch: index,
-                        n_batches,
-                        loss: loss_value,
-                        smooth_loss,
-                        lrs: hypers.lrs,
-                        mom: hypers.mom,
-                    })?;
+                        hypers,
+                        loss,
+                    });
+                    // The events a flush emits may cancel (a sink, Ctrl-C):
+                    // look again after it, and flush what is left before
+                    // the checkpoint.
+                    if pending.len() >= read_every || index + 1 == n_batches || self.cancelled() {
+                        self.flush_steps(&mut pending, &mut smooth, phase, epoch, n_batches)?;
+                    }
                     if self.cancelled() {
+                        self.flush_steps(&mut pending, &mut smooth, phase, epoch, n_batches)?;
                         self.checkpoint(fit, epoch, index + 1, smooth)?;
                         return Err(Error::Interrupted {
                             epoch,
@@ -416,6 +433,21 @@ impl Learner {
     /// One optimizer step on `batch` with `hypers`; returns the batch loss.
     /// A non-finite loss is an error before anything is updated.
     pub(crate) fn train_step(&mut self, batch: &Batch, hypers: &StepHypers) -> Result<f32> {
+        match self.train_step_deferred(batch, hypers, true)? {
+            StepLoss::Read(loss) => Ok(loss),
+            StepLoss::OnDevice(_) => unreachable!("a checked step reads its loss"),
+        }
+    }
+
+    /// One optimizer step on `batch` with `hypers`. With `check`, the loss
+    /// is read first and a non-finite one is an error before anything is
+    /// updated; without, it stays on the device for a later batched read.
+    fn train_step_deferred(
+        &mut self,
+        batch: &Batch,
+        hypers: &StepHypers,
+        check: bool,
+    ) -> Result<StepLoss> {
         self.model
             .set_dropout_seed(dropout_seed(self.config.seed, self.global_step));
         let logits = self
@@ -423,24 +455,87 @@ impl Learner {
             .forward_t(&batch.images, true)
             .map_err(|e| Error::Model(Box::new(e)))?;
         let loss = bce_with_logits(&logits, &batch.targets, self.pos_weight.as_ref())?;
-        let loss_value = loss
-            .to_dtype(DType::F32)
-            .and_then(|l| l.to_scalar::<f32>())
-            .ctx(|| "reading the loss".into())?;
-        if !loss_value.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                epoch: 0,
-                batch: 0,
-                loss: loss_value,
-            });
-        }
+        let value = if check {
+            let value = host::read_scalar(&loss).ctx(|| "reading the loss".into())?;
+            if !value.is_finite() {
+                return Err(Error::NonFiniteLoss {
+                    epoch: 0,
+                    batch: 0,
+                    loss: value,
+                });
+            }
+            StepLoss::Read(value)
+        } else {
+            StepLoss::OnDevice(loss.detach())
+        };
         let mut grads = loss.backward().ctx(|| "backward pass".into())?;
         for var in &self.frozen_vars {
             grads.remove(var.as_tensor());
         }
         self.optimizer.step(&grads, hypers)?;
         self.global_step += 1;
-        Ok(loss_value)
+        Ok(value)
+    }
+
+    /// Steps between loss reads: the configured value, or the device's default.
+    fn read_every(&self) -> usize {
+        match self.config.read_every {
+            0 if self.device.is_cpu() => 1,
+            0 => GPU_READ_EVERY,
+            n => n,
+        }
+    }
+
+    /// Reads the losses of `pending` steps in one transfer, checks them and
+    /// emits their `BatchEnd` events in order.
+    fn flush_steps(
+        &mut self,
+        pending: &mut Vec<PendingStep>,
+        smooth: &mut SmoothedLoss,
+        phase: &str,
+        epoch: usize,
+        n_batches: usize,
+    ) -> Result<()> {
+        let on_device: Vec<Tensor> = pending
+            .iter()
+            .filter_map(|step| match &step.loss {
+                StepLoss::OnDevice(t) => Some(t.reshape(1)),
+                StepLoss::Read(_) => None,
+            })
+            .collect::<candle_core::Result<_>>()
+            .ctx(|| "gathering the losses".into())?;
+        let mut read = if on_device.is_empty() {
+            Vec::new()
+        } else {
+            let all = Tensor::cat(&on_device, 0).ctx(|| "gathering the losses".into())?;
+            host::read_vec1(&all).ctx(|| "reading the losses".into())?
+        }
+        .into_iter();
+        for step in pending.drain(..) {
+            let loss = match step.loss {
+                StepLoss::Read(value) => value,
+                StepLoss::OnDevice(_) => read.next().unwrap_or(f32::NAN),
+            };
+            if !loss.is_finite() {
+                return Err(Error::NonFiniteLoss {
+                    epoch,
+                    batch: step.batch,
+                    loss,
+                });
+            }
+            let smooth_loss = smooth.push(f64::from(loss));
+            self.emit(Event::BatchEnd {
+                phase: phase.into(),
+                epoch,
+                batch: step.batch,
+                n_batches,
+                loss,
+                smooth_loss,
+                lrs: step.hypers.lrs,
+                mom: step.hypers.mom,
+            })?;
+        }
+        Ok(())
     }
 
     /// Batches per training epoch.
@@ -586,38 +681,56 @@ pub fn predict(
 ) -> Result<Preds> {
     let n_items = loader.n_items();
     let n_classes = model.config().head.n_classes;
-    let mut probs = vec![0f32; n_items * n_classes];
-    let mut targets = vec![0f32; n_items * n_classes];
-    let mut seen = vec![false; n_items];
-    let mut loss_sum = 0f64;
     let n_batches = loader.n_batches();
+    // Each batch leaves `[probs | targets | loss]` rows on the device; they
+    // are read in one transfer at the end.
+    let mut rows_on_device = Vec::with_capacity(n_batches);
+    let mut batch_indices = Vec::with_capacity(n_batches);
     for (index, batch) in loader.epoch(0).enumerate() {
         let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
         let logits = model
             .forward_infer(&batch.images)
             .map_err(|e| Error::Model(Box::new(e)))?;
-        let loss = bce_with_logits(&logits, &batch.targets, pos_weight)?
-            .to_dtype(DType::F32)
-            .and_then(|l| l.to_scalar::<f32>())
-            .ctx(|| "validation loss".into())?;
+        let loss = bce_with_logits(&logits, &batch.targets, pos_weight)?;
         let rows = batch.indices.len();
-        loss_sum += f64::from(loss) * rows as f64;
-        let batch_probs = candle_nn::ops::sigmoid(&logits)
+        let packed = candle_nn::ops::sigmoid(&logits)
             .and_then(|p| p.to_dtype(DType::F32))
-            .and_then(|p| p.to_vec2::<f32>())
-            .ctx(|| "validation probabilities".into())?;
-        let batch_targets = batch
-            .targets
-            .to_dtype(DType::F32)
-            .and_then(|t| t.to_vec2::<f32>())
-            .ctx(|| "validation targets".into())?;
-        for (row, &item) in batch.indices.iter().enumerate() {
-            let at = item * n_classes;
-            probs[at..at + n_classes].copy_from_slice(&batch_probs[row]);
-            targets[at..at + n_classes].copy_from_slice(&batch_targets[row]);
-            seen[item] = true;
-        }
+            .and_then(|p| {
+                let targets = batch.targets.to_dtype(DType::F32)?;
+                let loss = loss
+                    .to_dtype(DType::F32)?
+                    .reshape((1, 1))?
+                    .repeat((rows, 1))?;
+                Tensor::cat(&[&p, &targets, &loss], 1)
+            })
+            .ctx(|| "validation predictions".into())?;
+        rows_on_device.push(packed);
+        batch_indices.push(batch.indices);
         on_batch(index, n_batches);
+    }
+    let mut probs = vec![0f32; n_items * n_classes];
+    let mut targets = vec![0f32; n_items * n_classes];
+    let mut seen = vec![false; n_items];
+    let mut loss_sum = 0f64;
+    if !rows_on_device.is_empty() {
+        let all = Tensor::cat(&rows_on_device, 0).ctx(|| "validation predictions".into())?;
+        let read = host::read_vec2(&all).ctx(|| "reading the validation predictions".into())?;
+        let mut read = read.iter();
+        for indices in &batch_indices {
+            for (row, &item) in indices.iter().enumerate() {
+                let Some(values) = read.next() else {
+                    return Err(Error::Invalid("the validation read came back short".into()));
+                };
+                if row == 0 {
+                    // The batch's mean loss, weighted by its size (fastai's AvgLoss).
+                    loss_sum += f64::from(values[2 * n_classes]) * indices.len() as f64;
+                }
+                let at = item * n_classes;
+                probs[at..at + n_classes].copy_from_slice(&values[..n_classes]);
+                targets[at..at + n_classes].copy_from_slice(&values[n_classes..2 * n_classes]);
+                seen[item] = true;
+            }
+        }
     }
     if let Some(missing) = seen.iter().position(|s| !s) {
         return Err(Error::Invalid(format!(
@@ -639,4 +752,17 @@ pub fn dropout_seed(seed: u64, step: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// A training step's loss: read already, or still on the device.
+enum StepLoss {
+    Read(f32),
+    OnDevice(Tensor),
+}
+
+/// A step whose `BatchEnd` event waits for the next loss read.
+struct PendingStep {
+    batch: usize,
+    hypers: StepHypers,
+    loss: StepLoss,
 }

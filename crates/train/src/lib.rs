@@ -73,6 +73,7 @@ println!("best accuracy_multi {:.4} at {:.2}, mAP {:.4}", best.accuracy_multi, b
 
 pub mod error;
 pub mod events;
+pub mod host;
 #[cfg(feature = "learner")]
 pub mod learner;
 pub mod loss;
@@ -90,7 +91,11 @@ pub use events::{
     EpochRecord, EpochTable, Event, EventsJsonl, HistoryCsv, Recorder, Sink, SmoothedLoss,
 };
 #[cfg(feature = "learner")]
-pub use learner::{Learner, LearnerConfig, Preds, Validation, dropout_seed, opt_groups, predict};
+pub use host::host_reads;
+#[cfg(feature = "learner")]
+pub use learner::{
+    GPU_READ_EVERY, Learner, LearnerConfig, Preds, Validation, dropout_seed, opt_groups, predict,
+};
 pub use loss::bce_with_logits;
 #[cfg(feature = "learner")]
 pub use lr_find::{LrFindConfig, LrFindResult};

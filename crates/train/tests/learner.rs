@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use multilabel_data::{Dataset, DatasetConfig, Loader, LoaderConfig, SynthConfig, TransformConfig};
-use multilabel_resnet::{Arch, ResNet, ResNetConfig};
+use multilabel_resnet::{Arch, Kernels, ResNet, ResNetConfig};
 use multilabel_train::{
-    Error, Event, FineTune, Learner, LearnerConfig, Recorder, RunDir, Sink, metrics,
+    Error, Event, FineTune, Learner, LearnerConfig, Recorder, RunDir, Sink, host_reads, metrics,
 };
 
 const SIZE: usize = 32;
@@ -36,6 +36,11 @@ fn learner(data: &Dataset) -> Learner {
 }
 
 fn learner_with(data: &Dataset, config: LearnerConfig) -> Learner {
+    learner_on_path(data, config, Kernels::Auto)
+}
+
+/// A learner whose model runs its ops with `kernels`.
+fn learner_on_path(data: &Dataset, config: LearnerConfig, kernels: Kernels) -> Learner {
     let device = Device::Cpu;
     let n_classes = data.vocab().len();
     let transform = TransformConfig {
@@ -62,6 +67,7 @@ fn learner_with(data: &Dataset, config: LearnerConfig) -> Learner {
     model_config.base_width = 8;
     model_config.head.hidden = vec![32];
     model_config.head.ps = 0.1;
+    model_config.kernels = kernels;
     let model = ResNet::new(
         &model_config,
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
@@ -339,4 +345,122 @@ fn lr_find_records_a_rising_lr_and_restores_everything() {
     assert!(learner.optimizer().export_state().tensors.is_empty());
     // The restored learner still trains normally.
     learner.fine_tune(&plan()).unwrap();
+}
+
+/// Fine-tunes with a recorder attached; returns every `BatchEnd` loss and
+/// the epoch records.
+fn recorded_fine_tune(learner: &mut Learner) -> (Vec<f32>, Vec<multilabel_train::EpochRecord>) {
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    learner.add_sink(Box::new(recorder.clone()));
+    learner.fine_tune(&plan()).unwrap();
+    let events = recorder.lock().unwrap().events.clone();
+    let mut losses = Vec::new();
+    let mut epochs = Vec::new();
+    for event in events {
+        match event {
+            Event::BatchEnd { loss, .. } => losses.push(loss),
+            Event::EpochEnd(record) => epochs.push(record),
+            _ => {}
+        }
+    }
+    (losses, epochs)
+}
+
+/// Losses are read from the device in batches of `read_every` steps and
+/// the validation set in one read per pass, and batching the reads changes
+/// nothing: the same losses, events and weights as reading every step.
+#[test]
+fn host_reads_are_batched_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+    // 96 training images in batches of 16: 6 steps per epoch; 40
+    // validation images: 3 batches; plan(): 1 frozen + 2 unfrozen epochs.
+    let (steps, epochs) = (6u64, 3u64);
+    let mut runs = Vec::new();
+    for read_every in [1usize, 4] {
+        let config = LearnerConfig {
+            read_every,
+            ..LearnerConfig::default()
+        };
+        let mut learner = learner_with(&data, config);
+        let before = host_reads();
+        let (losses, records) = recorded_fine_tune(&mut learner);
+        let reads = host_reads() - before;
+        let train_reads = steps.div_ceil(read_every as u64);
+        assert_eq!(
+            reads,
+            epochs * (train_reads + 1),
+            "read_every {read_every}: {reads} reads for {epochs} epochs of {steps} steps"
+        );
+        assert_eq!(losses.len() as u64, epochs * steps);
+        assert!(losses.iter().all(|l| l.is_finite()));
+        runs.push((losses, records, weights(&learner)));
+    }
+    let (losses_1, records_1, weights_1) = &runs[0];
+    let (losses_4, records_4, weights_4) = &runs[1];
+    assert_eq!(losses_1, losses_4);
+    for (a, b) in records_1.iter().zip(records_4) {
+        assert_eq!((a.train_loss, a.valid_loss), (b.train_loss, b.valid_loss));
+        assert_eq!(a.metrics, b.metrics);
+    }
+    assert!(weights_1 == weights_4, "the weights differ");
+}
+
+/// With reads batched, a non-finite loss is still caught, at the read,
+/// with the epoch and batch where it happened, and nothing is written.
+#[test]
+fn non_finite_loss_caught_at_a_batched_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+    let n_classes = data.vocab().len();
+    let config = LearnerConfig {
+        pos_weight: Some(vec![f32::NAN; n_classes]),
+        read_every: 4,
+        ..LearnerConfig::default()
+    };
+    let mut l = learner_with(&data, config);
+    let run = RunDir::create(dir.path().join("runs/nan")).unwrap();
+    l.set_run(run.clone());
+    match l.fine_tune(&plan()) {
+        Err(Error::NonFiniteLoss {
+            epoch: 0,
+            batch: 0,
+            loss,
+        }) => assert!(loss.is_nan()),
+        other => panic!("expected a NaN loss error, got {other:?}"),
+    }
+    assert!(!run.state_path().exists());
+}
+
+/// The generic ops (what a GPU runs) forced on the CPU learn the same way
+/// as the CPU kernels: the same loss curve within float tolerance (1e-3
+/// relative per step: the two paths sum in different orders, and 18 steps
+/// of training carry that difference along), the same validation losses.
+#[test]
+fn generic_path_learns_like_the_cpu_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+    let mut cpu = learner_on_path(&data, LearnerConfig::default(), Kernels::Auto);
+    let mut generic = learner_on_path(&data, LearnerConfig::default(), Kernels::Generic);
+    let (cpu_losses, cpu_epochs) = recorded_fine_tune(&mut cpu);
+    let (generic_losses, generic_epochs) = recorded_fine_tune(&mut generic);
+    assert_eq!(cpu_losses.len(), generic_losses.len());
+    for (step, (a, b)) in generic_losses.iter().zip(&cpu_losses).enumerate() {
+        let relative = (a - b).abs() / b.abs();
+        assert!(relative < 1e-3, "step {step}: generic {a}, cpu {b}");
+    }
+    for (a, b) in generic_epochs.iter().zip(&cpu_epochs) {
+        let relative = (a.valid_loss - b.valid_loss).abs() / b.valid_loss.abs();
+        assert!(
+            relative < 1e-3,
+            "epoch {}: valid loss generic {}, cpu {}",
+            a.epoch,
+            a.valid_loss,
+            b.valid_loss
+        );
+    }
+    // And they learn: the last epoch's training loss is below the first's.
+    let first = generic_epochs.first().unwrap().train_loss;
+    let last = generic_epochs.last().unwrap().train_loss;
+    assert!(last < first, "generic path: train loss {first} -> {last}");
 }
