@@ -4,7 +4,10 @@
 
 features := env("MULTILABEL_FEATURES", "")
 cargo_features := if features == "" { "" } else { "--features " + features }
-run := "cargo run --release --quiet " + cargo_features + " --"
+# A CUDA build links the NVIDIA driver's libcuda.so.1 and cannot start
+# without it: say so in one line before cargo builds anything.
+driver_check := if features =~ "cud" { "bench/gpu/driver-check.sh && " } else { "" }
+run := driver_check + "cargo run --release --quiet " + cargo_features + " --"
 
 # list the recipes
 default:
@@ -42,9 +45,36 @@ show-batch *ARGS:
 download *ARGS:
     {{run}} download {{ARGS}}
 
-# the whole test suite (what CI runs)
+# the whole test suite (CI runs this, then check-cuda)
 test:
     cargo test --workspace
+
+# compile-check both CUDA builds (`cuda`, `cudnn`) on any Linux x86-64 machine: pinned
+# CUDA 13.0 toolkit from PyPI into .venv-cuda, CUDA_COMPUTE_CAP=90; no GPU or driver needed
+check-cuda:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    eval "$(.ci/cuda-toolkit.sh check)"
+    for feature in cuda cudnn; do
+        start=$SECONDS
+        cargo check --workspace --all-targets --locked --features "multilabel/$feature"
+        echo "check-cuda: --features $feature checked in $((SECONDS - start)) s"
+    done
+
+# release build with cuDNN for H100/H200 (sm_90; set CUDA_COMPUTE_CAP for others) on a
+# machine without GPU or driver; the binary needs the driver and the CUDA 13 libraries to run
+build-cuda *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    eval "$(.ci/cuda-toolkit.sh build)"
+    start=$SECONDS
+    cargo build --release --locked --features cudnn {{ARGS}}
+    echo "build-cuda: built in $((SECONDS - start)) s: target/release/multilabel"
+
+# the GPU check's artifacts (stripped, gzipped binaries) in bench/gpu/artifacts;
+# `just gpu-artifacts cpu` makes a CPU set for a dry run of bench/gpu/run.sh here
+gpu-artifacts FLAVOUR="cudnn":
+    bench/gpu/prepare.sh {{FLAVOUR}}
 
 # formatting and lints as CI would want them
 lint:

@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# The GPU check: runs the artifacts `bench/gpu/prepare.sh` built (on a
+# machine with Rust, no GPU needed) on the borrowed GPU machine, which has
+# no Rust and no network, and writes what it saw to $OUT/gpu.json.
+#
+# On the GPU machine (device tool), from the repository root:
+#     run(command="bash bench/gpu/run.sh", carry=["bench/gpu/artifacts"], timeout_s=560)
+# Here, as a dry run of every step on the CPU build (`just gpu-artifacts cpu`):
+#     OUT=/tmp/gpu-out bash bench/gpu/run.sh
+#
+# Steps, each timed and recorded even when an earlier one failed:
+#   1. unpack the gzipped binaries; on a CUDA set, point LD_LIBRARY_PATH at
+#      the CUDA 13 libraries that PyTorch's `nvidia-*` wheels ship, and
+#      record nvidia-smi's view of the GPU;
+#   2. the device tests: each GPU op against the CPU kernels, forward and
+#      gradients, and whole ResNet-18/50 training steps (with
+#      NVIDIA_TF32_OVERRIDE=0, so cuBLAS and cuDNN compute in true f32 and
+#      the 1e-4 tolerance holds); a CPU set runs the generic-path tests;
+#   3. ResNet-50 + fastai head at 128 px, batch 64, from random weights on a
+#      generated dataset: a frozen and an unfrozen phase through the CLI,
+#      images/s from the run's history.csv (the later epoch of each phase,
+#      so start-up is not counted), plus the first-run ("cold") times.
+#
+# Knobs (environment): GPU_CHECK_ARCH (resnet50), GPU_CHECK_SIZE (128),
+# GPU_CHECK_BS (64), GPU_CHECK_TRAIN (images per epoch, 1280),
+# GPU_CHECK_VALID (128), GPU_CHECK_TEST_FILTER (a test-name filter).
+# Whole run under 8 minutes on an H200 with the defaults.
+set -uo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+artifacts=$here/artifacts
+out=${OUT:-$here/out}
+mkdir -p "$out"
+log=$out/log.txt
+: >"$log"
+exec > >(tee -a "$log") 2>&1
+
+arch=${GPU_CHECK_ARCH:-resnet50}
+size=${GPU_CHECK_SIZE:-128}
+bs=${GPU_CHECK_BS:-64}
+n_train=${GPU_CHECK_TRAIN:-1280}
+n_valid=${GPU_CHECK_VALID:-128}
+filter=${GPU_CHECK_TEST_FILTER:-}
+
+work=$(mktemp -d /tmp/gpu-check-XXXXXX)
+results=$work/results.jsonl
+: >"$results"
+started=$(date +%s)
+
+say() { printf '== %s  %s\n' "$(date +%T)" "$*"; }
+# record NAME STATUS SECONDS [KEY=NUMBER ...]: one JSON line per step.
+record() {
+    python3 - "$@" >>"$results" <<'PY'
+import json, sys
+name, status, seconds, *rest = sys.argv[1:]
+entry = {"step": name, "status": status, "seconds": float(seconds)}
+for pair in rest:
+    key, value = pair.split("=", 1)
+    try:
+        entry[key] = float(value)
+    except ValueError:
+        entry[key] = value
+print(json.dumps(entry))
+PY
+}
+
+if [ ! -f "$artifacts/manifest.json" ]; then
+    echo "no artifacts in $artifacts: run bench/gpu/prepare.sh (just gpu-artifacts) first" >&2
+    exit 1
+fi
+flavour=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["flavour"])' "$artifacts/manifest.json")
+say "artifacts: $flavour ($(python3 -c 'import json, sys; m = json.load(open(sys.argv[1])); print(m["commit"])' "$artifacts/manifest.json"))"
+
+# 1. Unpack.
+bin=$work/bin
+mkdir -p "$bin"
+for gz in "$artifacts"/*.gz; do
+    name=$(basename "$gz" .gz)
+    gunzip -c "$gz" >"$bin/$name" && chmod +x "$bin/$name"
+done
+multilabel=$bin/multilabel
+
+device=cpu
+if [ "$flavour" != cpu ]; then
+    device=cuda
+    nvidia_libs=$(python3 - <<'PY'
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit(0)
+dirs = set()
+for root in nvidia.__path__:
+    for lib in glob.glob(os.path.join(root, "*", "lib")):
+        dirs.add(lib)
+print(":".join(sorted(dirs)))
+PY
+)
+    export LD_LIBRARY_PATH=${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+    # Which libraries the binary resolves, and whether any is missing.
+    ldd "$multilabel" | grep -E 'cuda|cublas|curand|nvrtc|cudnn|not found' | tee "$out/ldd.txt"
+fi
+"$multilabel" --version || true
+
+# 2. The device tests (the generic-path tests on a CPU set).
+say "tests"
+for test in "$bin"/test-*; do
+    [ -e "$test" ] || continue
+    name=$(basename "$test")
+    t0=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    NVIDIA_TF32_OVERRIDE=0 timeout 240 "$test" --test-threads=1 $filter >"$out/$name.txt" 2>&1
+    status=$?
+    t1=$(date +%s.%N)
+    seconds=$(python3 -c "print(round($t1 - $t0, 2))")
+    summary=$(grep -E '^test result:' "$out/$name.txt" | tail -1)
+    say "$name: exit $status in ${seconds}s: $summary"
+    grep -E '^test .* FAILED$|panicked at|^thread .* panicked' "$out/$name.txt" | head -20
+    record "$name" "$([ $status = 0 ] && echo pass || echo fail)" "$seconds" "summary=$summary"
+done
+
+# 3. Training through the CLI.
+say "generating $n_train + $n_valid images"
+data=$work/data
+"$multilabel" synth --out "$data" --n-train "$n_train" --n-valid "$n_valid" >/dev/null
+train() { # NAME, extra flags...
+    local name=$1
+    shift
+    local run=$work/run-$name
+    local t0 t1 status seconds
+    t0=$(date +%s.%N)
+    "$multilabel" train --data "$data" --run "$run" --device "$device" --arch "$arch" \
+        --weights none --offline --size "$size" --bs "$bs" --seed 1 "$@" >"$out/train-$name.txt" 2>&1
+    status=$?
+    t1=$(date +%s.%N)
+    seconds=$(python3 -c "print(round($t1 - $t0, 2))")
+    tail -12 "$out/train-$name.txt"
+    [ -f "$run/history.csv" ] && cp "$run/history.csv" "$out/history-$name.csv"
+    # Images/s of the last epoch of each phase (steady state: the first
+    # epoch pays for start-up, kernel compilation and algorithm search).
+    python3 - "$run/history.csv" "$n_train" "$name" "$status" "$seconds" >>"$results" <<'PY'
+import csv, json, sys
+path, n_train, name, status, seconds = sys.argv[1:]
+entry = {"step": f"train-{name}", "status": "pass" if status == "0" else "fail",
+         "seconds": float(seconds)}
+try:
+    rows = list(csv.DictReader(open(path)))
+except OSError:
+    rows = []
+for phase in ("frozen", "unfrozen"):
+    epochs = [r for r in rows if r["phase"] == phase]
+    if epochs:
+        last = epochs[-1]
+        entry[f"{phase}_epoch_seconds"] = float(last["seconds"])
+        entry[f"{phase}_images_per_s"] = round(int(n_train) / float(last["seconds"]), 2)
+        entry[f"{phase}_valid_loss"] = float(last["valid_loss"])
+print(json.dumps(entry))
+PY
+    say "train $name: exit $status in ${seconds}s"
+}
+say "training $arch at $size px, batch $bs: 2 frozen + 2 unfrozen epochs"
+train fine_tune --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3
+if [ "$device" = cpu ]; then
+    say "the same with the generic ops forced (--kernels generic)"
+    train generic --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --kernels generic
+fi
+
+# 4. Everything into $OUT/gpu.json.
+python3 - "$results" "$out/gpu.json" "$flavour" "$device" "$arch" "$size" "$bs" "$n_train" "$started" <<'PY'
+import json, platform, sys, time
+results, target, flavour, device, arch, size, bs, n_train, started = sys.argv[1:]
+steps = [json.loads(line) for line in open(results) if line.strip()]
+report = {
+    "flavour": flavour,
+    "device": device,
+    "host": platform.node(),
+    "config": {"arch": arch, "size": int(size), "batch": int(bs), "train_images": int(n_train)},
+    "wall_seconds": round(time.time() - int(started), 1),
+    "all_passed": all(s["status"] == "pass" for s in steps),
+    "steps": steps,
+}
+json.dump(report, open(target, "w"), indent=2)
+print(json.dumps(report, indent=2))
+PY
+rm -rf "$work"
