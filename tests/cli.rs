@@ -511,6 +511,35 @@ fn a_bundle_whose_files_disagree_is_refused_naming_the_file() {
 }
 
 #[test]
+fn resume_refuses_an_edited_config_naming_it() {
+    let work = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(trained_run().join("config.json")).unwrap();
+    for (key, value) in [
+        ("batch_size", Value::from(0)),
+        ("base_lr", Value::from(-1.0)),
+        ("metric_thresh", Value::from(3.0)),
+    ] {
+        let dir = work.path().join(key);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config: Value = serde_json::from_str(&text).unwrap();
+        config[key] = value;
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let stderr = fails(
+            &[
+                "train",
+                "--resume",
+                dir.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ],
+            work.path(),
+            &format!("{}/config.json: {key}", dir.display()),
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
 fn flag_errors_exit_1_and_a_negative_value_says_how_to_write_it() {
     let work = tempfile::tempdir().unwrap();
     let cwd = work.path();

@@ -201,6 +201,35 @@ impl TrainArgs {
     }
 }
 
+/// The checks [`TrainArgs::plan`] makes on flags, made again on a
+/// `config.json` read back for `--resume`, which may have been edited.
+fn check_saved_config(config: &TrainConfig, path: &Path) -> anyhow::Result<()> {
+    let problem = if config.batch_size == 0 {
+        Some("batch_size must be at least 1".to_string())
+    } else if !(1..=256).contains(&config.model.base_width) {
+        Some("model.base_width must be between 1 and 256".into())
+    } else if config.transform.size < 32 {
+        Some("transform.size must be at least 32".into())
+    } else if !(config.base_lr > 0.0 && config.base_lr.is_finite()) {
+        Some("base_lr must be a positive number".into())
+    } else if !(config.lr_mult >= 1.0 && config.lr_mult.is_finite()) {
+        Some("lr_mult must be at least 1".into())
+    } else if config.epochs == 0 && config.freeze_epochs == 0 {
+        Some("epochs and freeze_epochs are both 0".into())
+    } else if !(config.metric_thresh > 0.0 && config.metric_thresh < 1.0) {
+        Some("metric_thresh must be between 0 and 1".into())
+    } else {
+        config.transform.validate().err().map(|err| err.to_string())
+    };
+    match problem {
+        Some(problem) => bail!(
+            "{}: {problem}; the file was edited: restore it or start a new run",
+            path.display()
+        ),
+        None => Ok(()),
+    }
+}
+
 /// `--thresh` must be a probability strictly between 0 and 1.
 pub fn check_thresh(thresh: f32) -> anyhow::Result<()> {
     if !(thresh > 0.0 && thresh < 1.0) {
@@ -503,6 +532,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             let config: TrainConfig = run
                 .load_config()
                 .with_context(|| format!("reading the settings of {}", dir.display()))?;
+            check_saved_config(&config, &run.config_path())?;
             (config, run, true)
         }
         None => {
