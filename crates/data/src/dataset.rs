@@ -218,7 +218,8 @@ impl Dataset {
     }
 }
 
-/// One CSV row after parsing; `row` is 1-based, counting data rows only.
+/// One CSV row after parsing; `row` is 1-based, counting data rows and blank
+/// lines (so row `n` is line `n + 1` when no value spans lines).
 struct Row {
     row: usize,
     fname: String,
@@ -628,4 +629,28 @@ fn drop_bad_images(items: Vec<Item>, skipped: &mut Vec<SkippedImage>) -> Vec<Ite
         }
     }
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_error_keeps_only_its_first_line_shortened() {
+        // The shape of polars' message for a broken file: the rows it choked
+        // on, then Python-API hints, over many lines.
+        let rows = "x".repeat(500);
+        let message = format!(
+            "\n  could not parse `{rows}` as a row\n\n{rows}\n{rows}\n\
+             You might want to try:\n- increasing `infer_schema_length`\n\
+             - setting `ignore_errors` to `True`"
+        );
+        let err = csv_parse_error(Path::new("data/train.csv"), &message);
+        let text = err.to_string();
+        assert!(matches!(err, DataError::CsvParse { .. }), "{err:?}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.starts_with("data/train.csv: cannot parse"), "{text}");
+        assert!(text.len() < 250, "{text}");
+        assert!(!text.contains("infer_schema_length"), "{text}");
+    }
 }
