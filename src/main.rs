@@ -5,7 +5,8 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Multi-label image classification in pure Rust on candle: fine-tune an
 /// ImageNet ResNet on PASCAL VOC 2007 the way fastai's book (chapter 6) does.
@@ -37,7 +38,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return flag_error(&err),
+    };
     // Training allocates and frees gigabytes per step; keep that memory
     // mapped for the next step instead of page-faulting it in again.
     multilabel_resnet::cpu::keep_freed_memory();
@@ -61,4 +65,48 @@ fn main() -> ExitCode {
             ExitCode::from(cli::exit_code(&err))
         }
     }
+}
+
+/// Prints a flag-parse error and returns the exit status: 0 for `--help` and
+/// `--version`, else 1 like every other error (clap's own convention is 2).
+fn flag_error(err: &clap::Error) -> ExitCode {
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    let args: Vec<String> = std::env::args_os()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
+    match negative_value_hint(&args) {
+        Some(hint) => eprintln!("error: {hint}"),
+        None => {
+            let _ = err.print();
+        }
+    }
+    ExitCode::FAILURE
+}
+
+/// For `--flag -0.1`, which clap reads as a flag `-0` with `--flag` left
+/// without a value: a message that says how to pass a negative value.
+fn negative_value_hint(args: &[String]) -> Option<String> {
+    let command = Cli::command();
+    let subcommand = command.find_subcommand(args.get(1)?)?;
+    args.windows(2).skip(2).find_map(|pair| {
+        let (flag, value) = (&pair[0], &pair[1]);
+        let long = flag.strip_prefix("--")?;
+        if !value.starts_with('-') || value.parse::<f64>().is_err() {
+            return None;
+        }
+        let arg = subcommand
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(long))?;
+        arg.get_action().takes_values().then(|| {
+            format!(
+                "{flag} {value}: a value starting with `-` must be joined to its flag; write {flag}={value}"
+            )
+        })
+    })
 }

@@ -358,3 +358,367 @@ fn lr_find_prints_the_search_and_writes_a_plot() {
         "lr-find creates no run"
     );
 }
+
+/// A finished run of the quickest training (one frozen epoch), shared by the
+/// tests that damage copies of its bundle.
+fn trained_run() -> &'static Path {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("multilabel-e2e-run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let run = dir.join("run");
+        ok(
+            &train_flags(
+                dataset().to_str().unwrap(),
+                run.to_str().unwrap(),
+                &["--epochs", "0"],
+            ),
+            Path::new("."),
+        );
+        run
+    })
+}
+
+/// A copy of the trained run's bundle in `dir`, with `edit` applied to its
+/// `model.json`.
+fn damaged_bundle(dir: &Path, edit: impl Fn(&mut Value)) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for file in ["model.safetensors", "config.json"] {
+        std::fs::copy(trained_run().join(file), dir.join(file)).unwrap();
+    }
+    let text = std::fs::read_to_string(trained_run().join("model.json")).unwrap();
+    let mut meta: Value = serde_json::from_str(&text).unwrap();
+    edit(&mut meta);
+    std::fs::write(dir.join("model.json"), meta.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn a_bundle_whose_files_disagree_is_refused_naming_the_file() {
+    let work = tempfile::tempdir().unwrap();
+    let image = std::fs::read_dir(dataset().join("train"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let vocab = |meta: &mut Value| meta["vocab"].as_array_mut().unwrap().clone();
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str, &str)> = vec![
+        (
+            "vocab shorter than the head",
+            Box::new(|meta| {
+                meta["vocab"].as_array_mut().unwrap().pop();
+            }),
+            "model.json",
+            "lists 2 labels",
+        ),
+        (
+            "vocab longer than the head",
+            Box::new(|meta| {
+                meta["vocab"].as_array_mut().unwrap().push("zebra".into());
+            }),
+            "model.json",
+            "lists 4 labels",
+        ),
+        (
+            "model.json consistent, weights from another vocab",
+            Box::new(move |meta| {
+                let mut names = vocab(meta);
+                names.pop();
+                meta["vocab"] = Value::Array(names);
+                meta["model"]["head"]["n_classes"] = 2.into();
+            }),
+            "model.safetensors",
+            "the head has 3 outputs",
+        ),
+        (
+            "another architecture",
+            Box::new(|meta| {
+                meta["arch"] = "resnet34".into();
+                meta["model"]["arch"] = "resnet34".into();
+            }),
+            "model.safetensors",
+            "do not belong together",
+        ),
+        (
+            "another width",
+            Box::new(|meta| {
+                meta["base_width"] = 8.into();
+                meta["model"]["base_width"] = 8.into();
+            }),
+            "model.safetensors",
+            "do not belong together",
+        ),
+        (
+            "arch entries that disagree",
+            Box::new(|meta| {
+                meta["arch"] = "resnet50".into();
+            }),
+            "model.json",
+            "`arch`",
+        ),
+        (
+            "threshold out of range",
+            Box::new(|meta| {
+                meta["threshold"] = 7.0.into();
+            }),
+            "model.json",
+            "threshold",
+        ),
+        (
+            "image size zero",
+            Box::new(|meta| {
+                meta["image_size"] = 0.into();
+            }),
+            "model.json",
+            "image settings",
+        ),
+    ];
+    for (i, (case, edit, file, needle)) in cases.iter().enumerate() {
+        let bundle = damaged_bundle(&work.path().join(format!("b{i}")), edit);
+        let bundle = bundle.to_str().unwrap();
+        let predict = [
+            "predict",
+            "--run",
+            bundle,
+            "--device",
+            "cpu",
+            image.to_str().unwrap(),
+        ];
+        let eval = ["eval", "--run", bundle, "--device", "cpu", "--bs", "16"];
+        for args in [&predict[..], &eval[..]] {
+            let output = run(args, work.path());
+            assert_eq!(output.status.code(), Some(1), "{case}: {}", text(&output));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let first = stderr.lines().next().unwrap_or("");
+            assert!(
+                first.contains(&format!("{bundle}/{file}")) && first.contains(needle),
+                "{case}: {args:?}: the first line should name {file} and say `{needle}`:\n{stderr}"
+            );
+        }
+    }
+
+    // A weights file that is not safetensors at all.
+    let bundle = damaged_bundle(&work.path().join("garbage"), |_| {});
+    std::fs::write(bundle.join("model.safetensors"), b"not safetensors").unwrap();
+    let bundle = bundle.to_str().unwrap();
+    fails(
+        &["eval", "--run", bundle, "--device", "cpu"],
+        work.path(),
+        &format!("{bundle}/model.safetensors"),
+    );
+}
+
+#[test]
+fn resume_refuses_an_edited_config_naming_it() {
+    let work = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(trained_run().join("config.json")).unwrap();
+    for (key, value) in [
+        ("batch_size", Value::from(0)),
+        ("base_lr", Value::from(-1.0)),
+        ("metric_thresh", Value::from(3.0)),
+    ] {
+        let dir = work.path().join(key);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config: Value = serde_json::from_str(&text).unwrap();
+        config[key] = value;
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let stderr = fails(
+            &[
+                "train",
+                "--resume",
+                dir.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ],
+            work.path(),
+            &format!("{}/config.json: {key}", dir.display()),
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn flag_errors_exit_1_and_a_negative_value_says_how_to_write_it() {
+    let work = tempfile::tempdir().unwrap();
+    let cwd = work.path();
+    // A negative number after a space reads as a flag: say how to write it.
+    let stderr = fails(&["eval", "--thresh", "-0.1"], cwd, "--thresh=-0.1");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    fails(&["predict", "--thresh", "-2", "x.png"], cwd, "--thresh=-2");
+    fails(
+        &["train", "--base-lr", "-1e-3", "--data", "x"],
+        cwd,
+        "--base-lr=-1e-3",
+    );
+    // Written that way it reaches the range check.
+    fails(
+        &["eval", "--thresh=-0.1"],
+        cwd,
+        "--thresh must be between 0 and 1",
+    );
+    // A width that would only abort on allocation.
+    fails(
+        &["train", "--width", "100000", "--data", "x"],
+        cwd,
+        "--width",
+    );
+    // Other flag errors exit 1 as well (clap's own status is 2).
+    fails(&["train", "--no-such-flag"], cwd, "--no-such-flag");
+    fails(&["eval", "--bs", "many"], cwd, "many");
+    fails(&["no-such-command"], cwd, "no-such-command");
+    fails(&[], cwd, "Usage");
+    // Help and version are not errors.
+    for flag in ["--help", "--version"] {
+        let output = run(&[flag], cwd);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    }
+}
+
+#[test]
+fn train_refuses_a_folder_that_is_not_its_own_and_changes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let folder = work.path().join("mine");
+    std::fs::create_dir_all(&folder).unwrap();
+    let files = [
+        ("config.json", "{\"my\": \"settings\"}\n"),
+        ("history.csv", "date,amount\n2024-01-01,3\n"),
+        ("events.jsonl", "{\"party\": true}\n"),
+    ];
+    for (name, content) in files {
+        std::fs::write(folder.join(name), content).unwrap();
+    }
+    let stderr = fails(
+        &train_flags(dataset().to_str().unwrap(), folder.to_str().unwrap(), &[]),
+        work.path(),
+        folder.to_str().unwrap(),
+    );
+    assert!(stderr.contains("not empty"), "{stderr}");
+    for (name, content) in files {
+        assert_eq!(
+            std::fs::read_to_string(folder.join(name)).unwrap(),
+            content,
+            "{name} changed"
+        );
+    }
+    assert_eq!(std::fs::read_dir(&folder).unwrap().count(), files.len());
+    assert!(!work.path().join("latest").exists());
+
+    // Any other file is refused too, and so is a run that has a checkpoint.
+    let other = work.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "x").unwrap();
+    fails(
+        &train_flags(dataset().to_str().unwrap(), other.to_str().unwrap(), &[]),
+        work.path(),
+        "not empty",
+    );
+    fails(
+        &train_flags(
+            dataset().to_str().unwrap(),
+            trained_run().to_str().unwrap(),
+            &[],
+        ),
+        work.path(),
+        "already holds a run",
+    );
+}
+
+#[test]
+fn a_bad_image_stops_training_with_advice_that_exists_and_the_run_can_start_again() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(data.join("train")).unwrap();
+    std::fs::copy(dataset().join("train.csv"), data.join("train.csv")).unwrap();
+    for entry in std::fs::read_dir(dataset().join("train")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, data.join("train").join(path.file_name().unwrap())).unwrap();
+    }
+    let bad = data.join("train/000005.jpg");
+    let good = std::fs::read(&bad).unwrap();
+    std::fs::write(&bad, b"this is not a JPEG").unwrap();
+    let run_dir = work.path().join("run");
+    let flags = train_flags(
+        data.to_str().unwrap(),
+        run_dir.to_str().unwrap(),
+        &["--epochs", "0"],
+    );
+    let stderr = fails(&flags, work.path(), "000005.jpg");
+    assert!(!stderr.contains("skip_bad_images"), "{stderr}");
+    assert!(!stderr.contains("skip-bad-images"), "{stderr}");
+    assert!(
+        !run_dir.join("state.safetensors").exists(),
+        "the failure came before the first checkpoint"
+    );
+
+    // The folder the failed start left holds only our files: a new start
+    // in it is allowed and begins from nothing.
+    std::fs::write(&bad, good).unwrap();
+    let output = ok(&flags, work.path());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("starting it again"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(epoch_ends(&run_dir).len(), 1, "old events were kept");
+    let history = std::fs::read_to_string(run_dir.join("history.csv")).unwrap();
+    assert_eq!(history.lines().count(), 2, "{history}");
+}
+
+#[test]
+fn csv_errors_are_short_and_say_what_is_wrong_first() {
+    let work = tempfile::tempdir().unwrap();
+    let cwd = work.path();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(data.join("train")).unwrap();
+    let csv_path = data.join("train.csv");
+    let original = std::fs::read_to_string(dataset().join("train.csv")).unwrap();
+    for entry in std::fs::read_dir(dataset().join("train")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, data.join("train").join(path.file_name().unwrap())).unwrap();
+    }
+    let data_str = data.to_str().unwrap();
+    let mut lines: Vec<String> = original.lines().map(str::to_string).collect();
+    let train_csv = |lines: &[String]| {
+        std::fs::write(&csv_path, lines.join("\n") + "\n").unwrap();
+    };
+
+    // An unclosed quote on line 11: one short message naming the line.
+    let mut broken = lines.clone();
+    broken[10] = format!("\"{}", broken[10]);
+    train_csv(&broken);
+    let stderr = fails(&train_flags(data_str, "r1", &[]), cwd, "train.csv: line 11");
+    assert!(stderr.lines().count() <= 3, "{stderr}");
+    assert!(!stderr.contains(&lines[40]), "echoes the file:\n{stderr}");
+
+    // Every row in validation: the error says that, first.
+    let all_valid: Vec<String> = lines
+        .iter()
+        .map(|line| line.replace(",False", ",True"))
+        .collect();
+    train_csv(&all_valid);
+    let stderr = fails(&train_flags(data_str, "r2", &[]), cwd, "no training rows");
+    assert!(!stderr.contains("vocab"), "{stderr}");
+
+    // The same image twice.
+    let mut duplicate = lines.clone();
+    let first = duplicate[2].clone();
+    let name = first.split(',').next().unwrap().to_string();
+    duplicate.push(format!("{name},,True"));
+    train_csv(&duplicate);
+    let stderr = fails(&train_flags(data_str, "r3", &[]), cwd, &name);
+    assert!(stderr.contains("rows 2 and 145"), "{stderr}");
+
+    // Blank lines at the end are fine: training starts (and is cut short).
+    lines.extend(["".to_string(), String::new()]);
+    train_csv(&lines);
+    let stopped = run(
+        &train_flags(data_str, "r4", &["--stop-after-steps", "1"]),
+        cwd,
+    );
+    assert_eq!(stopped.status.code(), Some(130), "{}", text(&stopped));
+    for dir in ["r1", "r2", "r3"] {
+        assert!(!cwd.join(dir).exists(), "{dir} was left behind");
+    }
+}

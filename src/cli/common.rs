@@ -113,23 +113,47 @@ pub struct LoadedModel {
     pub _varmap: VarMap,
 }
 
-/// Builds the model described by the run's `model.json` and loads `model.safetensors`.
+/// Builds the model described by the run's `model.json` and loads
+/// `model.safetensors`, after checking that the two files agree with each
+/// other: an error names the file at fault.
 pub fn load_run_model(run: &RunDir, device: &Device) -> anyhow::Result<LoadedModel> {
-    let meta = run.load_model_meta().context("reading model.json")?;
-    let config: ResNetConfig = serde_json::from_value(meta.model.clone()).with_context(|| {
-        format!(
-            "{}: the `model` entry is not a model configuration",
-            run.model_meta_path().display()
-        )
-    })?;
+    let meta_path = run.model_meta_path();
+    let weights_path = run.model_weights_path();
+    let meta = run
+        .load_model_meta()
+        .with_context(|| format!("reading the model bundle of run {}", run.path().display()))?;
+    let config = check_model_meta(&meta, &meta_path)?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let model = ResNet::new(&config, vb, 0).context("building the model of the run")?;
+    let model = ResNet::new(&config, vb, 0)
+        .with_context(|| format!("{}: building the model it describes", meta_path.display()))?;
     let weights = run
         .load_model_weights(device)
-        .context("reading model.safetensors")?;
+        .with_context(|| format!("reading the model bundle of run {}", run.path().display()))?;
+    // Named for messages: the network model.json describes.
+    let described = format!(
+        "{} of width {} with {} outputs",
+        config.arch.name(),
+        config.base_width,
+        config.head.n_classes
+    );
+    let head_name = format!("head.{}.linear.weight", config.head.hidden.len());
+    if let Some(n_outputs) = weights.get(&head_name).and_then(|t| t.dims().first()) {
+        if *n_outputs != meta.vocab.len() {
+            bail!(
+                "{}: the head has {n_outputs} outputs but {} lists {} labels; the two files are \
+                 from different runs: copy the pair from one run",
+                weights_path.display(),
+                meta_path.display(),
+                meta.vocab.len()
+            );
+        }
+    }
     {
-        let data = varmap.data().lock().expect("VarMap lock poisoned");
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the model's variables are poisoned"))?;
         let mut missing = Vec::new();
         for (name, var) in data.iter() {
             match weights.get(name) {
@@ -138,27 +162,33 @@ pub fn load_run_model(run: &RunDir, device: &Device) -> anyhow::Result<LoadedMod
                         .with_context(|| format!("loading {name}"))?;
                 }
                 Some(tensor) => bail!(
-                    "{}: tensor {name} has shape {:?}, the model needs {:?}",
-                    run.model_weights_path().display(),
+                    "{}: tensor {name} has shape {:?} but the {described} that {} describes \
+                     needs {:?}; the two files do not belong together",
+                    weights_path.display(),
                     tensor.dims(),
+                    meta_path.display(),
                     var.dims()
                 ),
                 None => missing.push(name.clone()),
             }
         }
-        if !missing.is_empty() {
-            missing.sort();
-            bail!(
-                "{}: {} tensors missing, e.g. {}",
-                run.model_weights_path().display(),
-                missing.len(),
-                missing
-                    .iter()
-                    .take(5)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+        let mut unexpected: Vec<String> = weights
+            .keys()
+            .filter(|name| !data.contains_key(*name))
+            .cloned()
+            .collect();
+        for (what, names) in [("missing", &mut missing), ("unexpected", &mut unexpected)] {
+            if !names.is_empty() {
+                names.sort();
+                bail!(
+                    "{}: {} tensors {what} for the {described} that {} describes, e.g. {}; \
+                     the two files do not belong together",
+                    weights_path.display(),
+                    names.len(),
+                    meta_path.display(),
+                    names.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
         }
     }
     Ok(LoadedModel {
@@ -166,6 +196,44 @@ pub fn load_run_model(run: &RunDir, device: &Device) -> anyhow::Result<LoadedMod
         meta,
         _varmap: varmap,
     })
+}
+
+/// The model configuration in `model.json`, once its fields agree with each
+/// other: the `arch` and `base_width` entries with the `model` entry, the
+/// vocab with the head's outputs, and the image settings with what the
+/// transforms accept.
+fn check_model_meta(meta: &ModelMeta, meta_path: &Path) -> anyhow::Result<ResNetConfig> {
+    let path = meta_path.display();
+    let config: ResNetConfig = serde_json::from_value(meta.model.clone())
+        .with_context(|| format!("{path}: the `model` entry is not a model configuration"))?;
+    if meta.arch != config.arch.name() || meta.base_width != config.base_width {
+        bail!(
+            "{path}: `arch` and `base_width` say {} of width {} but the `model` entry says {} of \
+             width {}; the file was edited: make them agree",
+            meta.arch,
+            meta.base_width,
+            config.arch.name(),
+            config.base_width
+        );
+    }
+    if meta.vocab.len() != config.head.n_classes {
+        bail!(
+            "{path}: the vocab lists {} labels but the `model` entry's head has {} outputs; \
+             the file was edited: make them agree",
+            meta.vocab.len(),
+            config.head.n_classes
+        );
+    }
+    if !(meta.threshold > 0.0 && meta.threshold < 1.0) {
+        bail!(
+            "{path}: `threshold` must be between 0 and 1, got {}",
+            meta.threshold
+        );
+    }
+    run_transform(meta)
+        .validate()
+        .with_context(|| format!("{path}: the image settings are not usable"))?;
+    Ok(config)
 }
 
 /// The transform a run was trained with.

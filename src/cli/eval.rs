@@ -82,8 +82,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         args.bs,
         &device,
     );
-    let preds = multilabel_train::predict(&loaded.model, &loader, None, &mut |_, _| {})?;
-    let report = EvalReport::compute(&preds, &meta.vocab, thresh, &default_thresholds())?;
+    let preds = multilabel_train::predict(&loaded.model, &loader, None, &mut |_, _| {})
+        .with_context(|| format!("evaluating run {}", run.path().display()))?;
+    let report = EvalReport::compute(&preds, &meta.vocab, thresh, &default_thresholds())
+        .with_context(|| format!("evaluating run {}", run.path().display()))?;
     print!("{}", report.render());
 
     let json_path = args.json.unwrap_or_else(|| run.path().join("eval.json"));
@@ -140,16 +142,16 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         let probs =
             candle_nn::ops::sigmoid(&loaded.model.forward_infer(&batch)?)?.to_vec2::<f32>()?;
         for (path, row) in paths.iter().zip(probs) {
-            let mut found: Vec<(usize, f32)> = row
+            let mut found: Vec<(&String, f32)> = meta
+                .vocab
                 .iter()
-                .copied()
-                .enumerate()
+                .zip(row.iter().copied())
                 .filter(|&(_, p)| p > thresh)
                 .collect();
             found.sort_by(|a, b| b.1.total_cmp(&a.1));
             let labels: Vec<String> = found
                 .iter()
-                .map(|&(j, p)| format!("{} {p:.3}", meta.vocab[j]))
+                .map(|&(name, p)| format!("{name} {p:.3}"))
                 .collect();
             let shown = if labels.is_empty() {
                 "(no label above the threshold)".to_string()

@@ -134,8 +134,12 @@ impl TrainArgs {
             .arch
             .parse()
             .map_err(|e| anyhow::anyhow!("--arch {}: {e}", self.arch))?;
-        if self.width == 0 {
-            bail!("--width must be at least 1");
+        // Far wider networks than ImageNet's 64 only abort on allocation.
+        if !(1..=256).contains(&self.width) {
+            bail!(
+                "--width must be between 1 and 256 (64 is the ImageNet networks' width), got {}",
+                self.width
+            );
         }
         check_thresh(self.thresh)?;
         if self.bs == 0 {
@@ -209,6 +213,35 @@ impl TrainArgs {
             metric_thresh: self.thresh,
             seed: self.seed,
         })
+    }
+}
+
+/// The checks [`TrainArgs::plan`] makes on flags, made again on a
+/// `config.json` read back for `--resume`, which may have been edited.
+fn check_saved_config(config: &TrainConfig, path: &Path) -> anyhow::Result<()> {
+    let problem = if config.batch_size == 0 {
+        Some("batch_size must be at least 1".to_string())
+    } else if !(1..=256).contains(&config.model.base_width) {
+        Some("model.base_width must be between 1 and 256".into())
+    } else if config.transform.size < 32 {
+        Some("transform.size must be at least 32".into())
+    } else if !(config.base_lr > 0.0 && config.base_lr.is_finite()) {
+        Some("base_lr must be a positive number".into())
+    } else if !(config.lr_mult >= 1.0 && config.lr_mult.is_finite()) {
+        Some("lr_mult must be at least 1".into())
+    } else if config.epochs == 0 && config.freeze_epochs == 0 {
+        Some("epochs and freeze_epochs are both 0".into())
+    } else if !(config.metric_thresh > 0.0 && config.metric_thresh < 1.0) {
+        Some("metric_thresh must be between 0 and 1".into())
+    } else {
+        config.transform.validate().err().map(|err| err.to_string())
+    };
+    match problem {
+        Some(problem) => bail!(
+            "{}: {problem}; the file was edited: restore it or start a new run",
+            path.display()
+        ),
+        None => Ok(()),
     }
 }
 
@@ -448,6 +481,63 @@ impl Drop for NewRunGuard {
     }
 }
 
+/// The files a run holds before its first checkpoint, all written by `train`.
+const EARLY_RUN_FILES: [&str; 3] = ["config.json", "history.csv", "events.jsonl"];
+
+/// Checks that a new run may start in `path`: a folder that does not exist,
+/// an empty one, or one where an earlier `train` stopped before its first
+/// checkpoint (its files are then removed, to start again). Any other folder
+/// may hold the user's own files, which training would overwrite, so it is
+/// refused before anything in it changes.
+fn check_new_run_folder(path: &Path) -> anyhow::Result<()> {
+    if path.join("model.json").exists() || path.join("state.safetensors").exists() {
+        bail!(
+            "{} already holds a run; pick another --run, or continue it with --resume",
+            path.display()
+        );
+    }
+    if !path.exists() {
+        return Ok(());
+    }
+    if !path.is_dir() {
+        bail!(
+            "--run {}: exists and is not a folder; pick another --run",
+            path.display()
+        );
+    }
+    let names = std::fs::read_dir(path)
+        .and_then(|entries| {
+            entries
+                .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .with_context(|| format!("--run {}: cannot list the folder", path.display()))?;
+    if names.is_empty() {
+        return Ok(());
+    }
+    // Atomic writes leave `.NAME.tmp-PID` behind only when killed mid-write.
+    let ours = |name: &str| EARLY_RUN_FILES.contains(&name) || name.contains(".tmp-");
+    let our_config = std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .is_some_and(|text| serde_json::from_str::<TrainConfig>(&text).is_ok());
+    if !(our_config && names.iter().all(|name| ours(name))) {
+        bail!(
+            "--run {}: the folder exists and is not empty, and is not a run of ours; \
+             pick a new or empty folder (nothing in it was changed)",
+            path.display()
+        );
+    }
+    eprintln!(
+        "{} holds a run that stopped before its first checkpoint; starting it again",
+        path.display()
+    );
+    for name in &names {
+        let file = path.join(name);
+        std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+    }
+    Ok(())
+}
+
 /// `multilabel train`.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let resuming = args.resume.is_some();
@@ -458,6 +548,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             let config: TrainConfig = run
                 .load_config()
                 .with_context(|| format!("reading the settings of {}", dir.display()))?;
+            check_saved_config(&config, &run.config_path())?;
             (config, run, true)
         }
         None => {
@@ -466,12 +557,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 .run
                 .clone()
                 .unwrap_or_else(|| new_run_path(config.model.arch.name()));
-            if path.join("model.json").exists() || path.join("state.safetensors").exists() {
-                bail!(
-                    "{} already holds a run; pick another --run, or continue it with --resume",
-                    path.display()
-                );
-            }
+            check_new_run_folder(&path)?;
             let existed = path.exists();
             new_parent = path
                 .parent()

@@ -123,7 +123,9 @@ pub struct Dataset {
 impl Dataset {
     /// Reads the CSV, checks that every image exists, builds the vocab and
     /// splits the rows. Every problem found in the CSV is reported before
-    /// any image is decoded.
+    /// any image is decoded. Blank lines are skipped (as pandas does); a file
+    /// name listed twice is an error naming both rows, as is a split that
+    /// leaves no training row.
     pub fn load(cfg: &DatasetConfig) -> Result<Dataset, DataError> {
         let csv = cfg.csv_path();
         let rows = read_rows(cfg, &csv)?;
@@ -131,6 +133,9 @@ impl Dataset {
         check_files_exist(&image_dir, &rows)?;
 
         let is_valid = split_rows(cfg, &csv, &rows)?;
+        if is_valid.iter().all(|&valid| valid) {
+            return Err(no_training_rows(cfg, &csv, rows.len()));
+        }
         let vocab: Vec<String> = rows
             .iter()
             .zip(&is_valid)
@@ -157,7 +162,7 @@ impl Dataset {
                             path: csv.clone(),
                             row: row.row,
                             column: cfg.labels_col.clone(),
-                            label: label.clone(),
+                            label: shorten(label, EXCERPT_CHARS),
                         });
                     }
                 }
@@ -213,7 +218,8 @@ impl Dataset {
     }
 }
 
-/// One CSV row after parsing; `row` is 1-based, counting data rows only.
+/// One CSV row after parsing; `row` is 1-based, counting data rows and blank
+/// lines (so row `n` is line `n + 1` when no value spans lines).
 struct Row {
     row: usize,
     fname: String,
@@ -222,7 +228,7 @@ struct Row {
 }
 
 fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
-    let meta = std::fs::metadata(csv).map_err(|source| {
+    let bytes = std::fs::read(csv).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             DataError::CsvMissing {
                 path: csv.to_path_buf(),
@@ -231,9 +237,19 @@ fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
             DataError::io(csv, source)
         }
     })?;
-    if meta.len() == 0 {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(DataError::EmptyCsv {
             path: csv.to_path_buf(),
+        });
+    }
+    // Syntax is checked here first, as pandas would, so that an error names
+    // the line at fault instead of quoting the rest of the file.
+    if let Some(problem) = find_csv_problem(&bytes) {
+        return Err(DataError::CsvSyntax {
+            path: csv.to_path_buf(),
+            line: problem.line,
+            problem: problem.problem,
+            excerpt: shorten(&line_text(&bytes, problem.line), EXCERPT_CHARS),
         });
     }
     // Every column is read as text (schema inference off) so that `is_valid`
@@ -244,10 +260,7 @@ fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
         .with_infer_schema_length(Some(0))
         .try_into_reader_with_file_path(Some(csv.to_path_buf()))
         .and_then(|reader| reader.finish())
-        .map_err(|err| DataError::CsvParse {
-            path: csv.to_path_buf(),
-            message: err.to_string(),
-        })?;
+        .map_err(|err| csv_parse_error(csv, &err.to_string()))?;
     if frame.height() == 0 {
         return Err(DataError::EmptyCsv {
             path: csv.to_path_buf(),
@@ -265,10 +278,9 @@ fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
             column: name.to_string(),
             found: found.clone(),
         })?;
-        let text = col.str().map_err(|err| DataError::CsvParse {
-            path: csv.to_path_buf(),
-            message: err.to_string(),
-        })?;
+        let text = col
+            .str()
+            .map_err(|err| csv_parse_error(csv, &err.to_string()))?;
         Ok(text.iter().map(|v| v.map(str::to_string)).collect())
     };
     let fnames = column(&cfg.fname_col)?;
@@ -281,9 +293,19 @@ fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
         return Err(DataError::Config("label_delim must not be empty".into()));
     }
 
+    let blank = blank_rows(&frame, csv)?;
     let mut rows = Vec::with_capacity(fnames.len());
-    for (i, (fname, labels)) in fnames.into_iter().zip(labels).enumerate() {
+    // The first row of each file name, to refuse contradictory duplicates.
+    let mut first_rows: HashMap<PathBuf, usize> = HashMap::new();
+    let cells = fnames.into_iter().zip(labels).zip(blank);
+    for (i, ((fname, labels), blank)) in cells.enumerate() {
         let row = i + 1;
+        // Blank lines (often left at the end by hand edits) are skipped, as
+        // pandas and fastai do; row numbers still count them, so row `n` stays
+        // line `n + 1` of the file.
+        if blank {
+            continue;
+        }
         let fname = fname.unwrap_or_default().trim().to_string();
         if fname.is_empty() {
             return Err(DataError::EmptyFileName {
@@ -297,9 +319,22 @@ fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
                 path: csv.to_path_buf(),
                 row,
                 column: cfg.fname_col.clone(),
-                name: fname,
+                name: shorten(&fname, EXCERPT_CHARS),
             });
         }
+        let key: PathBuf = Path::new(&fname)
+            .components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .collect();
+        if let Some(&first_row) = first_rows.get(&key) {
+            return Err(DataError::DuplicateFileName {
+                path: csv.to_path_buf(),
+                name: shorten(&fname, EXCERPT_CHARS),
+                first_row,
+                row,
+            });
+        }
+        first_rows.insert(key, row);
         // An empty labels cell is an image with no object: an all-zero
         // target, as in fastai.
         let labels = labels
@@ -309,7 +344,9 @@ fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
             .filter(|l| !l.is_empty())
             .map(str::to_string)
             .collect();
-        let flag = flags.as_ref().map(|f| f[i].clone().unwrap_or_default());
+        let flag = flags
+            .as_ref()
+            .map(|f| f.get(i).cloned().flatten().unwrap_or_default());
         rows.push(Row {
             row,
             fname,
@@ -317,7 +354,180 @@ fn read_rows(cfg: &DatasetConfig, csv: &Path) -> Result<Vec<Row>, DataError> {
             flag,
         });
     }
+    if rows.is_empty() {
+        return Err(DataError::EmptyCsv {
+            path: csv.to_path_buf(),
+        });
+    }
     Ok(rows)
+}
+
+/// `true` for each row whose cells are all missing or whitespace: a blank line.
+fn blank_rows(frame: &DataFrame, csv: &Path) -> Result<Vec<bool>, DataError> {
+    let mut blank = vec![true; frame.height()];
+    for column in frame.columns() {
+        let text = column
+            .str()
+            .map_err(|err| csv_parse_error(csv, &err.to_string()))?;
+        for (is_blank, value) in blank.iter_mut().zip(text.iter()) {
+            *is_blank &= value.is_none_or(|v| v.trim().is_empty());
+        }
+    }
+    Ok(blank)
+}
+
+/// The error for a file every row of which is a validation row.
+fn no_training_rows(cfg: &DatasetConfig, csv: &Path, n_rows: usize) -> DataError {
+    let reason = match &cfg.split {
+        SplitConfig::Column(name) => format!(
+            "column `{name}` is true on all {n_rows} rows; set it to False on the rows to train on"
+        ),
+        SplitConfig::Random { valid_pct, .. } => format!(
+            "valid_pct {valid_pct} of {n_rows} rows leaves none for training; lower it or add rows"
+        ),
+    };
+    DataError::NoTrainingRows {
+        path: csv.to_path_buf(),
+        reason,
+    }
+}
+
+/// A short error for a CSV the reader refused although [`find_csv_problem`]
+/// found nothing: the first line of the reader's message, shortened. The
+/// whole message can run to hundreds of lines (it quotes the rest of the
+/// file and gives Python-API hints).
+fn csv_parse_error(csv: &Path, reader_message: &str) -> DataError {
+    let first_line = reader_message
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or("unknown error");
+    DataError::CsvParse {
+        path: csv.to_path_buf(),
+        message: shorten(first_line, EXCERPT_CHARS),
+    }
+}
+
+/// The most characters of a CSV line an error message shows.
+const EXCERPT_CHARS: usize = 60;
+
+/// A syntax problem found by [`find_csv_problem`], on a 1-based line.
+#[derive(Debug, PartialEq)]
+struct CsvProblem {
+    line: usize,
+    problem: String,
+}
+
+/// Scans comma-separated `bytes` (RFC 4180 quoting) for the first problem a
+/// CSV reader stops at: a line that is not UTF-8, a record with more fields
+/// than the header, or a quote that is never closed.
+fn find_csv_problem(bytes: &[u8]) -> Option<CsvProblem> {
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if std::str::from_utf8(line).is_err() {
+            return Some(CsvProblem {
+                line: i + 1,
+                problem: "the text is not UTF-8; save the file as UTF-8".into(),
+            });
+        }
+    }
+    let mut line = 1;
+    let mut record_line = 1;
+    let mut fields = 1;
+    let mut record_empty = true;
+    let mut header_fields = None;
+    let mut in_quotes = false;
+    let mut quote_line = 0;
+    let mut field_start = true;
+    let mut at = 0;
+    while at < bytes.len() {
+        let byte = bytes[at];
+        at += 1;
+        if in_quotes {
+            match byte {
+                b'"' if bytes.get(at) == Some(&b'"') => at += 1,
+                b'"' => in_quotes = false,
+                b'\n' => line += 1,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' if field_start => {
+                in_quotes = true;
+                quote_line = line;
+                record_empty = false;
+            }
+            b',' => {
+                fields += 1;
+                record_empty = false;
+                field_start = true;
+                continue;
+            }
+            b'\n' => {
+                if !record_empty {
+                    match header_fields {
+                        None => header_fields = Some(fields),
+                        Some(expected) if fields > expected => {
+                            return Some(too_many_fields(record_line, fields, expected));
+                        }
+                        Some(_) => {}
+                    }
+                }
+                line += 1;
+                record_line = line;
+                fields = 1;
+                record_empty = true;
+                field_start = true;
+                continue;
+            }
+            b'\r' => {}
+            _ => record_empty = false,
+        }
+        field_start = false;
+    }
+    if in_quotes {
+        return Some(CsvProblem {
+            line: quote_line,
+            problem: "a double quote opens a value that is never closed; \
+                      close it, or write a literal quote as two (\"\")"
+                .into(),
+        });
+    }
+    match header_fields {
+        Some(expected) if !record_empty && fields > expected => {
+            Some(too_many_fields(record_line, fields, expected))
+        }
+        _ => None,
+    }
+}
+
+fn too_many_fields(line: usize, fields: usize, expected: usize) -> CsvProblem {
+    CsvProblem {
+        line,
+        problem: format!(
+            "{fields} fields where the header has {expected}; \
+             put double quotes around values that contain commas"
+        ),
+    }
+}
+
+/// Line `line` (1-based) of `bytes` as text, without its line ending.
+fn line_text(bytes: &[u8], line: usize) -> String {
+    let text = bytes
+        .split(|&b| b == b'\n')
+        .nth(line.saturating_sub(1))
+        .unwrap_or_default();
+    String::from_utf8_lossy(text).trim_end().to_string()
+}
+
+/// At most `max` characters of `text`, with `...` when cut.
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut short: String = text.chars().take(max).collect();
+    short.push_str("...");
+    short
 }
 
 /// True for a non-empty relative path without `..`, root or drive prefix.
@@ -364,7 +574,7 @@ fn split_rows(cfg: &DatasetConfig, csv: &Path, rows: &[Row]) -> Result<Vec<bool>
                     path: csv.to_path_buf(),
                     row: row.row,
                     column: name.clone(),
-                    value: value.to_string(),
+                    value: shorten(value, EXCERPT_CHARS),
                 })
             })
             .collect(),
@@ -419,4 +629,28 @@ fn drop_bad_images(items: Vec<Item>, skipped: &mut Vec<SkippedImage>) -> Vec<Ite
         }
     }
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_error_keeps_only_its_first_line_shortened() {
+        // The shape of polars' message for a broken file: the rows it choked
+        // on, then Python-API hints, over many lines.
+        let rows = "x".repeat(500);
+        let message = format!(
+            "\n  could not parse `{rows}` as a row\n\n{rows}\n{rows}\n\
+             You might want to try:\n- increasing `infer_schema_length`\n\
+             - setting `ignore_errors` to `True`"
+        );
+        let err = csv_parse_error(Path::new("data/train.csv"), &message);
+        let text = err.to_string();
+        assert!(matches!(err, DataError::CsvParse { .. }), "{err:?}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.starts_with("data/train.csv: cannot parse"), "{text}");
+        assert!(text.len() < 250, "{text}");
+        assert!(!text.contains("infer_schema_length"), "{text}");
+    }
 }

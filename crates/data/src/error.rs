@@ -21,8 +21,21 @@ pub enum DataError {
     #[error("{path}: the CSV file has no rows; it needs a header and at least one row")]
     EmptyCsv { path: PathBuf },
 
-    #[error("{path}: cannot parse the CSV file ({message})")]
+    /// The CSV reader failed and no line could be blamed; `message` is the
+    /// first line of the reader's error, shortened.
+    #[error(
+        "{path}: cannot parse the CSV file ({message}); it must be comma-separated UTF-8 text with a header row"
+    )]
     CsvParse { path: PathBuf, message: String },
+
+    /// A CSV syntax error on a known line; `excerpt` is that line, shortened.
+    #[error("{path}: line {line}: {problem} (the line reads `{excerpt}`)")]
+    CsvSyntax {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+        excerpt: String,
+    },
 
     #[error(
         "{path}: column `{column}` is missing (columns found: {found}); rename it or configure the column name"
@@ -43,7 +56,9 @@ pub enum DataError {
         value: String,
     },
 
-    #[error("{path}: row {row}, column `{column}`: the file name is empty")]
+    #[error(
+        "{path}: row {row}, column `{column}`: the file name is empty; fill it in or delete the row"
+    )]
     EmptyFileName {
         path: PathBuf,
         row: usize,
@@ -68,7 +83,17 @@ pub enum DataError {
     },
 
     #[error(
-        "{path}: row {row}, column `{column}`: validation label `{label}` does not occur in the training rows; fix the label or build the vocab from all rows"
+        "{path}: rows {first_row} and {row} both list `{name}`; keep one row per image, with all its labels"
+    )]
+    DuplicateFileName {
+        path: PathBuf,
+        name: String,
+        first_row: usize,
+        row: usize,
+    },
+
+    #[error(
+        "{path}: row {row}, column `{column}`: validation label `{label}` does not occur in the training rows; fix the label or add a training row that has it"
     )]
     UnknownLabel {
         path: PathBuf,
@@ -77,7 +102,13 @@ pub enum DataError {
         label: String,
     },
 
-    #[error("{path}: the {split} split is empty; check the split column or valid_pct")]
+    /// Every row went to validation: `reason` says why, and what to change.
+    #[error("{path}: no training rows: {reason}")]
+    NoTrainingRows { path: PathBuf, reason: String },
+
+    #[error(
+        "{path}: every image of the {split} split was unreadable and skipped; replace the files"
+    )]
     EmptySplit { path: PathBuf, split: &'static str },
 
     #[error("invalid configuration: {0}")]
@@ -86,9 +117,7 @@ pub enum DataError {
     #[error("{path}: the image file is empty")]
     EmptyImage { path: PathBuf },
 
-    #[error(
-        "{path}: cannot decode the image ({message}); replace the file or enable skip_bad_images"
-    )]
+    #[error("{path}: cannot decode the image ({message}); replace or remove the file")]
     Decode { path: PathBuf, message: String },
 
     #[error("{path}: the image is too large to decode safely ({message})")]

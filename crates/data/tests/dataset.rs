@@ -227,3 +227,165 @@ fn config_round_trips_through_json() {
     let back: DatasetConfig = serde_json::from_str(&json).unwrap();
     assert_eq!(back, cfg);
 }
+
+/// A long CSV of `n` rows naming `000001.png`...; `edit` may change any
+/// line (0 is the header) before it is written.
+fn long_csv(n: usize, edit: impl Fn(usize, String) -> String) -> String {
+    let mut csv = edit(0, "fname,labels,is_valid".into());
+    csv.push('\n');
+    for i in 1..=n {
+        let valid = if i % 5 == 0 { "True" } else { "False" };
+        csv.push_str(&edit(i, format!("{i:06}.png,dog cat,{valid}")));
+        csv.push('\n');
+    }
+    csv
+}
+
+/// The checks every CSV syntax error must pass: short, names the file and
+/// the line, quotes no other row, and has no Python-API hints.
+fn assert_short_csv_error(err: &DataError, line: usize, other_row: &str) -> String {
+    let message = err.to_string();
+    assert!(
+        matches!(err, DataError::CsvSyntax { line: l, .. } if *l == line),
+        "{err:?}"
+    );
+    assert!(message.lines().count() <= 2, "{message}");
+    assert!(message.len() < 400, "{} chars: {message}", message.len());
+    assert!(message.contains("train.csv"), "{message}");
+    assert!(message.contains(&format!("line {line}")), "{message}");
+    assert!(
+        !message.contains(other_row),
+        "echoes another row: {message}"
+    );
+    for hint in ["infer_schema_length", "ignore_errors", "=True"] {
+        assert!(!message.contains(hint), "python hint: {message}");
+    }
+    message
+}
+
+#[test]
+fn unclosed_quote_names_its_line_in_one_short_message() {
+    // Line 51 (row 50) opens a quote that never closes, in each column.
+    for (column, broken) in [
+        (0, "\"000050.png,dog,False"),
+        (1, "000050.png,\"dog cat,False"),
+        (2, "000050.png,dog,\"False"),
+    ] {
+        // Syntax is checked before any image, so none are needed.
+        let csv = long_csv(300, |i, line| if i == 50 { broken.into() } else { line });
+        let err = load(&csv, &[]).unwrap_err();
+        let message = assert_short_csv_error(&err, 51, "000299.png");
+        assert!(message.contains("quote"), "column {column}: {message}");
+    }
+}
+
+#[test]
+fn extra_fields_and_bad_encoding_name_their_line() {
+    let csv = long_csv(300, |i, line| {
+        if i == 7 {
+            "000007.png,dog,cat,False".into()
+        } else {
+            line
+        }
+    });
+    let err = load(&csv, &[]).unwrap_err();
+    let message = assert_short_csv_error(&err, 8, "000299.png");
+    assert!(
+        message.contains("4 fields") && message.contains("3"),
+        "{message}"
+    );
+
+    // Latin-1 bytes in a UTF-8 file.
+    let dir = tempfile::tempdir().unwrap();
+    make_dataset(dir.path(), CSV, IMAGES);
+    let mut bytes = CSV.as_bytes().to_vec();
+    bytes.extend_from_slice(b"caf\xe9.png,x,False\n");
+    std::fs::write(dir.path().join("train.csv"), bytes).unwrap();
+    let err = Dataset::load(&DatasetConfig::new(dir.path())).unwrap_err();
+    let message = assert_short_csv_error(&err, 7, "zzz");
+    assert!(message.contains("UTF-8"), "{message}");
+}
+
+#[test]
+fn a_huge_bad_value_is_shortened_in_the_message() {
+    let junk = "x".repeat(5000);
+    let csv = format!("fname,labels,is_valid\na.png,x,False\nb.png,x,{junk}\n");
+    let err = load(&csv, IMAGES).unwrap_err();
+    assert!(matches!(err, DataError::BadBool { row: 2, .. }), "{err:?}");
+    assert!(err.to_string().len() < 300, "{err}");
+}
+
+#[test]
+fn blank_lines_are_skipped_like_pandas() {
+    // Blank lines in the middle, at the end (as hand edits leave them), with
+    // spaces and with CRLF endings.
+    let csv = "fname,labels,is_valid\n\
+               a.png,dog cat,False\n\
+               \n\
+               b.png,,False\n\
+               c.png,person,False\r\n\
+               \r\n\
+               d.png,cat,True\n\
+               e.png,dog person,True\n\
+               \n   \n\n";
+    let data = load(csv, IMAGES).unwrap();
+    assert_eq!(data.train().len(), 3);
+    assert_eq!(data.valid().len(), 2);
+    assert_eq!(data.vocab(), ["cat", "dog", "person"]);
+    // Row numbers still count the blank lines, so they match the file's lines.
+    let csv = "fname,labels,is_valid\na.png,x,False\n\nb.png,x,maybe\n\n";
+    let err = load(csv, IMAGES).unwrap_err();
+    assert!(matches!(err, DataError::BadBool { row: 3, .. }), "{err:?}");
+    // Only blank lines after the header: no rows.
+    let err = load("fname,labels,is_valid\n\n\n", IMAGES).unwrap_err();
+    assert!(matches!(err, DataError::EmptyCsv { .. }), "{err:?}");
+}
+
+#[test]
+fn all_rows_in_validation_says_there_are_no_training_rows() {
+    let csv = "fname,labels,is_valid\na.png,cat,True\nb.png,dog,True\n";
+    let err = load(csv, IMAGES).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, DataError::NoTrainingRows { .. }), "{err:?}");
+    assert!(
+        message.contains("no training rows") && message.contains("is_valid"),
+        "{message}"
+    );
+    assert!(!message.contains("vocab"), "{message}");
+}
+
+#[test]
+fn duplicate_file_names_are_refused_with_both_rows() {
+    // The same image in training and in validation, with other labels.
+    for second in ["a.png", "./a.png", " a.png"] {
+        let csv =
+            format!("fname,labels,is_valid\na.png,dog,False\nb.png,cat,False\n{second},cat,True\n");
+        let err = load(&csv, IMAGES).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                DataError::DuplicateFileName {
+                    first_row: 1,
+                    row: 3,
+                    ..
+                }
+            ),
+            "{second}: {err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("rows 1 and 3") && message.contains("a.png"),
+            "{message}"
+        );
+    }
+    // Names that differ only in folder are different files.
+    let dir = tempfile::tempdir().unwrap();
+    common::write_png(&dir.path().join("train/x/a.png"), 8, 8, 0);
+    common::write_png(&dir.path().join("train/a.png"), 8, 8, 1);
+    std::fs::write(
+        dir.path().join("train.csv"),
+        "fname,labels,is_valid\na.png,x,False\nx/a.png,x,True\n",
+    )
+    .unwrap();
+    assert!(Dataset::load(&DatasetConfig::new(dir.path())).is_ok());
+}
