@@ -99,6 +99,8 @@ PY
     export LD_LIBRARY_PATH=${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+    # The CUDA wheels there (their versions decide which symbols resolve).
+    python3 -m pip list 2>/dev/null | grep -iE '^(torch|nvidia-(cudnn|cublas|cuda-runtime|cuda-nvrtc|curand))' | tee "$out/wheels.txt"
     # Which libraries the binary resolves, and whether any is missing.
     ldd "$multilabel" | grep -E 'cuda|cublas|curand|nvrtc|cudnn|not found' | tee "$out/ldd.txt"
 fi
