@@ -30,7 +30,12 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
                 }
             }
             if candle_core::utils::metal_is_available() {
-                return Device::new_metal(0).context("starting the Metal device");
+                return Device::new_metal(0).map_err(|err| {
+                    anyhow::anyhow!(
+                        "starting the Metal device: {}",
+                        first_line(&err.to_string())
+                    )
+                });
             }
             Ok(Device::Cpu)
         }
@@ -41,7 +46,12 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
                     "--device metal: this build has no Metal support; rebuild with `--features metal` (MULTILABEL_FEATURES=metal just ...)"
                 )
             }
-            Device::new_metal(0).context("starting the Metal device")
+            Device::new_metal(0).map_err(|err| {
+                anyhow::anyhow!(
+                    "starting the Metal device: {}",
+                    first_line(&err.to_string())
+                )
+            })
         }
         _ => {
             let Some(rest) = spec.strip_prefix("cuda") else {
@@ -59,7 +69,14 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
                     "--device {spec}: this build has no CUDA support; rebuild with `--features cuda` (MULTILABEL_FEATURES=cuda just ...)"
                 )
             }
-            Device::new_cuda(ordinal).with_context(|| format!("starting CUDA device {ordinal}"))
+            // candle's error carries a backtrace when RUST_BACKTRACE is set:
+            // keep its first line.
+            Device::new_cuda(ordinal).map_err(|err| {
+                anyhow::anyhow!(
+                    "--device {spec}: CUDA device {ordinal} cannot start ({}); check the GPU and driver with nvidia-smi, or use --device cpu",
+                    first_line(&err.to_string())
+                )
+            })
         }
     }
 }
