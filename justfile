@@ -14,34 +14,42 @@ default:
     @just --list
 
 # fine-tune ResNet-50 on PASCAL 2007 with fastai's chapter-6 recipe
+[no-exit-message]
 train *ARGS:
     {{run}} train {{ARGS}}
 
 # evaluate the latest run (or --run DIR) at a threshold, e.g. --thresh 0.48
+[no-exit-message]
 eval *ARGS:
     {{run}} eval {{ARGS}}
 
 # print the labels the latest run predicts for images
+[no-exit-message]
 predict *ARGS:
     {{run}} predict {{ARGS}}
 
 # fastai's learning-rate finder
+[no-exit-message]
 lr-find *ARGS:
     {{run}} lr-find {{ARGS}}
 
 # offline demo: synthetic data, narrow ResNet from scratch, CPU, a few minutes
+[no-exit-message]
 demo *ARGS:
     {{run}} demo {{ARGS}}
 
 # write a synthetic PASCAL-layout dataset
+[no-exit-message]
 synth *ARGS:
     {{run}} synth {{ARGS}}
 
 # draw a batch as a PNG grid with labels, e.g. --data DIR --out batch.png
+[no-exit-message]
 show-batch *ARGS:
     {{run}} show-batch {{ARGS}}
 
 # download and verify PASCAL 2007 into data/
+[no-exit-message]
 download *ARGS:
     {{run}} download {{ARGS}}
 
@@ -49,8 +57,8 @@ download *ARGS:
 test:
     cargo test --workspace
 
-# compile-check both CUDA builds (`cuda`, `cudnn`) on any Linux x86-64 machine: pinned
-# CUDA 13.0 toolkit from PyPI into .venv-cuda, CUDA_COMPUTE_CAP=90; no GPU or driver needed
+# (The pinned CUDA 13.0 toolkit comes from PyPI into .venv-cuda; CUDA_COMPUTE_CAP=90.)
+# compile-check the CUDA builds (cuda, cudnn) without a GPU or driver, as CI does
 check-cuda:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -61,8 +69,9 @@ check-cuda:
         echo "check-cuda: --features $feature checked in $((SECONDS - start)) s"
     done
 
-# release build with cuDNN for H100/H200 (sm_90; set CUDA_COMPUTE_CAP for others) on a
-# machine without GPU or driver; the binary needs the driver and the CUDA 13 libraries to run
+# (sm_90 by default: set CUDA_COMPUTE_CAP for other GPUs. Running the binary needs the
+# NVIDIA driver and the CUDA 13 libraries.)
+# release build with cuDNN for H100/H200, on a machine without a GPU or driver
 build-cuda *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -71,8 +80,8 @@ build-cuda *ARGS:
     cargo build --release --locked --features cudnn {{ARGS}}
     echo "build-cuda: built in $((SECONDS - start)) s: target/release/multilabel"
 
-# the GPU check's artifacts (stripped, gzipped binaries) in bench/gpu/artifacts;
-# `just gpu-artifacts cpu` makes a CPU set for a dry run of bench/gpu/run.sh here
+# (`just gpu-artifacts cpu` makes a CPU set, for a dry run of bench/gpu/run.sh here.)
+# binaries for the GPU check (bench/gpu/run.sh), stripped and gzipped in bench/gpu/artifacts
 gpu-artifacts FLAVOUR="cudnn":
     bench/gpu/prepare.sh {{FLAVOUR}}
 
