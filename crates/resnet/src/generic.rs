@@ -31,11 +31,10 @@ fn per_channel(t: &Tensor, rank: usize) -> Result<Tensor> {
 ///
 /// The forward runs on detached values; one graph node then carries the
 /// gradient with PyTorch's closed form,
-/// `dx = w/σ · (g − mean(g) − x̂ · mean(g·x̂))`, `dw = Σ g·x̂`, `db = Σ g`,
-/// which is fewer ops than autograd through the statistics and cancels
-/// less: the autograd chain sums several large terms per element that
-/// nearly cancel, and lost a tenth of the f32 precision of some conv
-/// gradients of a ResNet-50 that way.
+/// `dx = w/σ · (g − mean(g) − x̂ · mean(g·x̂))`, `dw = Σ g·x̂`, `db = Σ g`:
+/// a handful of ops where autograd through the statistics takes about
+/// twenty, and nothing but `x` held for backward. (Measured on a ResNet-50
+/// training step, it is as accurate as the autograd form, no more.)
 pub(crate) fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
