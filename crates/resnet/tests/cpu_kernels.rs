@@ -121,6 +121,52 @@ fn conv2d_matches_candle_in_one_thread() {
     });
 }
 
+/// The convolution that reads the image (3 input channels here, a stem-like
+/// 7×7/2 and odd sizes) rounds once: each output is the `f64` dot product
+/// rounded to `f32`, whatever the summation order, so it is within half a
+/// unit in the last place of candle's `f64` convolution, and equal to it
+/// rounded except where the two `f64` sums straddle a rounding boundary.
+/// Accumulating in `f32` instead is ~8 units off at K = 147.
+#[test]
+fn image_conv_is_correctly_rounded() {
+    for (i, &(n, c_out, h, w)) in [(2, 8, 32, 32), (3, 5, 17, 13), (1, 4, 9, 40)]
+        .iter()
+        .enumerate()
+    {
+        let x = values(&[n, 3, h, w], 20 + i as u64);
+        let kernel = values(&[c_out, 3, 7, 7], 200 + i as u64);
+        let ours = cpu::conv2d(&x, &kernel, 3, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let truth = candle_conv(
+            &x.to_dtype(DType::F64).unwrap(),
+            &kernel.to_dtype(DType::F64).unwrap(),
+            3,
+            2,
+        )
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+        let ours = ours.to_vec1::<f32>().unwrap();
+        let mut differ = 0;
+        for (j, (&a, &t)) in ours.iter().zip(&truth).enumerate() {
+            let ulp = f64::from((t as f32).abs().max(f32::MIN_POSITIVE)) * f64::from(f32::EPSILON);
+            assert!(
+                (f64::from(a) - t).abs() <= 0.5 * ulp * (1.0 + 1e-6),
+                "shape {i}, output {j}: {a} is not {t} rounded"
+            );
+            differ += usize::from(a != t as f32);
+        }
+        assert!(
+            differ * 1000 <= ours.len(),
+            "shape {i}: {differ} of {} differ",
+            ours.len()
+        );
+    }
+}
+
 /// A detached (frozen) kernel gets no gradient, and an input that tracks
 /// nothing (the image) gets none either, while the other operand does.
 #[test]

@@ -118,23 +118,26 @@ fn run(case: &Case) {
             .unwrap()[0];
         // At full ResNet-50 depth in train mode (width 2), f32 rounding is
         // amplified through 16 blocks of batch statistics: PyTorch's own f32
-        // input gradient is 6.9e-4 off its f64 one. Each of our kernels is as
-        // exact as candle's (conv forward ~5e-7 from f64), but summing in
-        // another order gives other noise, which the depth amplifies by a
-        // different amount (measured: 3.9e-3 for the input gradient). So this
-        // case only asks for the order of magnitude of PyTorch's own f32
-        // error; the two shallower networks hold the strict 1e-4.
-        //
-        // Where the excess comes from, measured by swapping ops for the
-        // generic ones (`Kernels::Generic`) one layer at a time: the stem
-        // conv's forward alone. Its rounding (4.9e-7 from f64 with our
-        // kernel, 3.5e-7 with candle's) is amplified ~1e4 times, and the
-        // pattern decides by how much: with candle's stem conv and every
-        // other op ours, the worst error here falls from 1.54e-2 (6.5x
-        // PyTorch's, `grad.layer1.0.downsample.0.weight`) to 1.77e-3 (0.7x);
-        // swapping any other stage changes nothing.
+        // gradients are up to 2.4e-3 off its f64 ones. Where our excess over
+        // that came from, measured by swapping ops for the generic ones
+        // (`Kernels::Generic`) one layer at a time: the stem conv's forward
+        // alone, its rounding amplified ~1e4 times. With f32 accumulation the
+        // worst value here was 6.5 times PyTorch's error (1.54e-2,
+        // `grad.layer1.0.downsample.0.weight`); swapping any other stage
+        // changed nothing. The CPU kernels now compute the conv that reads
+        // the image in f64 and round once (`cpu/conv.rs`, `forward_exact`),
+        // and the worst ratio is 1.83 (4.36e-3 against PyTorch's 2.38e-3, the
+        // same key; 1.56 for the input gradient), the same with gemm's AVX2
+        // and AVX-512 kernels. What is left is noise against noise, and at
+        // this depth the noise pattern alone moves it: with the blocks of
+        // one stage on the generic ops (candle's convs, which are as exact
+        // as ours one op at a time), the worst ratio is 0.91 (layer1), 2.08
+        // (layer2), 1.91 (layer3), 1.84 (layer4); with all blocks generic,
+        // 0.53. So 2x holds today with a small margin; a kernel change that
+        // moves this case past it without moving the shallow cases is
+        // changing the rounding pattern, not losing accuracy.
         let tolerance = if case.allow_torch_f32_error {
-            TOLERANCE.max(10.0 * torch_err)
+            TOLERANCE.max(2.0 * torch_err)
         } else {
             TOLERANCE
         };

@@ -436,9 +436,12 @@ fn error_against(a: &Tensor, truth: &Tensor) -> f64 {
 
 /// The generic result agrees with the CPU kernels' to [`TOLERANCE`]
 /// (largest difference over largest magnitude), or, where float32 itself is
-/// not that accurate, is no further from an f64 computation of the same
-/// thing than twice the CPU kernels' own error (both as norm-wise relative
-/// errors).
+/// not that accurate, is within [`TOLERANCE`] of an f64 computation of the
+/// same thing or no further from it than twice the CPU kernels' own error
+/// (both as norm-wise relative errors). The first of those matters since
+/// the CPU kernels compute the image's convolution in f64 (a ResNet-50's
+/// head running variance, measured: generic 5.4e-5 from f64, CPU kernels
+/// 2.3e-5).
 #[track_caller]
 fn assert_as_accurate(what: &str, generic: &Tensor, cpu_result: &Tensor, truth: &Tensor) {
     if relative_diff(&cpu(generic), cpu_result) <= TOLERANCE {
@@ -447,7 +450,7 @@ fn assert_as_accurate(what: &str, generic: &Tensor, cpu_result: &Tensor, truth: 
     let generic_error = error_against(generic, truth);
     let cpu_error = error_against(cpu_result, truth);
     assert!(
-        generic_error <= 2.0 * cpu_error,
+        generic_error <= f64::from(TOLERANCE).max(2.0 * cpu_error),
         "{what}: against f64 the generic path is off by {generic_error:e}, the CPU kernels by {cpu_error:e}"
     );
 }
