@@ -155,16 +155,16 @@ pub fn load_run_model(run: &RunDir, device: &Device) -> anyhow::Result<LoadedMod
         config.head.n_classes
     );
     let head_name = format!("head.{}.linear.weight", config.head.hidden.len());
-    if let Some(n_outputs) = weights.get(&head_name).and_then(|t| t.dims().first()) {
-        if *n_outputs != meta.vocab.len() {
-            bail!(
-                "{}: the head has {n_outputs} outputs but {} lists {} labels; the two files are \
+    if let Some(n_outputs) = weights.get(&head_name).and_then(|t| t.dims().first())
+        && *n_outputs != meta.vocab.len()
+    {
+        bail!(
+            "{}: the head has {n_outputs} outputs but {} lists {} labels; the two files are \
                  from different runs: copy the pair from one run",
-                weights_path.display(),
-                meta_path.display(),
-                meta.vocab.len()
-            );
-        }
+            weights_path.display(),
+            meta_path.display(),
+            meta.vocab.len()
+        );
     }
     {
         let data = varmap

@@ -57,14 +57,14 @@ pub fn lr_find_plot(
     };
     let plot = Plot::new(&points, true, &title, "learning rate (log10)", "loss");
     let mut image = plot.draw(&points);
-    if let Some(lr) = suggestion {
-        if let Some(&(x, y)) = points.iter().min_by(|a, b| {
+    if let Some(lr) = suggestion
+        && let Some(&(x, y)) = points.iter().min_by(|a, b| {
             (a.0 - lr.log10())
                 .abs()
                 .total_cmp(&(b.0 - lr.log10()).abs())
-        }) {
-            plot.marker(&mut image, (x, y));
-        }
+        })
+    {
+        plot.marker(&mut image, (x, y));
     }
     save(&image, path)
 }

@@ -275,7 +275,7 @@ fn extract_into_place(
             return Err(unsafe_entry());
         }
         entries += 1;
-        if entries % 1000 == 0 {
+        if entries.is_multiple_of(1000) {
             on_event(DownloadEvent::Extracting { entries });
         }
     }

@@ -403,11 +403,11 @@ impl Learner {
 
     /// Marks the checkpoint of the run as finished (nothing left to resume).
     pub fn finish(&mut self) -> Result<()> {
-        if let Some(run) = &self.run {
-            if let Some(mut state) = run.load_checkpoint(&self.device)?.map(|c| c.state) {
-                state.finished = true;
-                run.save_checkpoint(&state, &self.varmap, &self.optimizer.export_state())?;
-            }
+        if let Some(run) = &self.run
+            && let Some(mut state) = run.load_checkpoint(&self.device)?.map(|c| c.state)
+        {
+            state.finished = true;
+            run.save_checkpoint(&state, &self.varmap, &self.optimizer.export_state())?;
         }
         Ok(())
     }

@@ -266,7 +266,7 @@ fn check_same_len(a: &[f32], b: &[f32]) -> Result<()> {
 
 fn rows(probs: &[f32], targets: &[f32], n_classes: usize) -> Result<usize> {
     check_same_len(probs, targets)?;
-    if n_classes == 0 || probs.len() % n_classes != 0 || probs.is_empty() {
+    if n_classes == 0 || !probs.len().is_multiple_of(n_classes) || probs.is_empty() {
         return Err(Error::Invalid(format!(
             "{} predictions do not form rows of {n_classes} classes",
             probs.len()
