@@ -8,20 +8,16 @@ weights) with fastai's head written out in plain torch, 128 px, batch 64:
                  (fastai's freeze() with train_bn=True)
 - train_unfrozen images/s: the same with everything trainable
 - eval           images/s: eval mode, no_grad
-- data           images/s: PIL decode + RandomResizedCrop(128, 0.35) squashed
-                 with bilinear + to float CHW + normalize, over a folder of
-                 JPEGs, in `--threads` worker processes (fastai's DataLoader
-                 does the same with worker processes)
 - peak_rss_mb    the process's peak resident memory
 
-Prints a JSON object on stdout; progress goes to stderr.
+The data pipeline is measured on fastai's own DataLoaders by
+`bench/fastai_data.py`. Prints a JSON object on stdout; progress goes to
+stderr.
 """
 
 import argparse
 import json
-import math
 import os
-import random
 import resource
 import sys
 import time
@@ -125,69 +121,6 @@ def time_eval(torch, model, batch, warmup, iters):
     return iters * batch.shape[0] / (time.perf_counter() - start)
 
 
-def random_resized_crop(img, size, min_scale, rng):
-    """fastai's RandomResizedCrop (train), then a squash to size x size."""
-    from PIL import Image
-
-    w, h = img.size
-    for _ in range(10):
-        area = rng.uniform(min_scale, 1.0) * w * h
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        nw = int(round(math.sqrt(area * ratio)))
-        nh = int(round(math.sqrt(area / ratio)))
-        if nw <= w and nh <= h:
-            left = rng.randint(0, w - nw)
-            top = rng.randint(0, h - nh)
-            break
-    else:
-        if w / h < 3 / 4:
-            nw, nh = w, int(w / (3 / 4))
-        elif w / h > 4 / 3:
-            nw, nh = int(h * 4 / 3), h
-        else:
-            nw, nh = w, h
-        left, top = (w - nw) // 2, (h - nh) // 2
-    return img.crop((left, top, left + nw, top + nh)).resize((size, size), Image.BILINEAR)
-
-
-def load_item(args):
-    import numpy as np
-    from PIL import Image
-
-    path, size, seed = args
-    rng = random.Random(seed)
-    img = Image.open(path).convert("RGB")
-    img = random_resized_crop(img, size, 0.35, rng)
-    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)[:, None, None]
-    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
-    return (arr - mean) / std
-
-
-def time_data(folder, threads, size, batch_size):
-    import multiprocessing
-
-    import numpy as np
-
-    paths = sorted(
-        os.path.join(folder, f)
-        for f in os.listdir(folder)
-        if f.lower().endswith((".jpg", ".jpeg", ".png"))
-    )
-    if not paths:
-        raise SystemExit(f"no images in {folder}")
-    jobs = [(p, size, i) for i, p in enumerate(paths)]
-    start = time.perf_counter()
-    if threads <= 1:
-        items = [load_item(job) for job in jobs]
-    else:
-        with multiprocessing.Pool(threads) as pool:
-            items = pool.map(load_item, jobs, chunksize=8)
-    for i in range(0, len(items), batch_size):
-        np.stack(items[i : i + batch_size])
-    return len(paths) / (time.perf_counter() - start)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -195,11 +128,10 @@ def main():
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--images", help="folder of JPEGs for the data-pipeline measurement")
     parser.add_argument(
         "--only",
-        default="train_frozen,train_unfrozen,eval,data",
-        help="comma list of phases to measure (data also needs --images)",
+        default="train_frozen,train_unfrozen,eval",
+        help="comma list of phases to measure",
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -225,9 +157,6 @@ def main():
     if "eval" in only:
         log("pytorch: eval")
         result["eval"] = time_eval(torch, model, batch, args.warmup, args.iters)
-    if args.images and "data" in only:
-        log("pytorch: data pipeline")
-        result["data"] = time_data(args.images, args.threads, args.size, args.batch_size)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 

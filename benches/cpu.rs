@@ -9,21 +9,29 @@
 //!   trains, as fastai's `freeze()`) and unfrozen;
 //! - `eval`: images/s of the forward pass in eval mode without a gradient
 //!   graph (`ResNet::forward_infer`; PyTorch's side runs under `no_grad`);
-//! - `data`: images/s of the training loader (decode, RandomResizedCrop,
-//!   normalise) over a generated synthetic dataset;
+//! - `data` (`data_1_worker`, `data_all_workers`): images/s of the training
+//!   loader (decode, RandomResizedCrop, to tensor, normalise) with one worker
+//!   and with `--threads` workers, next to fastai's own `DataLoaders` built
+//!   as the book builds them (`bench/fastai_data.py`), over the same
+//!   generated PASCAL-sized dataset: `--images` JPEGs of 500×375 (PASCAL's
+//!   typical photo), written once under `target/bench/`. Each side runs one
+//!   warm-up epoch (worker start-up, page cache) and then
+//!   [`DATA_EPOCHS`] timed epochs with its workers kept, counting the
+//!   images that reach a batch;
 //! - `peak_rss_mb`: the process's peak resident memory (VmHWM).
 //!
-//! The PyTorch side is `bench/pytorch_cpu.py`, run with `--python PATH`, or
+//! The reference side is `bench/pytorch_cpu.py` (training, eval, memory) and
+//! `bench/fastai_data.py` (data), run with `--python PATH`, or
 //! `MULTILABEL_BENCH_PYTHON`, or a virtualenv `.venv-bench` created on demand
-//! with torch, torchvision, pillow and numpy from PyPI; if none of that
-//! works it is skipped with a message. The table goes to stdout and
-//! everything to `target/bench/cpu.json` (`ours`, `pytorch`, `ratio`).
+//! with torch, torchvision, fastai, pillow and numpy from PyPI; if none of
+//! that works it is skipped with a message. The table goes to stdout and
+//! everything to `target/bench/cpu.json` (`ours`, `reference`, `ratio`).
 //!
 //! Flags (after `--`): `--batch-size N`, `--iters N`, `--warmup N`,
-//! `--size N`, `--threads N`, `--images N` (synthetic images for the data
-//! measurement), `--python PATH`, `--no-pytorch`, `--only PHASES` (comma
-//! list of `train_frozen,train_unfrozen,eval,data`). Each also reads
-//! `MULTILABEL_BENCH_<FLAG>` (e.g. `MULTILABEL_BENCH_BATCH_SIZE=16`).
+//! `--size N`, `--threads N`, `--images N` (generated images for the data
+//! measurement, default 512), `--python PATH`, `--no-pytorch`, `--only
+//! PHASES` (comma list of `train_frozen,train_unfrozen,eval,data`). Each
+//! also reads `MULTILABEL_BENCH_<FLAG>` (e.g. `MULTILABEL_BENCH_BATCH_SIZE=16`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +49,19 @@ use multilabel_train::{Adam, AdamConfig, StepHypers, bce_with_logits, opt_groups
 use serde_json::{Value, json};
 
 const PHASES: [&str; 4] = ["train_frozen", "train_unfrozen", "eval", "data"];
+/// The table's rows: what the phases measure.
+const METRICS: [&str; 6] = [
+    "train_frozen",
+    "train_unfrozen",
+    "eval",
+    "data_1_worker",
+    "data_all_workers",
+    "peak_rss_mb",
+];
+/// Timed epochs of the data measurement, after one warm-up epoch.
+const DATA_EPOCHS: usize = 2;
+/// The generated images' size: PASCAL VOC's typical photo.
+const PASCAL_SIZE: (u32, u32) = (500, 375);
 const N_CLASSES: usize = 20;
 /// The flags that take a value, each also read from `MULTILABEL_BENCH_<FLAG>`.
 const VALUE_FLAGS: [&str; 8] = [
@@ -131,7 +152,7 @@ fn parse_options() -> Result<Options> {
         warmup: number("warmup", 1)?,
         size: number("size", 128)?,
         threads: number("threads", threads)?,
-        images: number("images", 256)?,
+        images: number("images", 512)?,
         python: flags.get("python").map(PathBuf::from),
         pytorch,
         only,
@@ -223,23 +244,45 @@ fn time_eval(model: &ResNet, x: &Tensor, o: &Options) -> Result<f64> {
     Ok((o.iters * o.batch_size) as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Writes (once) a synthetic dataset of `n` JPEGs under `target/bench/`.
-fn synthetic_dataset(target: &Path, n: usize) -> Result<PathBuf> {
-    let root = target.join(format!("bench/synth-{n}"));
+/// Writes (once) a generated dataset of `n` PASCAL-sized JPEGs, every row
+/// a training row, under `target/bench/`.
+fn pascal_sized_dataset(target: &Path, n: usize) -> Result<PathBuf> {
+    let (w, h) = PASCAL_SIZE;
+    let root = target.join(format!("bench/synth-{n}-{w}x{h}"));
     if !root.join("train.csv").exists() {
+        eprintln!("writing {n} generated {w}x{h} JPEGs to {}", root.display());
         synth(&SynthConfig {
             out: root.clone(),
             n_train: n,
             n_valid: 0,
             classes: 6,
             seed: 0,
+            image_size: Some(PASCAL_SIZE),
         })
         .with_context(|| format!("writing a synthetic dataset to {}", root.display()))?;
     }
     Ok(root)
 }
 
-fn time_data(root: &Path, o: &Options) -> Result<f64> {
+/// The worker counts the data measurement uses: one, and all threads.
+fn data_workers(o: &Options) -> Vec<usize> {
+    let mut workers = vec![1, o.threads];
+    workers.dedup();
+    workers
+}
+
+/// The metric a worker count is reported under.
+fn data_metric(workers: usize) -> &'static str {
+    if workers == 1 {
+        "data_1_worker"
+    } else {
+        "data_all_workers"
+    }
+}
+
+/// Our training loader's images/s for each of [`data_workers`]: normalised
+/// `f32` batches on the CPU, as training gets them.
+fn time_data(root: &Path, o: &Options) -> Result<BTreeMap<String, f64>> {
     let dataset = Dataset::load(&DatasetConfig::new(root))?;
     let mut items = dataset.train().to_vec();
     items.extend_from_slice(dataset.valid());
@@ -248,22 +291,38 @@ fn time_data(root: &Path, o: &Options) -> Result<f64> {
         size: o.size,
         ..TransformConfig::default()
     };
-    let mut config = LoaderConfig::train(o.batch_size, 0);
-    config.threads = Some(o.threads);
-    let loader = Loader::new(items, dataset.vocab().len(), transform, config, Device::Cpu);
-    let mut count = 0;
-    // One warm-up epoch fills the page cache, as PyTorch's side sees it.
-    for batch in loader.epoch(0) {
-        batch?;
+    let mut out = BTreeMap::new();
+    for workers in data_workers(o) {
+        eprintln!("ours: data pipeline, {workers} worker(s)");
+        let mut config = LoaderConfig::train(o.batch_size, 0);
+        config.threads = Some(workers);
+        let loader = Loader::new(
+            items.clone(),
+            dataset.vocab().len(),
+            transform.clone(),
+            config,
+            Device::Cpu,
+        );
+        // One warm-up epoch starts the pool and fills the page cache.
+        for batch in loader.epoch(0) {
+            batch?;
+        }
+        let mut count = 0;
+        let start = Instant::now();
+        for epoch in 1..=DATA_EPOCHS {
+            for batch in loader.epoch(epoch) {
+                count += batch?.indices.len();
+            }
+        }
+        if count == 0 {
+            bail!(
+                "the loader produced no batch from {n_items} images; use --images >= --batch-size"
+            );
+        }
+        let rate = count as f64 / start.elapsed().as_secs_f64();
+        out.insert(data_metric(workers).to_string(), rate);
     }
-    let start = Instant::now();
-    for batch in loader.epoch(1) {
-        count += batch?.indices.len();
-    }
-    if count == 0 {
-        bail!("the loader produced no batch from {n_items} images; use --images >= --batch-size");
-    }
-    Ok(count as f64 / start.elapsed().as_secs_f64())
+    Ok(out)
 }
 
 /// Our side: every phase in `o.only`.
@@ -290,8 +349,7 @@ fn ours(o: &Options, data_root: Option<&Path>) -> Result<BTreeMap<String, f64>> 
         out.insert("eval".into(), time_eval(&model, &x, o)?);
     }
     if let Some(root) = data_root {
-        eprintln!("ours: data pipeline");
-        out.insert("data".into(), time_data(root, o)?);
+        out.extend(time_data(root, o)?);
     }
     if let Some(mb) = peak_rss_mb() {
         out.insert("peak_rss_mb".into(), mb);
@@ -299,7 +357,7 @@ fn ours(o: &Options, data_root: Option<&Path>) -> Result<BTreeMap<String, f64>> 
     Ok(out)
 }
 
-/// A Python with torch: the flag, the environment, or `.venv-bench`
+/// A Python with torch and fastai: the flag, the environment, or `.venv-bench`
 /// (created on demand). `Err` says why there is none.
 fn python(o: &Options, root: &Path) -> std::result::Result<PathBuf, String> {
     if let Some(p) = &o.python {
@@ -309,7 +367,7 @@ fn python(o: &Options, root: &Path) -> std::result::Result<PathBuf, String> {
     let bin = venv.join("bin/python");
     let has_torch = |py: &Path| {
         Command::new(py)
-            .args(["-c", "import torch, torchvision, PIL, numpy"])
+            .args(["-c", "import torch, torchvision, fastai, PIL, numpy"])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -317,7 +375,7 @@ fn python(o: &Options, root: &Path) -> std::result::Result<PathBuf, String> {
         return Ok(bin);
     }
     eprintln!(
-        "creating {} with torch, torchvision, pillow, numpy from PyPI (once; several minutes)",
+        "creating {} with torch, torchvision, fastai, pillow, numpy from PyPI (once; several minutes)",
         venv.display()
     );
     let created = Command::new("python3")
@@ -330,57 +388,138 @@ fn python(o: &Options, root: &Path) -> std::result::Result<PathBuf, String> {
     }
     let installed = Command::new(&bin)
         .args(["-m", "pip", "install", "--quiet"])
-        .args(["torch", "torchvision", "pillow", "numpy"])
+        .args(["torch", "torchvision", "fastai", "pillow", "numpy"])
         .status()
         .map_err(|e| format!("pip failed to start: {e}"))?;
     if !installed.success() || !has_torch(&bin) {
-        return Err("pip could not install torch, torchvision, pillow and numpy".into());
+        return Err("pip could not install torch, torchvision, fastai, pillow and numpy".into());
     }
     Ok(bin)
 }
 
+/// Runs a reference script with `py` and returns the last JSON object it
+/// prints on stdout (its progress goes to our stderr).
+fn run_script(
+    py: &Path,
+    script: &Path,
+    args: &[String],
+    threads: usize,
+) -> std::result::Result<Value, String> {
+    let name = script
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let output = Command::new(py)
+        .arg(script)
+        .args(args)
+        // One thread count for every library PyTorch may use.
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .env("MKL_NUM_THREADS", threads.to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{} failed to start: {e}", py.display()))?;
+    if !output.status.success() {
+        return Err(format!("bench/{name} exited with {}", output.status));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| format!("bench/{name} printed no JSON: {stdout}"))
+}
+
+/// PyTorch's training, eval and memory figures (`bench/pytorch_cpu.py`).
 fn pytorch(
+    o: &Options,
+    py: &Path,
+    root: &Path,
+) -> std::result::Result<BTreeMap<String, f64>, String> {
+    let only: Vec<&str> = o
+        .only
+        .iter()
+        .map(String::as_str)
+        .filter(|p| *p != "data")
+        .collect();
+    let mut out = BTreeMap::new();
+    if only.is_empty() {
+        return Ok(out);
+    }
+    let args = [
+        "--threads",
+        &o.threads.to_string(),
+        "--batch-size",
+        &o.batch_size.to_string(),
+        "--size",
+        &o.size.to_string(),
+        "--warmup",
+        &o.warmup.to_string(),
+        "--iters",
+        &o.iters.to_string(),
+        "--only",
+        &only.join(","),
+    ]
+    .map(String::from);
+    let value = run_script(py, &root.join("bench/pytorch_cpu.py"), &args, o.threads)?;
+    for key in METRICS {
+        if let Some(v) = value.get(key).and_then(Value::as_f64) {
+            out.insert(key.to_string(), v);
+        }
+    }
+    if let Some(v) = value.get("torch").and_then(Value::as_str) {
+        eprintln!("pytorch: torch {v}");
+    }
+    Ok(out)
+}
+
+/// fastai's data-pipeline figures (`bench/fastai_data.py`) over `data_root`.
+fn fastai(
+    o: &Options,
+    py: &Path,
+    root: &Path,
+    data_root: &Path,
+) -> std::result::Result<BTreeMap<String, f64>, String> {
+    let workers = data_workers(o);
+    let list: Vec<String> = workers.iter().map(usize::to_string).collect();
+    let args = [
+        "--data".to_string(),
+        data_root.display().to_string(),
+        "--size".into(),
+        o.size.to_string(),
+        "--batch-size".into(),
+        o.batch_size.to_string(),
+        "--workers".into(),
+        list.join(","),
+        "--threads".into(),
+        o.threads.to_string(),
+        "--epochs".into(),
+        DATA_EPOCHS.to_string(),
+    ];
+    let value = run_script(py, &root.join("bench/fastai_data.py"), &args, o.threads)?;
+    if let Some(v) = value.get("versions") {
+        eprintln!("fastai side: {v}");
+    }
+    let mut out = BTreeMap::new();
+    for w in workers {
+        let rate = value
+            .pointer(&format!("/workers/{w}"))
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("bench/fastai_data.py gave no figure for {w} worker(s)"))?;
+        out.insert(data_metric(w).to_string(), rate);
+    }
+    Ok(out)
+}
+
+/// The reference side: PyTorch, and fastai for the data pipeline.
+fn reference(
     o: &Options,
     root: &Path,
     data_root: Option<&Path>,
 ) -> std::result::Result<BTreeMap<String, f64>, String> {
     let py = python(o, root)?;
-    let mut cmd = Command::new(&py);
-    cmd.arg(root.join("bench/pytorch_cpu.py"))
-        .args(["--threads", &o.threads.to_string()])
-        .args(["--batch-size", &o.batch_size.to_string()])
-        .args(["--size", &o.size.to_string()])
-        .args(["--warmup", &o.warmup.to_string()])
-        .args(["--iters", &o.iters.to_string()])
-        .args(["--only", &o.only.join(",")])
-        // One thread count for every library PyTorch may use.
-        .env("OMP_NUM_THREADS", o.threads.to_string())
-        .env("MKL_NUM_THREADS", o.threads.to_string());
+    eprintln!("reference: {}", py.display());
+    let mut out = pytorch(o, &py, root)?;
     if let Some(data) = data_root {
-        cmd.arg("--images").arg(data.join("train"));
-    }
-    eprintln!("pytorch: {}", py.display());
-    let output = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("{} failed to start: {e}", py.display()))?;
-    if !output.status.success() {
-        return Err(format!(
-            "bench/pytorch_cpu.py exited with {}",
-            output.status
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let value: Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| format!("bench/pytorch_cpu.py printed no JSON: {stdout}"))?;
-    let mut out = BTreeMap::new();
-    for key in PHASES.iter().chain(&["peak_rss_mb"]) {
-        if let Some(v) = value.get(*key).and_then(Value::as_f64) {
-            out.insert(key.to_string(), v);
-        }
+        out.extend(fastai(o, &py, root, data)?);
     }
     Ok(out)
 }
@@ -406,21 +545,21 @@ fn main() -> Result<()> {
         o.size, o.batch_size, o.threads, o.warmup, o.iters
     );
     let data_root = if o.only.iter().any(|p| p == "data") {
-        Some(synthetic_dataset(&target, o.images)?)
+        Some(pascal_sized_dataset(&target, o.images)?)
     } else {
         None
     };
     let ours = ours(&o, data_root.as_deref())?;
     let theirs = if o.pytorch {
-        match pytorch(&o, &root, data_root.as_deref()) {
+        match reference(&o, &root, data_root.as_deref()) {
             Ok(t) => Some(t),
             Err(why) => {
-                eprintln!("pytorch side skipped: {why}");
+                eprintln!("reference side skipped: {why}");
                 None
             }
         }
     } else {
-        eprintln!("pytorch side skipped: --no-pytorch");
+        eprintln!("reference side skipped: --no-pytorch");
         None
     };
     let mut ratio = BTreeMap::new();
@@ -433,30 +572,33 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "| {:<14} | {:>10} | {:>10} | {:>8} |",
-        "metric", "ours", "pytorch", "ratio"
+        "| {:<16} | {:>10} | {:>10} | {:>8} |",
+        "metric", "ours", "reference", "ratio"
     );
-    println!("|{:-<16}|{:->12}|{:->12}|{:->10}|", "", "", "", "");
-    for key in PHASES.iter().chain(&["peak_rss_mb"]) {
+    println!("|{:-<18}|{:->12}|{:->12}|{:->10}|", "", "", "", "");
+    for key in METRICS {
         let fmt = |v: Option<&f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
         println!(
-            "| {:<14} | {:>10} | {:>10} | {:>8} |",
+            "| {:<16} | {:>10} | {:>10} | {:>8} |",
             key,
-            fmt(ours.get(*key)),
-            fmt(theirs.as_ref().and_then(|t| t.get(*key))),
-            ratio.get(*key).map_or("-".into(), |r| format!("{r:.2}")),
+            fmt(ours.get(key)),
+            fmt(theirs.as_ref().and_then(|t| t.get(key))),
+            ratio.get(key).map_or("-".into(), |r| format!("{r:.2}")),
         );
     }
     println!(
-        "(images/s except peak_rss_mb in MiB; ratio = ours / pytorch, higher is better except for memory)"
+        "(images/s except peak_rss_mb in MiB; reference: PyTorch, and fastai's DataLoaders for data_*; \
+         ratio = ours / reference, higher is better except for memory)"
     );
     let json = json!({
         "config": {
             "arch": "resnet50", "size": o.size, "batch_size": o.batch_size,
             "threads": o.threads, "warmup": o.warmup, "iters": o.iters,
+            "data_images": o.images, "data_image_size": PASCAL_SIZE,
+            "data_workers": data_workers(&o), "data_epochs": DATA_EPOCHS,
         },
         "ours": ours,
-        "pytorch": theirs,
+        "reference": theirs,
         "ratio": ratio,
     });
     let path = target.join("bench/cpu.json");

@@ -722,3 +722,49 @@ fn csv_errors_are_short_and_say_what_is_wrong_first() {
         assert!(!cwd.join(dir).exists(), "{dir} was left behind");
     }
 }
+
+/// `synth --image-size WxH` writes every image at that size; a malformed or
+/// out-of-range size is one clear error and writes nothing.
+#[test]
+fn synth_writes_images_of_the_asked_size() {
+    let work = tempfile::tempdir().unwrap();
+    let cwd = work.path();
+    let common = [
+        "synth",
+        "--n-train",
+        "6",
+        "--n-valid",
+        "2",
+        "--classes",
+        "2",
+    ];
+    let with = |out: &str, size: &str| {
+        let mut args = common.to_vec();
+        args.extend(["--out", out, "--image-size", size]);
+        args.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let args = with("sized", "80x60");
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), cwd);
+    let images: Vec<_> = std::fs::read_dir(cwd.join("sized/train"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(images.len(), 8);
+    for path in images {
+        let image = multilabel_data::decode_rgb(&path).unwrap();
+        assert_eq!(image.dimensions(), (80, 60), "{}", path.display());
+    }
+    for (out, size, needle) in [
+        ("bad1", "80", "WIDTHxHEIGHT"),
+        ("bad2", "80x-60", "WIDTHxHEIGHT"),
+        ("bad3", "8x60", "image size 8x60"),
+    ] {
+        let args = with(out, size);
+        fails(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            cwd,
+            needle,
+        );
+        assert!(!cwd.join(out).exists(), "{out} was created");
+    }
+}

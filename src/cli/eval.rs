@@ -205,6 +205,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
             n_valid: args.n_valid,
             classes: 6,
             seed: args.seed,
+            image_size: None,
         })?;
         println!(
             "{} train + {} valid images, classes: {}",

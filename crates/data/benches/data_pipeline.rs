@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Always measures two generated sets (the synthetic dataset as written,
-//! 96–224 px, and the same images re-encoded at PASCAL's typical 500×375),
+//! 96–224 px, and the same dataset drawn at PASCAL's typical 500×375),
 //! plus the dataset folder given as an argument or in
 //! `MULTILABEL_BENCH_DATA`. Each with one thread and with all threads, for
 //! the training and validation transforms.
@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use image::codecs::jpeg::JpegEncoder;
 use multilabel_data::{
     Augment, Dataset, DatasetConfig, Item, Loader, LoaderConfig, SynthConfig, TransformConfig,
-    decode_rgb, synth,
+    synth,
 };
 
 const BATCH: usize = 64;
@@ -31,17 +30,23 @@ fn main() {
         .or_else(|| std::env::var_os("MULTILABEL_BENCH_DATA").map(PathBuf::from));
 
     let scratch = std::env::temp_dir().join(format!("multilabel-bench-{}", std::process::id()));
-    let small = scratch.join("synth");
-    synth(&SynthConfig {
-        out: small.clone(),
-        n_train: 512,
-        n_valid: 0,
-        classes: 6,
-        seed: 0,
-    })
-    .expect("writing the synthetic set");
-    let small_items = load_items(&small);
-    let large_items = upscale(&small_items, &scratch.join("pascal_sized"), 500, 375);
+    // The same dataset twice: as `synth` draws it, and with every image at
+    // PASCAL's typical 500×375, so decoding costs what it would there.
+    let write = |name: &str, image_size| {
+        let out = scratch.join(name);
+        synth(&SynthConfig {
+            out: out.clone(),
+            n_train: 512,
+            n_valid: 0,
+            classes: 6,
+            seed: 0,
+            image_size,
+        })
+        .expect("writing the synthetic set");
+        load_items(&out)
+    };
+    let small_items = write("synth", None);
+    let large_items = write("pascal_sized", Some((500, 375)));
 
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("decode + augment + batch at 128 px, batch {BATCH}, {all} hardware threads");
@@ -83,35 +88,6 @@ fn load_items(root: &Path) -> Vec<Item> {
     let mut items = data.train().to_vec();
     items.extend_from_slice(data.valid());
     items
-}
-
-/// Re-encodes every image at `width` × `height` (JPEG quality 90), the size
-/// of a typical PASCAL photo, so decoding costs what it would there.
-fn upscale(items: &[Item], dir: &Path, width: u32, height: u32) -> Vec<Item> {
-    std::fs::create_dir_all(dir).unwrap();
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let image = decode_rgb(&item.path).unwrap();
-            let big = image::imageops::resize(
-                &image,
-                width,
-                height,
-                image::imageops::FilterType::Triangle,
-            );
-            let path = dir.join(format!("{i:06}.jpg"));
-            let mut bytes = Vec::new();
-            JpegEncoder::new_with_quality(&mut bytes, 90)
-                .encode_image(&big)
-                .unwrap();
-            std::fs::write(&path, bytes).unwrap();
-            Item {
-                path,
-                labels: item.labels.clone(),
-            }
-        })
-        .collect()
 }
 
 /// Best of three epochs, counting only images that reach a batch.

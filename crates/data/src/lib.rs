@@ -26,7 +26,7 @@
 //!
 //! # fn main() -> Result<(), multilabel_data::DataError> {
 //! let dir = std::env::temp_dir().join(format!("multilabel-doc-{}", std::process::id()));
-//! synth(&SynthConfig { out: dir.clone(), n_train: 16, n_valid: 8, classes: 3, seed: 1 })?;
+//! synth(&SynthConfig { out: dir.clone(), n_train: 16, n_valid: 8, classes: 3, seed: 1, image_size: None })?;
 //!
 //! let data = Dataset::load(&DatasetConfig::new(&dir))?;
 //! let transform = TransformConfig { size: 32, ..Default::default() };

@@ -12,6 +12,7 @@ fn config(out: &std::path::Path, seed: u64) -> SynthConfig {
         n_valid: 20,
         classes: 4,
         seed,
+        image_size: None,
     }
 }
 
@@ -51,6 +52,37 @@ fn writes_a_loadable_pascal_layout() {
             .iter()
             .all(|&(w, h)| (96..=224).contains(&w) && (96..=224).contains(&h))
     );
+}
+
+/// A fixed image size (PASCAL's 500×375 here) gives every image that size,
+/// still with every class in the training rows; a size outside the allowed
+/// sides is refused before anything is written.
+#[test]
+fn a_fixed_image_size_gives_every_image_that_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = synth(&SynthConfig {
+        n_train: 12,
+        n_valid: 4,
+        image_size: Some((500, 375)),
+        ..config(dir.path(), 3)
+    })
+    .unwrap();
+    let data = Dataset::load(&DatasetConfig::new(dir.path())).unwrap();
+    assert_eq!(data.vocab(), summary.vocab);
+    assert_eq!(data.vocab().len(), 4);
+    for item in data.train().iter().chain(data.valid()) {
+        assert_eq!(decode_rgb(&item.path).unwrap().dimensions(), (500, 375));
+    }
+    for bad in [(31, 100), (100, 5000), (0, 0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let err = synth(&SynthConfig {
+            image_size: Some(bad),
+            ..config(dir.path(), 0)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("image size"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }
 
 #[test]

@@ -26,6 +26,7 @@ fn dataset(root: &Path) -> Dataset {
         n_valid: 40,
         classes: 4,
         seed: 3,
+        image_size: None,
     })
     .unwrap();
     Dataset::load(&DatasetConfig::new(root)).unwrap()
