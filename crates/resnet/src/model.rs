@@ -500,3 +500,12 @@ impl ResNet {
             .collect()
     }
 }
+
+/// So a `ResNet` goes wherever candle takes a module: `x.apply_t(&model,
+/// train)`, `candle_nn::ModuleT` trait objects. The same as
+/// [`ResNet::forward_t`].
+impl candle_nn::ModuleT for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        ResNet::forward_t(self, xs, train)
+    }
+}

@@ -482,3 +482,22 @@ fn single_sample_train_batch_is_an_error() {
     assert!(err.contains("more than one value per channel"), "{err}");
     assert_eq!(model.forward_t(&x, false).unwrap().dims(), &[1, 3]);
 }
+
+/// `ResNet` is a `candle_nn::ModuleT`: `apply_t` and a trait object give
+/// the same logits as `forward_t`, in eval and (with dropout off) train mode.
+#[test]
+fn resnet_is_a_candle_module() {
+    use candle_nn::ModuleT;
+    let (model, _varmap) = small_model(0.0, 5);
+    let x = image(2);
+    for train in [false, true] {
+        let direct = model.forward_t(&x, train).unwrap();
+        let applied = x.apply_t(&model, train).unwrap();
+        let module: &dyn ModuleT = &model;
+        let dynamic = module.forward_t(&x, train).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(direct.dims(), &[4, 3]);
+        assert_eq!(flat(&direct), flat(&applied), "train {train}");
+        assert_eq!(flat(&direct), flat(&dynamic), "train {train}");
+    }
+}

@@ -99,7 +99,7 @@ pub use learner::{
 pub use loss::bce_with_logits;
 #[cfg(feature = "learner")]
 pub use lr_find::{LrFindConfig, LrFindResult};
-pub use optim::{Adam, AdamConfig, AdamState, OptGroup, OptParam, StepHypers};
+pub use optim::{Adam, AdamConfig, AdamParams, AdamState, OptGroup, OptParam, StepHypers};
 #[cfg(feature = "learner")]
 pub use report::{ClassReport, EvalReport};
 pub use run::{Checkpoint, ModelMeta, RunDir, TrainState, atomic_write};

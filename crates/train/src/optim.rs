@@ -70,6 +70,27 @@ pub struct AdamState {
     pub steps: BTreeMap<String, u64>,
 }
 
+/// [`Adam`]'s settings as a [`candle_nn::Optimizer`]: one group, with the
+/// learning rate and β1 (`mom`) that [`candle_nn::Optimizer::step`] uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamParams {
+    pub lr: f64,
+    /// β1 of the gradient average and of its bias correction.
+    pub mom: f64,
+    pub adam: AdamConfig,
+}
+
+impl Default for AdamParams {
+    /// fastai's defaults: lr 1e-3, β1 0.9, and [`AdamConfig::default`].
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            mom: 0.9,
+            adam: AdamConfig::default(),
+        }
+    }
+}
+
 /// fastai's `Adam` (optimizer.py in fastai 2.x), step for step:
 ///
 /// ```text
@@ -82,11 +103,22 @@ pub struct AdamState {
 ///
 /// Only parameters that have a gradient in the `GradStore` are touched, so
 /// frozen tensors (which the model detaches) keep their values and state.
+///
+/// It is also a [`candle_nn::Optimizer`], so it drops into a candle training
+/// loop: `<Adam as Optimizer>::new(varmap.all_vars(), AdamParams::default())`
+/// makes one group in which every tensor of rank 0 or 1 (biases, norm
+/// weights) gets no weight decay, as fastai's default; the trait's `step`
+/// uses the learning rate of `set_learning_rate` and [`AdamParams::mom`].
+/// On the concrete type the inherent `step` and `new` take precedence, so
+/// call the trait's through the trait (`Optimizer::step(&mut adam, &grads)`)
+/// or from generic code.
 #[derive(Debug)]
 pub struct Adam {
     groups: Vec<OptGroup>,
     config: AdamConfig,
     state: BTreeMap<String, ParamState>,
+    /// What [`candle_nn::Optimizer::step`] steps with.
+    trait_hypers: StepHypers,
 }
 
 impl Adam {
@@ -101,10 +133,16 @@ impl Adam {
                 )));
             }
         }
+        let defaults = AdamParams::default();
+        let trait_hypers = StepHypers {
+            lrs: vec![defaults.lr; groups.len()],
+            mom: defaults.mom,
+        };
         Ok(Self {
             groups,
             config,
             state: BTreeMap::new(),
+            trait_hypers,
         })
     }
 
@@ -255,5 +293,47 @@ impl Adam {
         }
         self.state = new_state;
         Ok(())
+    }
+}
+
+impl candle_nn::Optimizer for Adam {
+    type Config = AdamParams;
+
+    /// One group named `all`; parameter `i` is named `param.{i}` in the
+    /// state ([`Adam::export_state`]).
+    fn new(vars: Vec<Var>, config: AdamParams) -> candle_core::Result<Self> {
+        let params = vars
+            .into_iter()
+            .enumerate()
+            .map(|(i, var)| OptParam {
+                name: format!("param.{i}"),
+                no_decay: var.rank() <= 1,
+                var,
+            })
+            .collect();
+        let group = OptGroup {
+            name: "all".into(),
+            params,
+        };
+        let mut adam = Adam::new(vec![group], config.adam).map_err(candle_core::Error::wrap)?;
+        adam.trait_hypers = StepHypers {
+            lrs: vec![config.lr],
+            mom: config.mom,
+        };
+        Ok(adam)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        let hypers = self.trait_hypers.clone();
+        Adam::step(self, grads, &hypers).map_err(candle_core::Error::wrap)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.trait_hypers.lrs.first().copied().unwrap_or(0.0)
+    }
+
+    /// Sets the learning rate of every group.
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.trait_hypers.lrs = vec![lr; self.groups.len()];
     }
 }
