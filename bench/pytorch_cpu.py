@@ -1,7 +1,8 @@
 """PyTorch side of `just bench-cpu`: the same measurements as our Rust bench.
 
-ResNet-50 (torchvision layout, random init: speed does not depend on the
-weights) with fastai's head written out in plain torch, 128 px, batch 64:
+A torchvision ResNet (`--arch`, default ResNet-50; random init: speed does
+not depend on the weights) with fastai's head written out in plain torch,
+128 px, batch 64 by default:
 
 - train_frozen   images/s: forward, BCE-with-logits, backward, Adam step with
                  the body's conv weights frozen and every BatchNorm trainable
@@ -69,10 +70,11 @@ def fastai_head(torch, nf, n_classes):
     return head
 
 
-def build_model(torch, torchvision, n_classes):
-    body = torchvision.models.resnet50(weights=None)
+def build_model(torch, torchvision, arch, n_classes):
+    body = getattr(torchvision.models, arch)(weights=None)
+    features = body.fc.in_features
     body = torch.nn.Sequential(*list(body.children())[:-2])
-    return torch.nn.Sequential(body, fastai_head(torch, 2048, n_classes))
+    return torch.nn.Sequential(body, fastai_head(torch, features, n_classes))
 
 
 def set_frozen(model, frozen):
@@ -123,6 +125,7 @@ def time_eval(torch, model, batch, warmup, iters):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50", help="a torchvision ResNet: resnet18 ... resnet152")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=128)
@@ -142,11 +145,18 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n_classes = 20
-    model = build_model(torch, torchvision, n_classes)
+    model = build_model(torch, torchvision, args.arch, n_classes)
     batch = torch.randn(args.batch_size, 3, args.size, args.size)
     targets = (torch.rand(args.batch_size, n_classes) < 0.1).float()
 
-    result = {"torch": torch.__version__, "threads": args.threads, "batch_size": args.batch_size, "size": args.size}
+    result = {
+        "torch": torch.__version__,
+        "simd": torch.backends.cpu.get_cpu_capability(),
+        "arch": args.arch,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "size": args.size,
+    }
     log(f"pytorch {torch.__version__}, {torch.get_num_threads()} threads")
     if "train_frozen" in only:
         log("pytorch: train_frozen")

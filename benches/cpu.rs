@@ -1,8 +1,8 @@
-//! `just bench-cpu`: our CPU training speed next to PyTorch's on the same
-//! machine, with the same thread count.
+//! `just bench-cpu`: our CPU training speed next to PyTorch's and fastai's on
+//! the same machine, with the same thread count.
 //!
-//! ResNet-50 with fastai's head (random init: speed does not depend on the
-//! weights), 128 px, batch 64, after warm-up:
+//! By default, ResNet-50 with fastai's head (random init: speed does not
+//! depend on the weights), 128 px, batch 64, after warm-up:
 //!
 //! - `train_frozen`, `train_unfrozen`: images/s of forward, stable BCE,
 //!   backward and an Adam step, with the body frozen (BatchNorm still
@@ -27,11 +27,29 @@
 //! that works it is skipped with a message. The table goes to stdout and
 //! everything to `target/bench/cpu.json` (`ours`, `reference`, `ratio`).
 //!
-//! Flags (after `--`): `--batch-size N`, `--iters N`, `--warmup N`,
-//! `--size N`, `--threads N`, `--images N` (generated images for the data
-//! measurement, default 512), `--python PATH`, `--no-pytorch`, `--only
-//! PHASES` (comma list of `train_frozen,train_unfrozen,eval,data`). Each
-//! also reads `MULTILABEL_BENCH_<FLAG>` (e.g. `MULTILABEL_BENCH_BATCH_SIZE=16`).
+//! Two more modes, alone or together, instead of the above:
+//!
+//! - `--matrix`: training (frozen, unfrozen) and eval images/s next to
+//!   PyTorch for ResNet-18 and ResNet-50 at 64, 128 and 224 px (batch 64;
+//!   32 at 224 unless `--batch-size` is given); `target/bench/cpu-matrix.json`;
+//! - `--e2e`: the whole recipe, `fine_tune(1, 3e-3, freeze_epochs=1)` from
+//!   random weights, on `--e2e-images` generated 500×375 JPEGs (default
+//!   1,000, a fifth of them validation; 10 classes): ours through the
+//!   `multilabel` binary as a user runs it, fastai through its own
+//!   `DataLoaders` and `fine_tune` (`bench/fastai_e2e.py`), each as wall time
+//!   from start to the saved model, with mAP and accuracy_multi (0.2) of the
+//!   result, for each of `--seeds N` seeds and their mean and spread;
+//!   `target/bench/cpu-e2e.json`.
+//!
+//! Every mode prints the CPU model and the SIMD level each side runs at.
+//!
+//! Flags (after `--`): `--arch NAME` (default resnet50), `--batch-size N`,
+//! `--iters N`, `--warmup N`, `--size N`, `--threads N`, `--images N`
+//! (generated images for the data measurement, default 512), `--python
+//! PATH`, `--no-pytorch`, `--only PHASES` (comma list of
+//! `train_frozen,train_unfrozen,eval,data`), `--matrix`, `--e2e`, `--seeds
+//! N`, `--e2e-images N`. Each also reads `MULTILABEL_BENCH_<FLAG>` (e.g.
+//! `MULTILABEL_BENCH_BATCH_SIZE=16`, `MULTILABEL_BENCH_MATRIX=1`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -64,7 +82,7 @@ const DATA_EPOCHS: usize = 2;
 const PASCAL_SIZE: (u32, u32) = (500, 375);
 const N_CLASSES: usize = 20;
 /// The flags that take a value, each also read from `MULTILABEL_BENCH_<FLAG>`.
-const VALUE_FLAGS: [&str; 8] = [
+const VALUE_FLAGS: [&str; 11] = [
     "batch-size",
     "iters",
     "warmup",
@@ -73,10 +91,27 @@ const VALUE_FLAGS: [&str; 8] = [
     "images",
     "python",
     "only",
+    "arch",
+    "seeds",
+    "e2e-images",
 ];
+/// The cells of `--matrix`: every architecture at every size.
+const MATRIX_ARCHS: [Arch; 2] = [Arch::ResNet18, Arch::ResNet50];
+const MATRIX_SIZES: [usize; 3] = [64, 128, 224];
+/// The training and eval phases, which the matrix measures per cell.
+const MODEL_PHASES: [&str; 3] = ["train_frozen", "train_unfrozen", "eval"];
 
 #[derive(Debug, Clone)]
 struct Options {
+    arch: Arch,
+    /// `--batch-size` was given (the matrix then uses it at every size).
+    batch_given: bool,
+    /// Measure every cell of [`MATRIX_ARCHS`] × [`MATRIX_SIZES`].
+    matrix: bool,
+    /// Time the whole recipe through the CLI next to fastai's.
+    e2e: bool,
+    seeds: usize,
+    e2e_images: usize,
     batch_size: usize,
     iters: usize,
     warmup: usize,
@@ -102,12 +137,16 @@ fn parse_options() -> Result<Options> {
         }
     }
     let mut pytorch = env_flag("no-pytorch").is_none();
+    let mut matrix = env_flag("matrix").is_some();
+    let mut e2e = env_flag("e2e").is_some();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             // cargo bench passes `--bench` to every harness-less bench.
             "--bench" => {}
             "--no-pytorch" => pytorch = false,
+            "--matrix" => matrix = true,
+            "--e2e" => e2e = true,
             flag if flag.starts_with("--") => {
                 let (name, value) = match flag[2..].split_once('=') {
                     Some((n, v)) => (n.to_string(), v.to_string()),
@@ -146,7 +185,17 @@ fn parse_options() -> Result<Options> {
             bail!("unknown flag --{name}; see the flags in benches/cpu.rs");
         }
     }
+    let arch = match flags.get("arch") {
+        None => Arch::ResNet50,
+        Some(name) => name.parse().map_err(|e| anyhow::anyhow!("--arch: {e}"))?,
+    };
     let options = Options {
+        arch,
+        batch_given: flags.contains_key("batch-size"),
+        matrix,
+        e2e,
+        seeds: number("seeds", 1)?,
+        e2e_images: number("e2e-images", 1000)?,
         batch_size: number("batch-size", 64)?,
         iters: number("iters", 3)?,
         warmup: number("warmup", 1)?,
@@ -157,8 +206,11 @@ fn parse_options() -> Result<Options> {
         pytorch,
         only,
     };
-    if options.batch_size < 2 || options.iters == 0 || options.threads == 0 {
-        bail!("--batch-size must be at least 2, --iters and --threads at least 1");
+    if options.batch_size < 2 || options.iters == 0 || options.threads == 0 || options.seeds == 0 {
+        bail!("--batch-size must be at least 2, --iters, --threads and --seeds at least 1");
+    }
+    if options.e2e_images < 10 {
+        bail!("--e2e-images must be at least 10");
     }
     Ok(options)
 }
@@ -330,7 +382,7 @@ fn ours(o: &Options, data_root: Option<&Path>) -> Result<BTreeMap<String, f64>> 
     let device = Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let config = ResNetConfig::new(Arch::ResNet50, N_CLASSES);
+    let config = ResNetConfig::new(o.arch, N_CLASSES);
     let mut model = ResNet::new(&config, vb, 0)?;
     let x = Tensor::randn(0f32, 1.0, (o.batch_size, 3, o.size, o.size), &device)?;
     let y = Tensor::rand(0f32, 1.0, (o.batch_size, N_CLASSES), &device)?
@@ -445,6 +497,8 @@ fn pytorch(
         return Ok(out);
     }
     let args = [
+        "--arch",
+        o.arch.name(),
         "--threads",
         &o.threads.to_string(),
         "--batch-size",
@@ -465,8 +519,8 @@ fn pytorch(
             out.insert(key.to_string(), v);
         }
     }
-    if let Some(v) = value.get("torch").and_then(Value::as_str) {
-        eprintln!("pytorch: torch {v}");
+    if let (Some(v), Some(simd)) = (value.get("torch"), value.get("simd")) {
+        eprintln!("pytorch: torch {v}, CPU capability {simd}");
     }
     Ok(out)
 }
@@ -532,7 +586,8 @@ fn main() -> Result<()> {
         multilabel_resnet::cpu::keep_freed_memory();
     }
     // Both sides get the same number of threads: rayon (ours, candle, gemm)
-    // reads this before its pool starts.
+    // reads this before its pool starts, and the CLI run by `--e2e`
+    // inherits it.
     // SAFETY: nothing else runs yet.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", o.threads.to_string()) };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -540,18 +595,64 @@ fn main() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     std::fs::create_dir_all(target.join("bench"))?;
-    eprintln!(
-        "resnet50 + fastai head, {} px, batch {}, {} threads, {} warm-up + {} timed steps",
-        o.size, o.batch_size, o.threads, o.warmup, o.iters
-    );
-    let data_root = if o.only.iter().any(|p| p == "data") {
-        Some(pascal_sized_dataset(&target, o.images)?)
-    } else {
-        None
-    };
-    let ours = ours(&o, data_root.as_deref())?;
+    let machine = machine();
+    eprintln!("{machine}");
+    if o.matrix {
+        run_matrix(&o, &root, &target, &machine)?;
+    }
+    if o.e2e {
+        run_e2e(&o, &root, &target, &machine)?;
+    }
+    if !o.matrix && !o.e2e {
+        run_single(&o, &root, &target, &machine)?;
+    }
+    Ok(())
+}
+
+/// The CPU's model name and the SIMD level our side runs at.
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    json!({ "cpu": cpu, "simd": simd_level() })
+}
+
+/// The widest vectors `gemm` (the convolutions' products) uses on this CPU,
+/// chosen at run time; our other kernels are compiled for the baseline of
+/// the target (SSE2 on x86-64) and auto-vectorised.
+fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "gemm AVX-512 (x86-v4)";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "gemm AVX2+FMA (x86-v3)";
+        }
+        "gemm SSE2 (baseline)"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "gemm NEON"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "gemm scalar"
+    }
+}
+
+/// Ours and the reference's figures for one configuration, and their ratios.
+fn measure(o: &Options, root: &Path, data_root: Option<&Path>) -> Result<Measured> {
+    let ours = ours(o, data_root)?;
     let theirs = if o.pytorch {
-        match reference(&o, &root, data_root.as_deref()) {
+        match reference(o, root, data_root) {
             Ok(t) => Some(t),
             Err(why) => {
                 eprintln!("reference side skipped: {why}");
@@ -570,6 +671,368 @@ fn main() -> Result<()> {
             }
         }
     }
+    Ok(Measured {
+        ours,
+        theirs,
+        ratio,
+    })
+}
+
+struct Measured {
+    ours: BTreeMap<String, f64>,
+    theirs: Option<BTreeMap<String, f64>>,
+    ratio: BTreeMap<String, f64>,
+}
+
+/// `--matrix`: training and eval at every architecture and size.
+fn run_matrix(o: &Options, root: &Path, target: &Path, machine: &Value) -> Result<()> {
+    let mut cells = Vec::new();
+    println!();
+    println!(
+        "| {:<8} | {:>4} | {:>5} | {:<14} | {:>9} | {:>9} | {:>6} |",
+        "arch", "px", "batch", "metric", "ours", "pytorch", "ratio"
+    );
+    println!(
+        "|{:-<10}|{:->6}|{:->7}|{:-<16}|{:->11}|{:->11}|{:->8}|",
+        "", "", "", "", "", "", ""
+    );
+    for arch in MATRIX_ARCHS {
+        for size in MATRIX_SIZES {
+            let batch_size = if o.batch_given || size < 224 {
+                o.batch_size
+            } else {
+                o.batch_size.min(32)
+            };
+            let cell = Options {
+                arch,
+                size,
+                batch_size,
+                only: MODEL_PHASES.iter().map(|p| p.to_string()).collect(),
+                ..o.clone()
+            };
+            eprintln!("matrix: {arch} at {size} px, batch {batch_size}");
+            let m = measure(&cell, root, None)?;
+            for key in MODEL_PHASES {
+                let fmt = |v: Option<&f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+                println!(
+                    "| {:<8} | {:>4} | {:>5} | {:<14} | {:>9} | {:>9} | {:>6} |",
+                    arch.name(),
+                    size,
+                    batch_size,
+                    key,
+                    fmt(m.ours.get(key)),
+                    fmt(m.theirs.as_ref().and_then(|t| t.get(key))),
+                    m.ratio.get(key).map_or("-".into(), |r| format!("{r:.2}")),
+                );
+            }
+            cells.push(json!({
+                "arch": arch.name(), "size": size, "batch_size": batch_size,
+                "ours": m.ours, "pytorch": m.theirs, "ratio": m.ratio,
+            }));
+        }
+    }
+    println!(
+        "(images/s; ratio = ours / pytorch, higher is better; {} threads, {} warm-up + {} timed steps)",
+        o.threads, o.warmup, o.iters
+    );
+    let json = json!({
+        "machine": machine,
+        "config": { "threads": o.threads, "warmup": o.warmup, "iters": o.iters },
+        "cells": cells,
+    });
+    write_json(&target.join("bench/cpu-matrix.json"), &json)
+}
+
+fn write_json(path: &Path, json: &Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(json)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// One whole run of the recipe: wall seconds and the validation figures.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct RunResult {
+    wall_s: f64,
+    map: f64,
+    accuracy_multi: f64,
+}
+
+/// Classes of the end-to-end dataset (every shape `synth` has).
+const E2E_CLASSES: usize = 10;
+
+/// Writes (once) the end-to-end dataset: `n` PASCAL-sized JPEGs, a fifth of
+/// them validation rows.
+fn e2e_dataset(target: &Path, n: usize) -> Result<PathBuf> {
+    let (w, h) = PASCAL_SIZE;
+    let root = target.join(format!("bench/e2e-{n}-{w}x{h}"));
+    if !root.join("train.csv").exists() {
+        eprintln!("writing {n} generated {w}x{h} JPEGs to {}", root.display());
+        synth(&SynthConfig {
+            out: root.clone(),
+            n_train: n - n / 5,
+            n_valid: n / 5,
+            classes: E2E_CLASSES,
+            seed: 0,
+            image_size: Some(PASCAL_SIZE),
+        })
+        .with_context(|| format!("writing a synthetic dataset to {}", root.display()))?;
+    }
+    Ok(root)
+}
+
+/// The recipe's settings for both sides: `fine_tune(1, 3e-3, freeze_epochs=1)`.
+const E2E_EPOCHS: usize = 1;
+const E2E_FREEZE_EPOCHS: usize = 1;
+const E2E_BASE_LR: f64 = 3e-3;
+
+/// Our side: `multilabel train` as a user runs it, timed from start to
+/// exit (the saved model), then `multilabel eval` (not timed) for mAP and
+/// accuracy_multi at 0.2.
+fn ours_e2e(o: &Options, data: &Path, run: &Path, seed: usize) -> Result<RunResult> {
+    let bin = env!("CARGO_BIN_EXE_multilabel");
+    if run.exists() {
+        std::fs::remove_dir_all(run).with_context(|| format!("removing {}", run.display()))?;
+    }
+    let start = Instant::now();
+    let status = Command::new(bin)
+        .arg("train")
+        .arg("--data")
+        .arg(data)
+        .arg("--run")
+        .arg(run)
+        .args([
+            "--arch",
+            o.arch.name(),
+            "--weights",
+            "none",
+            "--device",
+            "cpu",
+        ])
+        .args([
+            "--size",
+            &o.size.to_string(),
+            "--bs",
+            &o.batch_size.to_string(),
+        ])
+        .args(["--epochs", &E2E_EPOCHS.to_string()])
+        .args(["--freeze-epochs", &E2E_FREEZE_EPOCHS.to_string()])
+        .args(["--base-lr", &E2E_BASE_LR.to_string()])
+        .args(["--seed", &seed.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("starting multilabel train")?;
+    let wall_s = start.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("multilabel train exited with {status}");
+    }
+    let report = run.join("e2e-eval.json");
+    let status = Command::new(bin)
+        .arg("eval")
+        .arg("--run")
+        .arg(run)
+        .args(["--thresh", "0.2", "--device", "cpu"])
+        .arg("--json")
+        .arg(&report)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("starting multilabel eval")?;
+    if !status.success() {
+        bail!("multilabel eval exited with {status}");
+    }
+    let value: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    let get = |k: &str| {
+        value
+            .get(k)
+            .and_then(Value::as_f64)
+            .with_context(|| format!("{} has no {k}", report.display()))
+    };
+    Ok(RunResult {
+        wall_s,
+        map: get("map")?,
+        accuracy_multi: get("accuracy_multi")?,
+    })
+}
+
+/// fastai's side: `bench/fastai_e2e.py`.
+fn fastai_e2e(
+    o: &Options,
+    py: &Path,
+    root: &Path,
+    data: &Path,
+    out: &Path,
+    seed: usize,
+) -> std::result::Result<RunResult, String> {
+    let args = [
+        "--data".to_string(),
+        data.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--arch".into(),
+        o.arch.name().to_string(),
+        "--size".into(),
+        o.size.to_string(),
+        "--batch-size".into(),
+        o.batch_size.to_string(),
+        "--epochs".into(),
+        E2E_EPOCHS.to_string(),
+        "--freeze-epochs".into(),
+        E2E_FREEZE_EPOCHS.to_string(),
+        "--base-lr".into(),
+        E2E_BASE_LR.to_string(),
+        "--workers".into(),
+        o.threads.to_string(),
+        "--threads".into(),
+        o.threads.to_string(),
+        "--seed".into(),
+        seed.to_string(),
+    ];
+    let value = run_script(py, &root.join("bench/fastai_e2e.py"), &args, o.threads)?;
+    let get = |k: &str| {
+        value
+            .get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("bench/fastai_e2e.py gave no {k}"))
+    };
+    if let (Some(v), Some(simd)) = (value.get("versions"), value.get("simd")) {
+        eprintln!("fastai side: {v}, CPU capability {simd}");
+    }
+    Ok(RunResult {
+        wall_s: get("wall_s")?,
+        map: get("map")?,
+        accuracy_multi: get("accuracy_multi")?,
+    })
+}
+
+/// Mean and sample standard deviation.
+fn mean_sd(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// `--e2e`: the whole recipe through our CLI next to fastai's, per seed.
+fn run_e2e(o: &Options, root: &Path, target: &Path, machine: &Value) -> Result<()> {
+    let data = e2e_dataset(target, o.e2e_images)?;
+    let py = if o.pytorch {
+        match python(o, root) {
+            Ok(py) => Some(py),
+            Err(why) => {
+                eprintln!("fastai side skipped: {why}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut ours_runs = Vec::new();
+    let mut fastai_runs = Vec::new();
+    for seed in 0..o.seeds {
+        eprintln!("e2e: ours, {} at {} px, seed {seed}", o.arch, o.size);
+        let run = target.join(format!("bench/e2e-run-ours-{seed}"));
+        let r = ours_e2e(o, &data, &run, seed)?;
+        eprintln!("e2e: ours {r:?}");
+        ours_runs.push(r);
+        if let Some(py) = &py {
+            eprintln!("e2e: fastai, seed {seed}");
+            let out = target.join(format!("bench/e2e-run-fastai-{seed}"));
+            match fastai_e2e(o, py, root, &data, &out, seed) {
+                Ok(r) => {
+                    eprintln!("e2e: fastai {r:?}");
+                    fastai_runs.push(r);
+                }
+                Err(why) => eprintln!("fastai side failed: {why}"),
+            }
+        }
+    }
+    println!();
+    println!(
+        "whole recipe, fine_tune({E2E_EPOCHS}, {E2E_BASE_LR}, freeze_epochs={E2E_FREEZE_EPOCHS}), {} at {} px, batch {}, {} images ({} valid), random init, {} threads",
+        o.arch,
+        o.size,
+        o.batch_size,
+        o.e2e_images,
+        o.e2e_images / 5,
+        o.threads
+    );
+    println!(
+        "| {:>4} | {:>10} | {:>10} | {:>8} | {:>8} | {:>8} | {:>8} |",
+        "seed", "ours s", "fastai s", "ours mAP", "fa mAP", "ours acc", "fa acc"
+    );
+    println!(
+        "|{:->6}|{:->12}|{:->12}|{:->10}|{:->10}|{:->10}|{:->10}|",
+        "", "", "", "", "", "", ""
+    );
+    let fmt = |r: Option<&RunResult>, f: fn(&RunResult) -> f64, digits: usize| {
+        r.map_or("-".to_string(), |r| format!("{:.*}", digits, f(r)))
+    };
+    for seed in 0..o.seeds {
+        let (a, b) = (ours_runs.get(seed), fastai_runs.get(seed));
+        println!(
+            "| {:>4} | {:>10} | {:>10} | {:>8} | {:>8} | {:>8} | {:>8} |",
+            seed,
+            fmt(a, |r| r.wall_s, 1),
+            fmt(b, |r| r.wall_s, 1),
+            fmt(a, |r| r.map, 4),
+            fmt(b, |r| r.map, 4),
+            fmt(a, |r| r.accuracy_multi, 4),
+            fmt(b, |r| r.accuracy_multi, 4),
+        );
+    }
+    let summary = |runs: &[RunResult]| {
+        let pick = |f: fn(&RunResult) -> f64| mean_sd(&runs.iter().map(f).collect::<Vec<_>>());
+        json!({
+            "wall_s": pick(|r| r.wall_s), "map": pick(|r| r.map),
+            "accuracy_multi": pick(|r| r.accuracy_multi),
+        })
+    };
+    let ours_summary = summary(&ours_runs);
+    let fastai_summary = (!fastai_runs.is_empty()).then(|| summary(&fastai_runs));
+    println!("mean, sd over seeds: ours {ours_summary}");
+    if let Some(f) = &fastai_summary {
+        println!("mean, sd over seeds: fastai {f}");
+        let (ours_wall, _) = mean_sd(&ours_runs.iter().map(|r| r.wall_s).collect::<Vec<_>>());
+        let (fastai_wall, _) = mean_sd(&fastai_runs.iter().map(|r| r.wall_s).collect::<Vec<_>>());
+        println!(
+            "wall time ratio ours / fastai: {:.2} (lower is better)",
+            ours_wall / fastai_wall
+        );
+    }
+    let json = json!({
+        "machine": machine,
+        "config": {
+            "arch": o.arch.name(), "size": o.size, "batch_size": o.batch_size,
+            "threads": o.threads, "images": o.e2e_images, "valid": o.e2e_images / 5,
+            "classes": E2E_CLASSES, "epochs": E2E_EPOCHS, "freeze_epochs": E2E_FREEZE_EPOCHS,
+            "base_lr": E2E_BASE_LR, "weights": "random",
+        },
+        "ours": { "runs": ours_runs, "mean_sd": ours_summary },
+        "fastai": { "runs": fastai_runs, "mean_sd": fastai_summary },
+    });
+    write_json(&target.join("bench/cpu-e2e.json"), &json)
+}
+
+/// The default mode: one configuration, every phase of `--only`.
+fn run_single(o: &Options, root: &Path, target: &Path, machine: &Value) -> Result<()> {
+    eprintln!(
+        "{} + fastai head, {} px, batch {}, {} threads, {} warm-up + {} timed steps",
+        o.arch, o.size, o.batch_size, o.threads, o.warmup, o.iters
+    );
+    let data_root = if o.only.iter().any(|p| p == "data") {
+        Some(pascal_sized_dataset(target, o.images)?)
+    } else {
+        None
+    };
+    let Measured {
+        ours,
+        theirs,
+        ratio,
+    } = measure(o, root, data_root.as_deref())?;
     println!();
     println!(
         "| {:<16} | {:>10} | {:>10} | {:>8} |",
@@ -591,19 +1054,16 @@ fn main() -> Result<()> {
          ratio = ours / reference, higher is better except for memory)"
     );
     let json = json!({
+        "machine": machine,
         "config": {
-            "arch": "resnet50", "size": o.size, "batch_size": o.batch_size,
+            "arch": o.arch.name(), "size": o.size, "batch_size": o.batch_size,
             "threads": o.threads, "warmup": o.warmup, "iters": o.iters,
             "data_images": o.images, "data_image_size": PASCAL_SIZE,
-            "data_workers": data_workers(&o), "data_epochs": DATA_EPOCHS,
+            "data_workers": data_workers(o), "data_epochs": DATA_EPOCHS,
         },
         "ours": ours,
         "reference": theirs,
         "ratio": ratio,
     });
-    let path = target.join("bench/cpu.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
+    write_json(&target.join("bench/cpu.json"), &json)
 }
