@@ -467,6 +467,22 @@ fn a_bundle_whose_files_disagree_is_refused_naming_the_file() {
             "threshold",
         ),
         (
+            "per-class thresholds for another vocab",
+            Box::new(|meta| {
+                meta["class_thresholds"] = serde_json::json!([0.3, 0.4]);
+            }),
+            "model.json",
+            "`class_thresholds` has 2 values for 3 labels",
+        ),
+        (
+            "a per-class threshold out of range",
+            Box::new(|meta| {
+                meta["class_thresholds"] = serde_json::json!([0.3, 1.5, 0.2]);
+            }),
+            "model.json",
+            "must be between 0 and 1, got 1.5",
+        ),
+        (
             "image size zero",
             Box::new(|meta| {
                 meta["image_size"] = 0.into();
@@ -767,4 +783,104 @@ fn synth_writes_images_of_the_asked_size() {
         );
         assert!(!cwd.join(out).exists(), "{out} was created");
     }
+}
+
+/// `eval --per-class` reports a threshold per class with the held-out
+/// estimate, `--save` stores them in model.json (nothing else in the bundle
+/// changes), `predict` then uses them and says so, and `--thresh` overrides
+/// them. `--save` alone is a flag error.
+#[test]
+fn per_class_thresholds_are_chosen_saved_and_used() {
+    let work = tempfile::tempdir().unwrap();
+    let run_dir = work.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    for file in ["model.safetensors", "config.json", "model.json"] {
+        std::fs::copy(trained_run().join(file), run_dir.join(file)).unwrap();
+    }
+    let weights = std::fs::read(run_dir.join("model.safetensors")).unwrap();
+    let run_arg = run_dir.to_str().unwrap();
+    let json = work.path().join("eval.json");
+    let out = ok(
+        &[
+            "eval",
+            "--run",
+            run_arg,
+            "--device",
+            "cpu",
+            "--per-class",
+            "--save",
+            "--json",
+            json.to_str().unwrap(),
+            // A threshold among the sweep's, so each class's own can only beat it.
+            "--thresh",
+            "0.05",
+        ],
+        work.path(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("per class, held-out halves"), "{stdout}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let per_class = &report["per_class_thresholds"];
+    let classes = per_class["classes"].as_array().unwrap();
+    assert_eq!(classes.len(), 3);
+    let chosen: Vec<f64> = classes
+        .iter()
+        .map(|c| c["thresh"].as_f64().unwrap())
+        .collect();
+    // Each class's F1 at its own threshold is at least its F1 at the single one.
+    for (class, single) in classes.iter().zip(report["per_class"].as_array().unwrap()) {
+        assert!(class["f1"].as_f64().unwrap() >= single["f1"].as_f64().unwrap() - 1e-12);
+    }
+    for key in ["held_out_single", "held_out_per_class"] {
+        let acc = per_class[key]["accuracy_multi"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{key}: {acc}");
+    }
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("model.json")).unwrap())
+            .unwrap();
+    let saved: Vec<f64> = meta["class_thresholds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    assert_eq!(saved.len(), 3);
+    for (a, b) in saved.iter().zip(&chosen) {
+        assert!((a - b).abs() < 1e-6, "saved {saved:?}, reported {chosen:?}");
+    }
+    assert_eq!(
+        std::fs::read(run_dir.join("model.safetensors")).unwrap(),
+        weights
+    );
+
+    let image = std::fs::read_dir(dataset().join("train"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let predict = [
+        "predict",
+        "--run",
+        run_arg,
+        "--device",
+        "cpu",
+        image.to_str().unwrap(),
+    ];
+    let out = ok(&predict, work.path());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("using the per-class thresholds"),
+        "{}",
+        text(&out)
+    );
+    let mut with_thresh = predict.to_vec();
+    with_thresh.extend(["--thresh", "0.5"]);
+    let out = ok(&with_thresh, work.path());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("per-class"));
+
+    fails(
+        &["eval", "--run", run_arg, "--save"],
+        work.path(),
+        "--per-class",
+    );
 }

@@ -247,6 +247,24 @@ fn check_model_meta(meta: &ModelMeta, meta_path: &Path) -> anyhow::Result<ResNet
             meta.threshold
         );
     }
+    if let Some(thresholds) = &meta.class_thresholds {
+        if thresholds.len() != meta.vocab.len() {
+            bail!(
+                "{path}: `class_thresholds` has {} values for {} labels; the file was edited: \
+                 remove the entry or run `eval --per-class --save` again",
+                thresholds.len(),
+                meta.vocab.len()
+            );
+        }
+        if let Some((name, t)) = meta
+            .vocab
+            .iter()
+            .zip(thresholds)
+            .find(|(_, t)| !(**t > 0.0 && **t < 1.0))
+        {
+            bail!("{path}: the threshold of `{name}` must be between 0 and 1, got {t}");
+        }
+    }
     run_transform(meta)
         .validate()
         .with_context(|| format!("{path}: the image settings are not usable"))?;

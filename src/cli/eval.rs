@@ -40,6 +40,16 @@ pub struct EvalArgs {
     /// Compute device: auto, cpu, cuda, cuda:N, metal
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Also choose one threshold per class (the sweep's value that maximises
+    /// the class's F1) and report what it gives next to the single threshold,
+    /// including an honest estimate: thresholds chosen on half the images and
+    /// scored on the other half
+    #[arg(long)]
+    pub per_class: bool,
+    /// With --per-class: store the per-class thresholds in the run's
+    /// model.json, where `predict` uses them (its --thresh overrides)
+    #[arg(long, requires = "per_class")]
+    pub save: bool,
 }
 
 /// `multilabel eval`.
@@ -84,8 +94,23 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     );
     let preds = multilabel_train::predict(&loaded.model, &loader, None, &mut |_, _| {})
         .with_context(|| format!("evaluating run {}", run.path().display()))?;
-    let report = EvalReport::compute(&preds, &meta.vocab, thresh, &default_thresholds())
+    let mut report = EvalReport::compute(&preds, &meta.vocab, thresh, &default_thresholds())
         .with_context(|| format!("evaluating run {}", run.path().display()))?;
+    if args.per_class {
+        if preds.n_items() < 2 {
+            bail!(
+                "--per-class needs at least two validation images to choose and check thresholds"
+            );
+        }
+        report = report
+            .with_per_class(&preds, &default_thresholds())
+            .with_context(|| {
+                format!(
+                    "choosing per-class thresholds for run {}",
+                    run.path().display()
+                )
+            })?;
+    }
     print!("{}", report.render());
 
     let json_path = args.json.unwrap_or_else(|| run.path().join("eval.json"));
@@ -100,6 +125,22 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     println!();
     println!("report: {}", json_path.display());
     println!("sweep plot: {}", plot_path.display());
+    if args.save
+        && let Some(p) = &report.per_class_thresholds
+    {
+        let mut meta = loaded.meta.clone();
+        meta.class_thresholds = Some(p.classes.iter().map(|c| c.thresh).collect());
+        run.save_model_meta(&meta).with_context(|| {
+            format!(
+                "saving the thresholds to {}",
+                run.model_meta_path().display()
+            )
+        })?;
+        println!(
+            "per-class thresholds saved to {}; predict uses them unless given --thresh",
+            run.model_meta_path().display()
+        );
+    }
     Ok(())
 }
 
@@ -112,7 +153,9 @@ pub struct PredictArgs {
     /// Run folder [default: runs/latest]
     #[arg(long, value_name = "DIR")]
     pub run: Option<PathBuf>,
-    /// Report labels whose probability is above this [default: the run's threshold]
+    /// Report labels whose probability is above this [default: the run's
+    /// per-class thresholds if `eval --per-class --save` stored them, else its
+    /// single threshold]
     #[arg(long)]
     pub thresh: Option<f32>,
     /// Compute device: auto, cpu, cuda, cuda:N, metal
@@ -129,7 +172,17 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let loaded = load_run_model(&run, &device)?;
     let meta = &loaded.meta;
-    let thresh = args.thresh.unwrap_or(meta.threshold);
+    let thresholds: Vec<f32> = match (args.thresh, &meta.class_thresholds) {
+        (Some(t), _) => vec![t; meta.vocab.len()],
+        (None, Some(each)) => {
+            eprintln!(
+                "using the per-class thresholds in {} (--thresh T for one threshold)",
+                run.model_meta_path().display()
+            );
+            each.clone()
+        }
+        (None, None) => vec![meta.threshold; meta.vocab.len()],
+    };
     let transform = run_transform(meta);
     // Check every file before running the model on any.
     let mut inputs = Vec::with_capacity(args.images.len());
@@ -146,7 +199,9 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
                 .vocab
                 .iter()
                 .zip(row.iter().copied())
-                .filter(|&(_, p)| p > thresh)
+                .zip(&thresholds)
+                .filter(|&((_, p), &t)| p > t)
+                .map(|(found, _)| found)
                 .collect();
             found.sort_by(|a, b| b.1.total_cmp(&a.1));
             let labels: Vec<String> = found
@@ -231,6 +286,8 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         plot: None,
         bs: 64,
         device: "cpu".into(),
+        per_class: false,
+        save: false,
     })?;
     println!();
     println!("demo data: {}", data.display());

@@ -643,6 +643,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         mean: config.transform.mean,
         std: config.transform.std,
         threshold: best.thresh,
+        class_thresholds: None,
         model: serde_json::to_value(&config.model)?,
     };
     learner.save_model(&meta)?;

@@ -101,6 +101,6 @@ pub use loss::bce_with_logits;
 pub use lr_find::{LrFindConfig, LrFindResult};
 pub use optim::{Adam, AdamConfig, AdamParams, AdamState, OptGroup, OptParam, StepHypers};
 #[cfg(feature = "learner")]
-pub use report::{ClassReport, EvalReport};
+pub use report::{ClassReport, ClassThreshold, EvalReport, PerClassReport};
 pub use run::{Checkpoint, ModelMeta, RunDir, TrainState, atomic_write};
 pub use schedule::{FineTune, LrSpec, OneCycle};

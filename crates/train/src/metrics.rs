@@ -177,44 +177,249 @@ pub fn scores_at(
     n_classes: usize,
     thresh: f32,
 ) -> Result<ThresholdScores> {
-    let n = rows(probs, targets, n_classes)?;
-    let mut tp = vec![0usize; n_classes];
-    let mut fp = vec![0usize; n_classes];
-    let mut fn_ = vec![0usize; n_classes];
-    let mut exact = 0usize;
-    for i in 0..n {
-        let mut all_right = true;
-        for j in 0..n_classes {
-            let predicted = probs[i * n_classes + j] > thresh;
-            let actual = targets[i * n_classes + j] > 0.5;
-            match (predicted, actual) {
-                (true, true) => tp[j] += 1,
-                (true, false) => fp[j] += 1,
-                (false, true) => fn_[j] += 1,
-                (false, false) => {}
-            }
-            all_right &= predicted == actual;
-        }
-        exact += usize::from(all_right);
+    let counts = Counts::new(probs, targets, n_classes, |_| thresh)?;
+    Ok(ThresholdScores {
+        thresh,
+        accuracy_multi: accuracy_multi(probs, targets, thresh)?,
+        f1_micro: counts.f1_micro(),
+        f1_macro: counts.f1_macro(),
+        f1_per_class: counts.f1_per_class(),
+        exact_match: counts.exact_match(),
+        support: counts.support(),
+    })
+}
+
+/// Scores with one threshold per class (see [`per_class_thresholds`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PerClassScores {
+    /// The threshold of each class, in class order.
+    pub thresholds: Vec<f32>,
+    /// The fraction of all N×C elements where `(prob > thresh[class]) == target`.
+    pub accuracy_multi: f64,
+    pub f1_micro: f64,
+    pub f1_macro: f64,
+    pub f1_per_class: Vec<f64>,
+    pub exact_match: f64,
+}
+
+/// accuracy_multi, F1 and exact match with class `j` positive when
+/// `prob > thresholds[j]`.
+pub fn scores_per_class(
+    probs: &[f32],
+    targets: &[f32],
+    n_classes: usize,
+    thresholds: &[f32],
+) -> Result<PerClassScores> {
+    if thresholds.len() != n_classes {
+        return Err(Error::Invalid(format!(
+            "{} thresholds for {n_classes} classes",
+            thresholds.len()
+        )));
     }
-    let f1 = |tp: usize, fp: usize, fn_: usize| {
+    let counts = Counts::new(probs, targets, n_classes, |j| thresholds[j])?;
+    Ok(PerClassScores {
+        thresholds: thresholds.to_vec(),
+        accuracy_multi: counts.correct as f64 / probs.len() as f64,
+        f1_micro: counts.f1_micro(),
+        f1_macro: counts.f1_macro(),
+        f1_per_class: counts.f1_per_class(),
+        exact_match: counts.exact_match(),
+    })
+}
+
+/// For each class, the candidate threshold that maximises that class's F1
+/// (the lowest such candidate on a tie). A class without a positive target
+/// has no F1 to maximise and keeps `fallback` (for example the single
+/// threshold chosen for all classes).
+pub fn per_class_thresholds(
+    probs: &[f32],
+    targets: &[f32],
+    n_classes: usize,
+    candidates: &[f32],
+    fallback: f32,
+) -> Result<Vec<f32>> {
+    if candidates.is_empty() {
+        return Err(Error::Invalid("no candidate thresholds".into()));
+    }
+    let f1s: Vec<Vec<f64>> = candidates
+        .iter()
+        .map(|&t| Ok(Counts::new(probs, targets, n_classes, |_| t)?.f1_per_class()))
+        .collect::<Result<_>>()?;
+    let support = Counts::new(probs, targets, n_classes, |_| fallback)?.support();
+    Ok((0..n_classes)
+        .map(|j| {
+            if support[j] == 0 {
+                return fallback;
+            }
+            let mut best = 0;
+            for (k, f1) in f1s.iter().enumerate() {
+                if f1[j] > f1s[best][j] {
+                    best = k;
+                }
+            }
+            candidates[best]
+        })
+        .collect())
+}
+
+/// Validation figures with thresholds chosen on other images: the rows are
+/// split into two halves (even and odd row numbers), thresholds are chosen
+/// on one half and scored on the other, both ways, and the two scores are
+/// averaged.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeldOutScores {
+    pub accuracy_multi: f64,
+    pub f1_micro: f64,
+    pub f1_macro: f64,
+    pub exact_match: f64,
+}
+
+/// [`HeldOutScores`] of both ways of choosing thresholds: one for all
+/// classes (the best accuracy_multi of the sweep over `candidates`, as
+/// `eval` picks it) and one per class ([`per_class_thresholds`]).
+/// Returns `(single, per_class)`; needs at least two rows.
+pub fn held_out_scores(
+    probs: &[f32],
+    targets: &[f32],
+    n_classes: usize,
+    candidates: &[f32],
+) -> Result<(HeldOutScores, HeldOutScores)> {
+    let n = rows(probs, targets, n_classes)?;
+    if n < 2 {
+        return Err(Error::Invalid(
+            "choosing thresholds on held-out rows needs at least two rows".into(),
+        ));
+    }
+    let half = |parity: usize, values: &[f32]| -> Vec<f32> {
+        values
+            .chunks(n_classes)
+            .enumerate()
+            .filter(|(i, _)| i % 2 == parity)
+            .flat_map(|(_, row)| row.iter().copied())
+            .collect()
+    };
+    let mut single = [0f64; 4];
+    let mut each = [0f64; 4];
+    for (choose, score) in [(0, 1), (1, 0)] {
+        let (cp, ct) = (half(choose, probs), half(choose, targets));
+        let (sp, st) = (half(score, probs), half(score, targets));
+        let sweep = threshold_sweep(&cp, &ct, candidates)?;
+        let best = best_threshold(&sweep)
+            .ok_or_else(|| Error::Invalid("no candidate thresholds".into()))?;
+        let one = scores_at(&sp, &st, n_classes, best.thresh)?;
+        let chosen = per_class_thresholds(&cp, &ct, n_classes, candidates, best.thresh)?;
+        let per = scores_per_class(&sp, &st, n_classes, &chosen)?;
+        for (acc, v) in single.iter_mut().zip([
+            one.accuracy_multi,
+            one.f1_micro,
+            one.f1_macro,
+            one.exact_match,
+        ]) {
+            *acc += v / 2.0;
+        }
+        for (acc, v) in each.iter_mut().zip([
+            per.accuracy_multi,
+            per.f1_micro,
+            per.f1_macro,
+            per.exact_match,
+        ]) {
+            *acc += v / 2.0;
+        }
+    }
+    let pack = |v: [f64; 4]| HeldOutScores {
+        accuracy_multi: v[0],
+        f1_micro: v[1],
+        f1_macro: v[2],
+        exact_match: v[3],
+    };
+    Ok((pack(single), pack(each)))
+}
+
+/// Confusion counts per class, with class `j` predicted positive when
+/// `prob > thresh(j)`.
+struct Counts {
+    tp: Vec<usize>,
+    fp: Vec<usize>,
+    fn_: Vec<usize>,
+    /// Images whose whole label set is predicted exactly.
+    exact: usize,
+    /// Elements predicted correctly.
+    correct: usize,
+    rows: usize,
+}
+
+impl Counts {
+    fn new(
+        probs: &[f32],
+        targets: &[f32],
+        n_classes: usize,
+        thresh: impl Fn(usize) -> f32,
+    ) -> Result<Self> {
+        let n = rows(probs, targets, n_classes)?;
+        let thresholds: Vec<f32> = (0..n_classes).map(thresh).collect();
+        let mut c = Counts {
+            tp: vec![0; n_classes],
+            fp: vec![0; n_classes],
+            fn_: vec![0; n_classes],
+            exact: 0,
+            correct: 0,
+            rows: n,
+        };
+        for i in 0..n {
+            let mut all_right = true;
+            for (j, &t) in thresholds.iter().enumerate() {
+                let predicted = probs[i * n_classes + j] > t;
+                let actual = targets[i * n_classes + j] > 0.5;
+                match (predicted, actual) {
+                    (true, true) => c.tp[j] += 1,
+                    (true, false) => c.fp[j] += 1,
+                    (false, true) => c.fn_[j] += 1,
+                    (false, false) => {}
+                }
+                all_right &= predicted == actual;
+                c.correct += usize::from(predicted == actual);
+            }
+            c.exact += usize::from(all_right);
+        }
+        Ok(c)
+    }
+
+    fn f1(tp: usize, fp: usize, fn_: usize) -> f64 {
         let denominator = 2 * tp + fp + fn_;
         if denominator == 0 {
             0.0
         } else {
             2.0 * tp as f64 / denominator as f64
         }
-    };
-    let f1_per_class: Vec<f64> = (0..n_classes).map(|j| f1(tp[j], fp[j], fn_[j])).collect();
-    Ok(ThresholdScores {
-        thresh,
-        accuracy_multi: accuracy_multi(probs, targets, thresh)?,
-        f1_micro: f1(tp.iter().sum(), fp.iter().sum(), fn_.iter().sum()),
-        f1_macro: f1_per_class.iter().sum::<f64>() / n_classes as f64,
-        f1_per_class,
-        exact_match: exact as f64 / n as f64,
-        support: (0..n_classes).map(|j| tp[j] + fn_[j]).collect(),
-    })
+    }
+
+    fn f1_per_class(&self) -> Vec<f64> {
+        (0..self.tp.len())
+            .map(|j| Self::f1(self.tp[j], self.fp[j], self.fn_[j]))
+            .collect()
+    }
+
+    fn f1_micro(&self) -> f64 {
+        Self::f1(
+            self.tp.iter().sum(),
+            self.fp.iter().sum(),
+            self.fn_.iter().sum(),
+        )
+    }
+
+    fn f1_macro(&self) -> f64 {
+        self.f1_per_class().iter().sum::<f64>() / self.tp.len() as f64
+    }
+
+    fn exact_match(&self) -> f64 {
+        self.exact as f64 / self.rows as f64
+    }
+
+    fn support(&self) -> Vec<usize> {
+        (0..self.tp.len())
+            .map(|j| self.tp[j] + self.fn_[j])
+            .collect()
+    }
 }
 
 /// (precision, recall) at each distinct score, highest score first.

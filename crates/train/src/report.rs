@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::learner::Preds;
 use crate::metrics::{
-    SweepPoint, best_threshold, mean_average_precision, scores_at, threshold_sweep,
+    HeldOutScores, SweepPoint, best_threshold, held_out_scores, mean_average_precision,
+    per_class_thresholds, scores_at, scores_per_class, threshold_sweep,
 };
 
 /// Scores of one class.
@@ -39,6 +40,40 @@ pub struct EvalReport {
     pub sweep: Vec<SweepPoint>,
     pub per_class: Vec<ClassReport>,
     pub n_images: usize,
+    /// With `eval --per-class`: one threshold per class and what it gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class_thresholds: Option<PerClassReport>,
+}
+
+/// One threshold per class, each maximising its class's F1 over the sweep's
+/// thresholds, with the scores it gives next to the single threshold's.
+///
+/// Chosen and scored on the same images, those scores flatter both kinds of
+/// threshold; `held_out_*` are the honest figures: thresholds chosen on half
+/// of the images (even rows, then odd rows) and scored on the other half,
+/// averaged over both ways.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PerClassReport {
+    /// Each class's threshold and F1 with it, in vocab order.
+    pub classes: Vec<ClassThreshold>,
+    /// accuracy_multi with the per-class thresholds, on every image.
+    pub accuracy_multi: f64,
+    pub f1_micro: f64,
+    pub f1_macro: f64,
+    pub exact_match: f64,
+    /// The single threshold of the sweep, chosen and scored on held-out halves.
+    pub held_out_single: HeldOutScores,
+    /// The per-class thresholds, chosen and scored on held-out halves.
+    pub held_out_per_class: HeldOutScores,
+}
+
+/// A class's own threshold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassThreshold {
+    pub name: String,
+    pub thresh: f32,
+    /// F1 of the class at its threshold.
+    pub f1: f64,
 }
 
 impl EvalReport {
@@ -85,7 +120,41 @@ impl EvalReport {
             sweep,
             per_class,
             n_images: preds.n_items(),
+            per_class_thresholds: None,
         })
+    }
+
+    /// Adds [`PerClassReport`]: per-class thresholds chosen among
+    /// `thresholds` (a class without positives keeps the report's
+    /// threshold), and the held-out estimate, which needs two images or more.
+    pub fn with_per_class(mut self, preds: &Preds, thresholds: &[f32]) -> Result<Self> {
+        let n = preds.n_classes;
+        let chosen =
+            per_class_thresholds(&preds.probs, &preds.targets, n, thresholds, self.thresh)?;
+        let scores = scores_per_class(&preds.probs, &preds.targets, n, &chosen)?;
+        let (held_out_single, held_out_per_class) =
+            held_out_scores(&preds.probs, &preds.targets, n, thresholds)?;
+        let classes = self
+            .per_class
+            .iter()
+            .zip(&chosen)
+            .zip(&scores.f1_per_class)
+            .map(|((class, &thresh), &f1)| ClassThreshold {
+                name: class.name.clone(),
+                thresh,
+                f1,
+            })
+            .collect();
+        self.per_class_thresholds = Some(PerClassReport {
+            classes,
+            accuracy_multi: scores.accuracy_multi,
+            f1_micro: scores.f1_micro,
+            f1_macro: scores.f1_macro,
+            exact_match: scores.exact_match,
+            held_out_single,
+            held_out_per_class,
+        });
+        Ok(self)
     }
 
     /// The report as text tables, for a terminal.
@@ -167,6 +236,68 @@ impl EvalReport {
                     class.f1,
                     class.support
                 ),
+            );
+        }
+        if let Some(p) = &self.per_class_thresholds {
+            line(&mut out, String::new());
+            line(
+                &mut out,
+                format!("{:<width$}  {:>6}  {:>6}", "class", "thresh", "F1"),
+            );
+            for c in &p.classes {
+                line(
+                    &mut out,
+                    format!("{:<width$}  {:>6.4}  {:>6.4}", c.name, c.thresh, c.f1),
+                );
+            }
+            line(&mut out, String::new());
+            line(
+                &mut out,
+                format!(
+                    "{:<34}  {:>14}  {:>8}  {:>8}  {:>11}",
+                    "thresholds", "accuracy_multi", "F1 micro", "F1 macro", "exact match"
+                ),
+            );
+            let row = |out: &mut String, what: &str, v: [f64; 4]| {
+                line(
+                    out,
+                    format!(
+                        "{what:<34}  {:>14.4}  {:>8.4}  {:>8.4}  {:>11.4}",
+                        v[0], v[1], v[2], v[3]
+                    ),
+                );
+            };
+            row(
+                &mut out,
+                &format!("one ({:.4}), all images", self.thresh),
+                [
+                    self.accuracy_multi,
+                    self.f1_micro,
+                    self.f1_macro,
+                    self.exact_match,
+                ],
+            );
+            row(
+                &mut out,
+                "per class, all images",
+                [p.accuracy_multi, p.f1_micro, p.f1_macro, p.exact_match],
+            );
+            let held =
+                |h: &HeldOutScores| [h.accuracy_multi, h.f1_micro, h.f1_macro, h.exact_match];
+            row(
+                &mut out,
+                "one (best), held-out halves",
+                held(&p.held_out_single),
+            );
+            row(
+                &mut out,
+                "per class, held-out halves",
+                held(&p.held_out_per_class),
+            );
+            line(
+                &mut out,
+                "(held-out: chosen on half the images, scored on the other half, both ways, averaged)"
+                    .into(),
             );
         }
         out

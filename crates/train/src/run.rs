@@ -36,6 +36,10 @@ pub struct ModelMeta {
     pub std: [f32; 3],
     /// The decision threshold chosen for this model.
     pub threshold: f32,
+    /// One threshold per class, in vocab order, chosen by `eval --per-class
+    /// --save`; where present, `predict` uses them instead of `threshold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_thresholds: Option<Vec<f32>>,
     /// The model crate's full configuration (head included), as it serializes it.
     pub model: serde_json::Value,
 }
@@ -137,6 +141,12 @@ impl RunDir {
         let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
             .map_err(|e| Error::Invalid(format!("cannot serialize the model weights: {e}")))?;
         atomic_write(&self.model_weights_path(), &bytes)?;
+        self.save_json(&self.model_meta_path(), meta)
+    }
+
+    /// Rewrites `model.json` alone (atomically), for settings chosen after
+    /// training such as per-class thresholds; the weights stay as they are.
+    pub fn save_model_meta(&self, meta: &ModelMeta) -> Result<()> {
         self.save_json(&self.model_meta_path(), meta)
     }
 

@@ -166,6 +166,7 @@ fn model_bundle_and_checkpoint_round_trip() {
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],
         threshold: 0.48,
+        class_thresholds: None,
         model: serde_json::json!({"arch": "resnet18"}),
     };
     run.save_model(&vm, &meta).unwrap();

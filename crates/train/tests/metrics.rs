@@ -148,3 +148,52 @@ fn linspace_endpoints_are_exact() {
     assert_eq!((t[0], t[28]), (0.05, 0.95));
     assert!((t[14] - 0.5).abs() < 1e-7);
 }
+
+/// Per-class thresholds (each class's F1-best sweep threshold, a class
+/// without positives keeping the fallback), their scores, and the held-out
+/// estimate of both kinds of threshold, against `per_class_case` in the
+/// golden script (scikit-learn's F1 and subset accuracy).
+#[test]
+fn per_class_thresholds_and_held_out_scores_match_sklearn() {
+    let (probs, targets, c, g) = case();
+    let e = &g["per_class"];
+    let sweep = flat_f32(&g["sweep_thresh"]);
+    let fallback = e["fallback"].as_f64().unwrap() as f32;
+    let chosen = per_class_thresholds(&probs, &targets, c, &sweep, fallback).unwrap();
+    assert_eq!(chosen, flat_f32(&e["thresholds"]));
+    assert_eq!(chosen[5], fallback, "the class without positives");
+
+    let check = |what: &str, got: [f64; 4], want: &serde_json::Value| {
+        for (value, key) in
+            got.iter()
+                .zip(["accuracy_multi", "f1_micro", "f1_macro", "exact_match"])
+        {
+            let w = want[key].as_f64().unwrap();
+            assert!(close(*value, w, 1e-12), "{what} {key}: {value} vs {w}");
+        }
+    };
+    let all = scores_per_class(&probs, &targets, c, &chosen).unwrap();
+    check(
+        "all",
+        [
+            all.accuracy_multi,
+            all.f1_micro,
+            all.f1_macro,
+            all.exact_match,
+        ],
+        &e["all"],
+    );
+    let (single, each) = held_out_scores(&probs, &targets, c, &sweep).unwrap();
+    let pack = |h: HeldOutScores| [h.accuracy_multi, h.f1_micro, h.f1_macro, h.exact_match];
+    check("held-out single", pack(single), &e["held_out_single"]);
+    check("held-out per class", pack(each), &e["held_out_per_class"]);
+
+    // One threshold for every class is `scores_at`.
+    let same = scores_per_class(&probs, &targets, c, &[0.2; 6]).unwrap();
+    let at = scores_at(&probs, &targets, c, 0.2).unwrap();
+    assert_eq!(same.f1_per_class, at.f1_per_class);
+    assert!(close(same.accuracy_multi, at.accuracy_multi, 1e-15));
+    assert_eq!(same.exact_match, at.exact_match);
+    assert!(scores_per_class(&probs, &targets, c, &[0.2; 5]).is_err());
+    assert!(held_out_scores(&probs[..c], &targets[..c], c, &sweep).is_err());
+}
