@@ -711,7 +711,14 @@ fn run_matrix(o: &Options, root: &Path, target: &Path, machine: &Value) -> Resul
                 ..o.clone()
             };
             eprintln!("matrix: {arch} at {size} px, batch {batch_size}");
-            let m = measure(&cell, root, None)?;
+            let mut m = measure(&cell, root, None)?;
+            // Our peak memory is the whole process's, over every cell so
+            // far, so it says nothing about this one; the matrix leaves it out.
+            m.ours.remove("peak_rss_mb");
+            m.ratio.remove("peak_rss_mb");
+            if let Some(t) = &mut m.theirs {
+                t.remove("peak_rss_mb");
+            }
             for key in MODEL_PHASES {
                 let fmt = |v: Option<&f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 println!(
