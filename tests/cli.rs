@@ -884,3 +884,49 @@ fn per_class_thresholds_are_chosen_saved_and_used() {
         "--per-class",
     );
 }
+
+/// `eval --tta` reports the TTA predictions next to the plain ones, in the
+/// table and in eval.json; the plain figures do not change.
+#[test]
+fn eval_with_tta_reports_both_predictions() {
+    let work = tempfile::tempdir().unwrap();
+    let run_arg = trained_run().to_str().unwrap();
+    let plain_json = work.path().join("plain.json");
+    let tta_json = work.path().join("tta.json");
+    let base = ["eval", "--run", run_arg, "--device", "cpu", "--plot"];
+    let plot = work.path().join("sweep.png");
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend([
+        plot.to_str().unwrap(),
+        "--json",
+        plain_json.to_str().unwrap(),
+    ]);
+    ok(&args, work.path());
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend([
+        plot.to_str().unwrap(),
+        "--json",
+        tta_json.to_str().unwrap(),
+        "--tta",
+        "--tta-n",
+        "2",
+    ]);
+    let out = ok(&args, work.path());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("TTA (n=2, beta=0.25)"));
+    let read =
+        |p: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let (plain, with_tta) = (read(&plain_json), read(&tta_json));
+    assert!(plain.get("tta").is_none());
+    assert_eq!(plain["map"], with_tta["map"]);
+    assert_eq!(plain["accuracy_multi"], with_tta["accuracy_multi"]);
+    let tta = &with_tta["tta"];
+    assert_eq!(tta["config"]["n"], 2);
+    for key in ["map", "accuracy_multi", "valid_loss"] {
+        assert!(tta[key].as_f64().unwrap().is_finite(), "{key}");
+    }
+    fails(
+        &["eval", "--run", run_arg, "--tta", "--tta-n", "0"],
+        work.path(),
+        "--tta-n",
+    );
+}

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use candle_core::Tensor;
 use clap::Args;
-use multilabel_data::{DatasetConfig, SynthConfig, load_image_for_eval, synth};
-use multilabel_train::EvalReport;
+use multilabel_data::{DatasetConfig, SynthConfig, TransformConfig, load_image_for_eval, synth};
 use multilabel_train::metrics::default_thresholds;
+use multilabel_train::{EvalReport, TtaConfig};
 
 use super::common::{
     load_dataset, load_run_model, parse_device, resolve_run, run_transform, valid_items_for_vocab,
@@ -50,6 +50,20 @@ pub struct EvalArgs {
     /// model.json, where `predict` uses them (its --thresh overrides)
     #[arg(long, requires = "per_class")]
     pub save: bool,
+    /// Also report test-time augmentation (fastai's `tta`): the mean of
+    /// --tta-n predictions under the training crops (and flips, if the run
+    /// trained with them), blended with the plain prediction by --tta-beta
+    #[arg(long)]
+    pub tta: bool,
+    /// Augmented passes of --tta
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub tta_n: usize,
+    /// Weight of the plain prediction in --tta: aug + beta·(plain − aug)
+    #[arg(long, default_value_t = 0.25, value_name = "BETA")]
+    pub tta_beta: f32,
+    /// Seed of --tta's crops
+    #[arg(long, default_value_t = 0)]
+    pub tta_seed: u64,
 }
 
 /// `multilabel eval`.
@@ -60,22 +74,22 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     if args.bs == 0 {
         bail!("--bs must be at least 1");
     }
+    if args.tta && (args.tta_n == 0 || !(0.0..=1.0).contains(&args.tta_beta)) {
+        bail!("--tta-n must be at least 1 and --tta-beta between 0 and 1");
+    }
     let run = resolve_run(args.run.as_deref())?;
     let device = parse_device(&args.device)?;
     let loaded = load_run_model(&run, &device)?;
     let meta = &loaded.meta;
     let thresh = args.thresh.unwrap_or(meta.threshold);
-    let data_config = match &args.data {
-        Some(dir) => DatasetConfig::new(dir),
-        None => {
-            let config: TrainConfig = run.load_config().with_context(|| {
-                format!(
-                    "{} has no readable config.json to find its dataset; pass --data DIR",
-                    run.path().display()
-                )
-            })?;
-            config.data
-        }
+    let train_config: Option<TrainConfig> = run.load_config().ok();
+    let data_config = match (&args.data, &train_config) {
+        (Some(dir), _) => DatasetConfig::new(dir),
+        (None, Some(config)) => config.data.clone(),
+        (None, None) => bail!(
+            "{} has no readable config.json to find its dataset; pass --data DIR",
+            run.path().display()
+        ),
     };
     let data = load_dataset(&data_config)?;
     let items = valid_items_for_vocab(&data, &meta.vocab)?;
@@ -92,10 +106,56 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         args.bs,
         &device,
     );
-    let preds = multilabel_train::predict(&loaded.model, &loader, None, &mut |_, _| {})
-        .with_context(|| format!("evaluating run {}", run.path().display()))?;
+    let tta_config = TtaConfig {
+        n: args.tta_n,
+        beta: args.tta_beta,
+        seed: args.tta_seed,
+    };
+    let (preds, tta_preds) = if args.tta {
+        // The training augmentation the run used; its crop settings live
+        // in config.json.
+        let train_transform = match &train_config {
+            Some(config) => TransformConfig {
+                size: meta.image_size,
+                mean: meta.mean,
+                std: meta.std,
+                ..config.transform.clone()
+            },
+            None => {
+                eprintln!(
+                    "note: {} has no readable config.json; --tta uses the default crop (min_scale 0.35, no flip)",
+                    run.path().display()
+                );
+                run_transform(meta)
+            }
+        };
+        eprintln!("test-time augmentation: {} passes", args.tta_n + 1);
+        let both = multilabel_train::tta(
+            &loaded.model,
+            &loader,
+            &train_transform,
+            &tta_config,
+            &mut |k, n| eprintln!("  pass {}/{n}", k + 1),
+        )
+        .with_context(|| format!("evaluating run {} with TTA", run.path().display()))?;
+        (both.plain, Some(both.tta))
+    } else {
+        let preds = multilabel_train::predict(&loaded.model, &loader, None, &mut |_, _| {})
+            .with_context(|| format!("evaluating run {}", run.path().display()))?;
+        (preds, None)
+    };
     let mut report = EvalReport::compute(&preds, &meta.vocab, thresh, &default_thresholds())
         .with_context(|| format!("evaluating run {}", run.path().display()))?;
+    if let Some(tta_preds) = &tta_preds {
+        report = report
+            .with_tta(tta_preds, tta_config, &default_thresholds())
+            .with_context(|| {
+                format!(
+                    "scoring the TTA predictions of run {}",
+                    run.path().display()
+                )
+            })?;
+    }
     if args.per_class {
         if preds.n_items() < 2 {
             bail!(
@@ -288,6 +348,10 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         device: "cpu".into(),
         per_class: false,
         save: false,
+        tta: false,
+        tta_n: 4,
+        tta_beta: 0.25,
+        tta_seed: 0,
     })?;
     println!();
     println!("demo data: {}", data.display());

@@ -146,6 +146,11 @@ impl Loader {
         &self.items
     }
 
+    /// The device batches are delivered to.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn config(&self) -> &LoaderConfig {
         &self.cfg
     }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use multilabel_data::{Batch, Loader};
+use multilabel_data::{Augment, Batch, Loader, LoaderConfig, TransformConfig};
 use multilabel_resnet::ResNet;
 use serde::{Deserialize, Serialize};
 
@@ -679,6 +679,127 @@ pub fn predict(
     pos_weight: Option<&Tensor>,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<Preds> {
+    predict_epoch(model, loader, 0, pos_weight, on_batch)
+}
+
+/// Test-time augmentation settings: fastai's `Learner.tta(n=4, beta=0.25)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TtaConfig {
+    /// Augmented passes over the set.
+    pub n: usize,
+    /// Weight of the plain prediction: `aug_mean + beta · (plain − aug_mean)`.
+    pub beta: f32,
+    /// Seed of the augmented crops; pass `k` uses the loader's epoch `k`.
+    pub seed: u64,
+}
+
+impl Default for TtaConfig {
+    fn default() -> Self {
+        Self {
+            n: 4,
+            beta: 0.25,
+            seed: 0,
+        }
+    }
+}
+
+/// The plain predictions and the test-time-augmented ones of one set.
+#[derive(Clone, Debug)]
+pub struct TtaPreds {
+    pub plain: Preds,
+    pub tta: Preds,
+}
+
+/// fastai's `Learner.tta()`: the mean of `n` predictions of `valid`'s items
+/// under the training augmentation of `train_transform` (random crop, and
+/// flip if it flips), each pass with other crops, blended with the plain
+/// prediction as `torch.lerp(aug_mean, plain, beta)`. Deterministic given
+/// `config.seed`. The TTA loss is the binary cross-entropy of the blended
+/// probabilities (each log clamped at −100, as PyTorch's `BCELoss`).
+/// `on_pass(k, n + 1)` is called after each of the `n + 1` passes.
+pub fn tta(
+    model: &ResNet,
+    valid: &Loader,
+    train_transform: &TransformConfig,
+    config: &TtaConfig,
+    on_pass: &mut dyn FnMut(usize, usize),
+) -> Result<TtaPreds> {
+    if config.n == 0 {
+        return Err(Error::Invalid(
+            "test-time augmentation needs n >= 1 passes".into(),
+        ));
+    }
+    if !(0.0..=1.0).contains(&config.beta) {
+        return Err(Error::Invalid(format!(
+            "the TTA weight beta must be between 0 and 1, got {}",
+            config.beta
+        )));
+    }
+    let passes = config.n + 1;
+    let plain = predict(model, valid, None, &mut |_, _| {})?;
+    on_pass(0, passes);
+    let augmented = Loader::new(
+        valid.items().to_vec(),
+        plain.n_classes,
+        train_transform.clone(),
+        LoaderConfig {
+            augment: Augment::Train,
+            shuffle: false,
+            drop_last: false,
+            seed: config.seed,
+            ..valid.config().clone()
+        },
+        valid.device().clone(),
+    );
+    let mut sum = vec![0f64; plain.probs.len()];
+    for k in 0..config.n {
+        let pass = predict_epoch(model, &augmented, k, None, &mut |_, _| {})?;
+        for (s, p) in sum.iter_mut().zip(&pass.probs) {
+            *s += f64::from(*p);
+        }
+        on_pass(k + 1, passes);
+    }
+    let beta = f64::from(config.beta);
+    let probs: Vec<f32> = sum
+        .iter()
+        .zip(&plain.probs)
+        .map(|(s, &p)| {
+            let mean = s / config.n as f64;
+            (mean + beta * (f64::from(p) - mean)) as f32
+        })
+        .collect();
+    let loss = binary_cross_entropy(&probs, &plain.targets);
+    let tta = Preds {
+        probs,
+        targets: plain.targets.clone(),
+        n_classes: plain.n_classes,
+        loss,
+    };
+    Ok(TtaPreds { plain, tta })
+}
+
+/// Mean binary cross-entropy of probabilities, each log clamped at −100.
+fn binary_cross_entropy(probs: &[f32], targets: &[f32]) -> f64 {
+    let total: f64 = probs
+        .iter()
+        .zip(targets)
+        .map(|(&p, &t)| {
+            let (p, t) = (f64::from(p), f64::from(t));
+            -(t * p.ln().max(-100.0) + (1.0 - t) * (1.0 - p).ln().max(-100.0))
+        })
+        .sum();
+    total / probs.len().max(1) as f64
+}
+
+/// [`predict`] over the loader's epoch `epoch` (for an augmenting loader,
+/// other crops per epoch).
+fn predict_epoch(
+    model: &ResNet,
+    loader: &Loader,
+    epoch: usize,
+    pos_weight: Option<&Tensor>,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<Preds> {
     let n_items = loader.n_items();
     let n_classes = model.config().head.n_classes;
     let n_batches = loader.n_batches();
@@ -686,7 +807,7 @@ pub fn predict(
     // are read in one transfer at the end.
     let mut rows_on_device = Vec::with_capacity(n_batches);
     let mut batch_indices = Vec::with_capacity(n_batches);
-    for (index, batch) in loader.epoch(0).enumerate() {
+    for (index, batch) in loader.epoch(epoch).enumerate() {
         let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
         let logits = model
             .forward_infer(&batch.images)

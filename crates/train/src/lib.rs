@@ -94,13 +94,14 @@ pub use events::{
 pub use host::host_reads;
 #[cfg(feature = "learner")]
 pub use learner::{
-    GPU_READ_EVERY, Learner, LearnerConfig, Preds, Validation, dropout_seed, opt_groups, predict,
+    GPU_READ_EVERY, Learner, LearnerConfig, Preds, TtaConfig, TtaPreds, Validation, dropout_seed,
+    opt_groups, predict, tta,
 };
 pub use loss::bce_with_logits;
 #[cfg(feature = "learner")]
 pub use lr_find::{LrFindConfig, LrFindResult};
 pub use optim::{Adam, AdamConfig, AdamParams, AdamState, OptGroup, OptParam, StepHypers};
 #[cfg(feature = "learner")]
-pub use report::{ClassReport, ClassThreshold, EvalReport, PerClassReport};
+pub use report::{ClassReport, ClassThreshold, EvalReport, PerClassReport, TtaReport};
 pub use run::{Checkpoint, ModelMeta, RunDir, TrainState, atomic_write};
 pub use schedule::{FineTune, LrSpec, OneCycle};

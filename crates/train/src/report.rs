@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::learner::Preds;
+use crate::learner::{Preds, TtaConfig};
 use crate::metrics::{
     HeldOutScores, SweepPoint, best_threshold, held_out_scores, mean_average_precision,
     per_class_thresholds, scores_at, scores_per_class, threshold_sweep,
@@ -43,6 +43,22 @@ pub struct EvalReport {
     /// With `eval --per-class`: one threshold per class and what it gives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_class_thresholds: Option<PerClassReport>,
+    /// With `eval --tta`: the same figures for test-time-augmented predictions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tta: Option<TtaReport>,
+}
+
+/// The headline figures of test-time-augmented predictions ([`crate::tta`]),
+/// at the report's threshold and over the same sweep.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TtaReport {
+    pub config: TtaConfig,
+    pub accuracy_multi: f64,
+    pub valid_loss: f64,
+    pub map: f64,
+    pub map_voc07: f64,
+    pub f1_macro: f64,
+    pub best: SweepPoint,
 }
 
 /// One threshold per class, each maximising its class's F1 over the sweep's
@@ -121,7 +137,25 @@ impl EvalReport {
             per_class,
             n_images: preds.n_items(),
             per_class_thresholds: None,
+            tta: None,
         })
+    }
+
+    /// Adds [`TtaReport`]: `tta` scored as this report scored the plain
+    /// predictions.
+    pub fn with_tta(mut self, tta: &Preds, config: TtaConfig, thresholds: &[f32]) -> Result<Self> {
+        let vocab: Vec<String> = self.per_class.iter().map(|c| c.name.clone()).collect();
+        let scored = EvalReport::compute(tta, &vocab, self.thresh, thresholds)?;
+        self.tta = Some(TtaReport {
+            config,
+            accuracy_multi: scored.accuracy_multi,
+            valid_loss: scored.valid_loss,
+            map: scored.map,
+            map_voc07: scored.map_voc07,
+            f1_macro: scored.f1_macro,
+            best: scored.best,
+        });
+        Ok(self)
     }
 
     /// Adds [`PerClassReport`]: per-class thresholds chosen among
@@ -235,6 +269,62 @@ impl EvalReport {
                     show(class.ap_voc07),
                     class.f1,
                     class.support
+                ),
+            );
+        }
+        if let Some(t) = &self.tta {
+            line(&mut out, String::new());
+            line(
+                &mut out,
+                format!(
+                    "{:<26}  {:>6}  {:>8}  {:>14}  {:>8}  {:>10}  {:>9}",
+                    "predictions",
+                    "mAP",
+                    "mAP VOC07",
+                    "accuracy_multi",
+                    "F1 macro",
+                    "valid_loss",
+                    "best"
+                ),
+            );
+            let row = |out: &mut String, what: String, v: [f64; 5], best: SweepPoint| {
+                line(
+                    out,
+                    format!(
+                        "{what:<26}  {:>6.4}  {:>9.4}  {:>14.4}  {:>8.4}  {:>10.4}  {:.4}@{:.2}",
+                        v[0], v[1], v[2], v[3], v[4], best.accuracy_multi, best.thresh
+                    ),
+                );
+            };
+            row(
+                &mut out,
+                "plain".into(),
+                [
+                    self.map,
+                    self.map_voc07,
+                    self.accuracy_multi,
+                    self.f1_macro,
+                    self.valid_loss,
+                ],
+                self.best,
+            );
+            row(
+                &mut out,
+                format!("TTA (n={}, beta={})", t.config.n, t.config.beta),
+                [
+                    t.map,
+                    t.map_voc07,
+                    t.accuracy_multi,
+                    t.f1_macro,
+                    t.valid_loss,
+                ],
+                t.best,
+            );
+            line(
+                &mut out,
+                format!(
+                    "(accuracy_multi and F1 at {:.4}; best: the sweep's highest accuracy_multi @ its threshold)",
+                    self.thresh
                 ),
             );
         }

@@ -445,3 +445,110 @@ fn generic_path_learns_like_the_cpu_kernels() {
     let last = generic_epochs.last().unwrap().train_loss;
     assert!(last < first, "generic path: train loss {first} -> {last}");
 }
+
+/// fastai's `tta()`: with one pass the result is `aug + beta·(plain − aug)`
+/// of a plain prediction and a prediction under the training crops (the
+/// same crops a training-augmenting loader with the TTA seed gives);
+/// `beta = 1` is the plain prediction; the seed decides the crops; the
+/// targets are the set's.
+#[test]
+fn tta_blends_augmented_and_plain_predictions_as_fastai() {
+    use multilabel_data::Augment;
+    use multilabel_train::{TtaConfig, predict, tta};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let learner = learner(&data);
+    let model = learner.model();
+    let n_classes = data.vocab().len();
+    let transform = TransformConfig {
+        size: SIZE,
+        min_scale: 0.35,
+        flip: true,
+        ..TransformConfig::default()
+    };
+    let valid = Loader::new(
+        data.valid().to_vec(),
+        n_classes,
+        transform.clone(),
+        LoaderConfig::valid(16),
+        Device::Cpu,
+    );
+    let config = TtaConfig {
+        n: 1,
+        beta: 0.25,
+        seed: 9,
+    };
+    let mut passes = Vec::new();
+    let both = tta(model, &valid, &transform, &config, &mut |k, n| {
+        passes.push((k, n))
+    })
+    .unwrap();
+    assert_eq!(passes, [(0, 2), (1, 2)]);
+
+    let plain = predict(model, &valid, None, &mut |_, _| {}).unwrap();
+    let augmenting = Loader::new(
+        data.valid().to_vec(),
+        n_classes,
+        transform.clone(),
+        LoaderConfig {
+            augment: Augment::Train,
+            shuffle: false,
+            drop_last: false,
+            seed: 9,
+            ..LoaderConfig::valid(16)
+        },
+        Device::Cpu,
+    );
+    let aug = predict(model, &augmenting, None, &mut |_, _| {}).unwrap();
+    assert_eq!(both.plain.probs, plain.probs);
+    assert_eq!(both.tta.targets, plain.targets);
+    assert_ne!(
+        aug.probs, plain.probs,
+        "the crops must change the predictions"
+    );
+    for ((&t, &a), &p) in both.tta.probs.iter().zip(&aug.probs).zip(&plain.probs) {
+        let want = f64::from(a) + 0.25 * (f64::from(p) - f64::from(a));
+        assert!((f64::from(t) - want).abs() < 1e-6, "{t} vs {want}");
+    }
+    assert!(both.tta.loss.is_finite() && both.tta.loss > 0.0);
+
+    let with = |n, beta, seed| {
+        tta(
+            model,
+            &valid,
+            &transform,
+            &TtaConfig { n, beta, seed },
+            &mut |_, _| {},
+        )
+        .unwrap()
+        .tta
+        .probs
+    };
+    assert_eq!(with(3, 1.0, 9), plain.probs);
+    assert_eq!(with(3, 0.25, 9), with(3, 0.25, 9));
+    assert_ne!(with(3, 0.25, 9), with(3, 0.25, 10));
+    assert!(
+        tta(
+            model,
+            &valid,
+            &transform,
+            &TtaConfig { n: 0, ..config },
+            &mut |_, _| {}
+        )
+        .is_err()
+    );
+    assert!(
+        tta(
+            model,
+            &valid,
+            &transform,
+            &TtaConfig {
+                beta: 1.5,
+                ..config
+            },
+            &mut |_, _| {}
+        )
+        .is_err()
+    );
+}
