@@ -23,8 +23,8 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Evaluate a run: accuracy_multi at a threshold, loss, mAP, F1, threshold sweep
     Eval(cli::eval::EvalArgs),
-    /// Print the labels a run predicts for image files
-    Predict(cli::eval::PredictArgs),
+    /// Predict labels with a saved run for image files, folders or a CSV of file names
+    Predict(cli::predict::PredictArgs),
     /// fastai's learning-rate finder: loss against an exponentially growing learning rate
     LrFind(cli::train::LrFindArgs),
     /// Offline demo: synthetic data, a narrow ResNet trained from scratch on the CPU
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => cli::train::train(args),
         Command::Eval(args) => cli::eval::eval(args),
-        Command::Predict(args) => cli::eval::predict(args),
+        Command::Predict(args) => cli::predict::predict(args),
         Command::LrFind(args) => cli::train::lr_find(args),
         Command::Demo(args) => cli::eval::demo(args),
         Command::Synth(args) => cli::data::synth(args),

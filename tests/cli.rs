@@ -930,3 +930,129 @@ fn eval_with_tta_reports_both_predictions() {
         "--tta-n",
     );
 }
+
+/// `predict` over a folder (recursively, images only), a CSV of file names
+/// and files, writing CSV or JSON lines: a broken image is listed and
+/// skipped (exit 0) unless --strict (exit 1, nothing written); the labels
+/// written are the classes above the threshold.
+#[test]
+fn predict_reads_folders_and_csvs_and_skips_broken_images() {
+    let work = tempfile::tempdir().unwrap();
+    let cwd = work.path();
+    let run_arg = trained_run().to_str().unwrap();
+    let images: Vec<PathBuf> = {
+        let mut all: Vec<PathBuf> = std::fs::read_dir(dataset().join("train"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        all.sort();
+        all.truncate(5);
+        all
+    };
+    let folder = cwd.join("photos");
+    std::fs::create_dir_all(folder.join("nested/deeper")).unwrap();
+    for (i, image) in images.iter().enumerate() {
+        let to = if i % 2 == 0 {
+            folder.join(format!("a{i}.jpg"))
+        } else {
+            folder.join(format!("nested/deeper/b{i}.JPG"))
+        };
+        std::fs::copy(image, to).unwrap();
+    }
+    std::fs::write(folder.join("notes.txt"), b"not an image").unwrap();
+    std::fs::write(folder.join("nested/broken.jpg"), b"\xff\xd8 truncated").unwrap();
+    let folder_arg = folder.to_str().unwrap();
+
+    let out_csv = cwd.join("p.csv");
+    let base = [
+        "predict", "--run", run_arg, "--device", "cpu", "--bs", "2", "--thresh", "0.5",
+    ];
+    let mut args = base.to_vec();
+    args.extend([folder_arg, "--out", out_csv.to_str().unwrap()]);
+    let output = ok(&args, cwd);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("skipped 1 of 6 images"), "{stderr}");
+    assert!(stderr.contains("broken.jpg"), "{stderr}");
+    let text = std::fs::read_to_string(&out_csv).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(trained_run().join("model.json")).unwrap())
+            .unwrap();
+    let vocab: Vec<&str> = meta["vocab"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(header[0], "file");
+    assert_eq!(&header[1..header.len() - 1], &vocab[..]);
+    assert_eq!(header[header.len() - 1], "labels");
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 5);
+    for row in &rows {
+        let probs: Vec<f64> = row[1..=vocab.len()]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
+        let mut above: Vec<&str> = vocab
+            .iter()
+            .zip(&probs)
+            .filter(|(_, p)| **p > 0.5)
+            .map(|(n, _)| *n)
+            .collect();
+        let mut written: Vec<&str> = row[vocab.len() + 1].split_whitespace().collect();
+        above.sort();
+        written.sort();
+        assert_eq!(above, written, "{row:?}");
+    }
+    assert!(rows.iter().any(|r| r[0].ends_with("deeper/b1.JPG")));
+
+    // --strict: the broken image stops it, naming the file; nothing written.
+    let strict_csv = cwd.join("strict.csv");
+    let mut args = base.to_vec();
+    args.extend([
+        folder_arg,
+        "--out",
+        strict_csv.to_str().unwrap(),
+        "--strict",
+    ]);
+    fails(&args, cwd, "broken.jpg");
+    assert!(!strict_csv.exists());
+
+    // The dataset's own CSV, as JSON lines: one line per row.
+    let out_jsonl = cwd.join("p.jsonl");
+    let csv = dataset().join("train.csv");
+    let mut args = base.to_vec();
+    args.extend([
+        "--csv",
+        csv.to_str().unwrap(),
+        "--out",
+        out_jsonl.to_str().unwrap(),
+    ]);
+    ok(&args, cwd);
+    let n_rows = std::fs::read_to_string(&csv)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    let lines: Vec<Value> = std::fs::read_to_string(&out_jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), n_rows);
+    assert_eq!(lines[0]["probs"].as_object().unwrap().len(), vocab.len());
+    assert!(lines[0]["labels"].is_array());
+
+    // Bad requests: an unknown format, nothing to read, a missing column.
+    let mut args = base.to_vec();
+    args.extend([folder_arg, "--out", "p.txt"]);
+    fails(&args, cwd, ".csv or .jsonl");
+    fails(&base, cwd, "nothing to predict");
+    let mut args = base.to_vec();
+    args.extend(["--csv", csv.to_str().unwrap(), "--column", "path"]);
+    fails(&args, cwd, "no column named `path`");
+}

@@ -3,9 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use candle_core::Tensor;
 use clap::Args;
-use multilabel_data::{DatasetConfig, SynthConfig, TransformConfig, load_image_for_eval, synth};
+use multilabel_data::{DatasetConfig, SynthConfig, TransformConfig, synth};
 use multilabel_train::metrics::default_thresholds;
 use multilabel_train::{EvalReport, TtaConfig};
 
@@ -200,81 +199,6 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             "per-class thresholds saved to {}; predict uses them unless given --thresh",
             run.model_meta_path().display()
         );
-    }
-    Ok(())
-}
-
-/// Flags of `multilabel predict`.
-#[derive(Debug, Clone, Args)]
-pub struct PredictArgs {
-    /// Image files (JPEG or PNG)
-    #[arg(required = true, value_name = "IMAGE")]
-    pub images: Vec<PathBuf>,
-    /// Run folder [default: runs/latest]
-    #[arg(long, value_name = "DIR")]
-    pub run: Option<PathBuf>,
-    /// Report labels whose probability is above this [default: the run's
-    /// per-class thresholds if `eval --per-class --save` stored them, else its
-    /// single threshold]
-    #[arg(long)]
-    pub thresh: Option<f32>,
-    /// Compute device: auto, cpu, cuda, cuda:N, metal
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-}
-
-/// `multilabel predict`.
-pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
-    if let Some(thresh) = args.thresh {
-        check_thresh(thresh)?;
-    }
-    let run = resolve_run(args.run.as_deref())?;
-    let device = parse_device(&args.device)?;
-    let loaded = load_run_model(&run, &device)?;
-    let meta = &loaded.meta;
-    let thresholds: Vec<f32> = match (args.thresh, &meta.class_thresholds) {
-        (Some(t), _) => vec![t; meta.vocab.len()],
-        (None, Some(each)) => {
-            eprintln!(
-                "using the per-class thresholds in {} (--thresh T for one threshold)",
-                run.model_meta_path().display()
-            );
-            each.clone()
-        }
-        (None, None) => vec![meta.threshold; meta.vocab.len()],
-    };
-    let transform = run_transform(meta);
-    // Check every file before running the model on any.
-    let mut inputs = Vec::with_capacity(args.images.len());
-    for path in &args.images {
-        let image = load_image_for_eval(path, &transform)?;
-        inputs.push(image);
-    }
-    for (paths, images) in args.images.chunks(32).zip(inputs.chunks(32)) {
-        let batch = Tensor::stack(images, 0)?.to_device(&device)?;
-        let probs =
-            candle_nn::ops::sigmoid(&loaded.model.forward_infer(&batch)?)?.to_vec2::<f32>()?;
-        for (path, row) in paths.iter().zip(probs) {
-            let mut found: Vec<(&String, f32)> = meta
-                .vocab
-                .iter()
-                .zip(row.iter().copied())
-                .zip(&thresholds)
-                .filter(|&((_, p), &t)| p > t)
-                .map(|(found, _)| found)
-                .collect();
-            found.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let labels: Vec<String> = found
-                .iter()
-                .map(|&(name, p)| format!("{name} {p:.3}"))
-                .collect();
-            let shown = if labels.is_empty() {
-                "(no label above the threshold)".to_string()
-            } else {
-                labels.join(", ")
-            };
-            println!("{}: {shown}", path.display());
-        }
     }
     Ok(())
 }

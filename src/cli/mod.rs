@@ -5,6 +5,7 @@ pub mod common;
 pub mod data;
 pub mod eval;
 pub mod plot;
+pub mod predict;
 pub mod progress;
 pub mod train;
 
