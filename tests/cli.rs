@@ -200,12 +200,7 @@ fn training_learns_and_eval_reproduces_its_metrics() {
     assert_eq!(report["sweep"].as_array().unwrap().len(), 30);
 
     // predict uses the bundle alone.
-    let image = std::fs::read_dir(dataset().join("train"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let image = first_image();
     let output = ok(
         &[
             "predict",
@@ -264,6 +259,16 @@ fn a_resumed_run_ends_with_the_same_weights() {
             .unwrap()
     };
     assert_eq!(last(&whole), last(&parts));
+}
+
+/// One image of the shared dataset.
+fn first_image() -> PathBuf {
+    std::fs::read_dir(dataset().join("train"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
 }
 
 fn fails(args: &[&str], cwd: &Path, needle: &str) -> String {
@@ -396,12 +401,7 @@ fn damaged_bundle(dir: &Path, edit: impl Fn(&mut Value)) -> PathBuf {
 #[test]
 fn a_bundle_whose_files_disagree_is_refused_naming_the_file() {
     let work = tempfile::tempdir().unwrap();
-    let image = std::fs::read_dir(dataset().join("train"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let image = first_image();
     let vocab = |meta: &mut Value| meta["vocab"].as_array_mut().unwrap().clone();
     #[allow(clippy::type_complexity)]
     let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str, &str)> = vec![
@@ -853,12 +853,7 @@ fn per_class_thresholds_are_chosen_saved_and_used() {
         weights
     );
 
-    let image = std::fs::read_dir(dataset().join("train"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let image = first_image();
     let predict = [
         "predict",
         "--run",

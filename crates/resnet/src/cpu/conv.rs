@@ -433,33 +433,57 @@ pub(crate) fn forward(
                     threads,
                 )
             };
-            for b in 0..count {
-                for oc in 0..o {
-                    let src = &tmp[oc * ld + b * p..oc * ld + (b + 1) * p];
-                    let dst = &mut out[b * img_out + oc * p..b * img_out + (oc + 1) * p];
-                    match epilogue {
-                        Some(e) => e.apply((first + b) * o + oc, o, src, dst),
-                        None => {
-                            for (d, s) in dst.iter_mut().zip(src) {
-                                d.write(*s);
-                            }
-                        }
+            scatter_group(g, tmp, first, out, epilogue);
+        })
+    };
+    for_each_group(&mut out, group * img_out, par, run);
+    // SAFETY: each chunk was written in full above.
+    unsafe { out.finish() }
+}
+
+/// Writes one group's product `[O, count·P]` (its images side by side) into
+/// their outputs `[count, O, P]`, applying the epilogue if there is one.
+fn scatter_group(
+    g: &Geometry,
+    product: &[f32],
+    first: usize,
+    out: &mut [MaybeUninit<f32>],
+    epilogue: Option<&Epilogue>,
+) {
+    let (p, o) = (g.p(), g.o);
+    let img_out = o * p;
+    let count = out.len() / img_out;
+    let ld = count * p;
+    for b in 0..count {
+        for oc in 0..o {
+            let src = &product[oc * ld + b * p..oc * ld + (b + 1) * p];
+            let dst = &mut out[b * img_out + oc * p..b * img_out + (oc + 1) * p];
+            match epilogue {
+                Some(e) => e.apply((first + b) * o + oc, o, src, dst),
+                None => {
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        d.write(*s);
                     }
                 }
             }
-        })
-    };
+        }
+    }
+}
+
+/// Runs `run` on each group's output chunk (`(group index, chunk)`), on
+/// rayon's pool when `par`.
+fn for_each_group(
+    out: &mut Uninit,
+    chunk: usize,
+    par: bool,
+    run: impl Fn((usize, &mut [MaybeUninit<f32>])) + Send + Sync,
+) {
     let chunks = out.as_mut_slice();
     if par {
-        chunks
-            .par_chunks_mut(group * img_out)
-            .enumerate()
-            .for_each(run);
+        chunks.par_chunks_mut(chunk).enumerate().for_each(run);
     } else {
-        chunks.chunks_mut(group * img_out).enumerate().for_each(run);
+        chunks.chunks_mut(chunk).enumerate().for_each(run);
     }
-    // SAFETY: each chunk was written in full above.
-    unsafe { out.finish() }
 }
 
 /// [`forward`] for the convolution that reads the image: products
@@ -537,31 +561,10 @@ fn forward_exact(g: &Geometry, x: &[f32], kernel: &[f32], epilogue: Option<&Epil
                 rounded.clear();
                 rounded.extend(acc.iter().map(|&v| v as f32));
             });
-            for b in 0..count {
-                for oc in 0..o {
-                    let src = &rounded[oc * ld + b * p..oc * ld + (b + 1) * p];
-                    let dst = &mut out[b * img_out + oc * p..b * img_out + (oc + 1) * p];
-                    match epilogue {
-                        Some(e) => e.apply((first + b) * o + oc, o, src, dst),
-                        None => {
-                            for (d, s) in dst.iter_mut().zip(src) {
-                                d.write(*s);
-                            }
-                        }
-                    }
-                }
-            }
+            scatter_group(g, rounded, first, out, epilogue);
         })
     };
-    let chunks = out.as_mut_slice();
-    if par {
-        chunks
-            .par_chunks_mut(group * img_out)
-            .enumerate()
-            .for_each(run);
-    } else {
-        chunks.chunks_mut(group * img_out).enumerate().for_each(run);
-    }
+    for_each_group(&mut out, group * img_out, par, run);
     // SAFETY: each chunk was written in full above.
     unsafe { out.finish() }
 }
