@@ -1004,6 +1004,43 @@ fn predict_reads_folders_and_csvs_and_skips_broken_images() {
     }
     assert!(rows.iter().any(|r| r[0].ends_with("deeper/b1.JPG")));
 
+    // --tta: the same rows; beta 1 is the plain prediction, beta 0.25 moves it.
+    let probs_of = |path: &Path| -> Vec<Vec<f64>> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let fields: Vec<&str> = l.split(',').collect();
+                fields[1..=vocab.len()]
+                    .iter()
+                    .map(|p| p.parse().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let plain = probs_of(&out_csv);
+    for (beta, same) in [("1", true), ("0.25", false)] {
+        let tta_csv = cwd.join(format!("tta-{beta}.csv"));
+        let mut args = base.to_vec();
+        args.extend([folder_arg, "--out", tta_csv.to_str().unwrap()]);
+        args.extend(["--tta", "--tta-n", "2", "--tta-beta", beta]);
+        ok(&args, cwd);
+        let tta = probs_of(&tta_csv);
+        assert_eq!(tta.len(), plain.len());
+        let max_diff = plain
+            .iter()
+            .flatten()
+            .zip(tta.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        if same {
+            assert!(max_diff <= 2e-6, "beta 1 differs from plain by {max_diff}");
+        } else {
+            assert!(max_diff > 1e-4, "TTA changed nothing");
+        }
+    }
+
     // --strict: the broken image stops it, naming the file; nothing written.
     let strict_csv = cwd.join("strict.csv");
     let mut args = base.to_vec();

@@ -328,3 +328,89 @@ pub fn load_dataset(config: &DatasetConfig) -> anyhow::Result<Dataset> {
     Dataset::load(config)
         .with_context(|| format!("loading the dataset in {}", config.root.display()))
 }
+
+/// The test-time augmentation flags of `eval` and `predict`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TtaArgs {
+    /// Test-time augmentation (fastai's `tta`): the mean of --tta-n
+    /// predictions under the training crops (and flips, if the run trained
+    /// with them), blended with the plain prediction by --tta-beta
+    #[arg(long)]
+    pub tta: bool,
+    /// Augmented passes of --tta
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub tta_n: usize,
+    /// Weight of the plain prediction in --tta: aug + beta·(plain − aug)
+    #[arg(long, default_value_t = 0.25, value_name = "BETA")]
+    pub tta_beta: f32,
+    /// Seed of --tta's crops
+    #[arg(long, default_value_t = 0)]
+    pub tta_seed: u64,
+}
+
+impl Default for TtaArgs {
+    fn default() -> Self {
+        let defaults = multilabel_train::TtaConfig::default();
+        Self {
+            tta: false,
+            tta_n: defaults.n,
+            tta_beta: defaults.beta,
+            tta_seed: defaults.seed,
+        }
+    }
+}
+
+impl TtaArgs {
+    /// The checked configuration, or `None` without `--tta`.
+    pub fn config(&self) -> anyhow::Result<Option<multilabel_train::TtaConfig>> {
+        if !self.tta {
+            return Ok(None);
+        }
+        if self.tta_n == 0 || !(0.0..=1.0).contains(&self.tta_beta) {
+            bail!("--tta-n must be at least 1 and --tta-beta between 0 and 1");
+        }
+        Ok(Some(multilabel_train::TtaConfig {
+            n: self.tta_n,
+            beta: self.tta_beta,
+            seed: self.tta_seed,
+        }))
+    }
+}
+
+/// The training augmentation a run used (its crop settings live in
+/// `config.json`), for test-time augmentation; the default crop, with a
+/// note, when the run has no readable `config.json`.
+pub fn training_transform(
+    run: &RunDir,
+    train_config: Option<&super::train::TrainConfig>,
+    meta: &ModelMeta,
+) -> TransformConfig {
+    match train_config {
+        Some(config) => TransformConfig {
+            size: meta.image_size,
+            mean: meta.mean,
+            std: meta.std,
+            ..config.transform.clone()
+        },
+        None => {
+            eprintln!(
+                "note: {} has no readable config.json; --tta uses the default crop (min_scale 0.35, no flip)",
+                run.path().display()
+            );
+            run_transform(meta)
+        }
+    }
+}
+
+/// [`multilabel_train::tta`] with a line of progress per pass.
+pub fn run_tta(
+    model: &ResNet,
+    loader: &Loader,
+    train_transform: &TransformConfig,
+    config: &multilabel_train::TtaConfig,
+) -> multilabel_train::Result<multilabel_train::TtaPreds> {
+    eprintln!("test-time augmentation: {} passes", config.n + 1);
+    multilabel_train::tta(model, loader, train_transform, config, &mut |k, n| {
+        eprintln!("  pass {}/{n}", k + 1)
+    })
+}

@@ -1,16 +1,16 @@
-//! `eval`, `predict` and `demo`: use a saved run.
+//! `eval` and `demo`: score a saved run.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use multilabel_data::{DatasetConfig, SynthConfig, TransformConfig, synth};
+use multilabel_data::{DatasetConfig, SynthConfig, synth};
+use multilabel_train::EvalReport;
 use multilabel_train::metrics::default_thresholds;
-use multilabel_train::{EvalReport, TtaConfig};
 
 use super::common::{
-    load_dataset, load_run_model, parse_device, resolve_run, run_transform, valid_items_for_vocab,
-    valid_loader,
+    TtaArgs, load_dataset, load_run_model, parse_device, resolve_run, run_transform, run_tta,
+    training_transform, valid_items_for_vocab, valid_loader,
 };
 use super::plot;
 use super::train::{TrainConfig, check_thresh, demo_train_args};
@@ -49,20 +49,8 @@ pub struct EvalArgs {
     /// model.json, where `predict` uses them (its --thresh overrides)
     #[arg(long, requires = "per_class")]
     pub save: bool,
-    /// Also report test-time augmentation (fastai's `tta`): the mean of
-    /// --tta-n predictions under the training crops (and flips, if the run
-    /// trained with them), blended with the plain prediction by --tta-beta
-    #[arg(long)]
-    pub tta: bool,
-    /// Augmented passes of --tta
-    #[arg(long, default_value_t = 4, value_name = "N")]
-    pub tta_n: usize,
-    /// Weight of the plain prediction in --tta: aug + beta·(plain − aug)
-    #[arg(long, default_value_t = 0.25, value_name = "BETA")]
-    pub tta_beta: f32,
-    /// Seed of --tta's crops
-    #[arg(long, default_value_t = 0)]
-    pub tta_seed: u64,
+    #[command(flatten)]
+    pub tta: TtaArgs,
 }
 
 /// `multilabel eval`.
@@ -73,9 +61,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     if args.bs == 0 {
         bail!("--bs must be at least 1");
     }
-    if args.tta && (args.tta_n == 0 || !(0.0..=1.0).contains(&args.tta_beta)) {
-        bail!("--tta-n must be at least 1 and --tta-beta between 0 and 1");
-    }
+    let tta_config = args.tta.config()?;
     let run = resolve_run(args.run.as_deref())?;
     let device = parse_device(&args.device)?;
     let loaded = load_run_model(&run, &device)?;
@@ -105,39 +91,11 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         args.bs,
         &device,
     );
-    let tta_config = TtaConfig {
-        n: args.tta_n,
-        beta: args.tta_beta,
-        seed: args.tta_seed,
-    };
-    let (preds, tta_preds) = if args.tta {
-        // The training augmentation the run used; its crop settings live
-        // in config.json.
-        let train_transform = match &train_config {
-            Some(config) => TransformConfig {
-                size: meta.image_size,
-                mean: meta.mean,
-                std: meta.std,
-                ..config.transform.clone()
-            },
-            None => {
-                eprintln!(
-                    "note: {} has no readable config.json; --tta uses the default crop (min_scale 0.35, no flip)",
-                    run.path().display()
-                );
-                run_transform(meta)
-            }
-        };
-        eprintln!("test-time augmentation: {} passes", args.tta_n + 1);
-        let both = multilabel_train::tta(
-            &loaded.model,
-            &loader,
-            &train_transform,
-            &tta_config,
-            &mut |k, n| eprintln!("  pass {}/{n}", k + 1),
-        )
-        .with_context(|| format!("evaluating run {} with TTA", run.path().display()))?;
-        (both.plain, Some(both.tta))
+    let (preds, tta_preds) = if let Some(tta_config) = tta_config {
+        let train_transform = training_transform(&run, train_config.as_ref(), meta);
+        let both = run_tta(&loaded.model, &loader, &train_transform, &tta_config)
+            .with_context(|| format!("evaluating run {} with TTA", run.path().display()))?;
+        (both.plain, Some((both.tta, tta_config)))
     } else {
         let preds = multilabel_train::predict(&loaded.model, &loader, None, &mut |_, _| {})
             .with_context(|| format!("evaluating run {}", run.path().display()))?;
@@ -145,9 +103,9 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     };
     let mut report = EvalReport::compute(&preds, &meta.vocab, thresh, &default_thresholds())
         .with_context(|| format!("evaluating run {}", run.path().display()))?;
-    if let Some(tta_preds) = &tta_preds {
+    if let Some((tta_preds, tta_config)) = &tta_preds {
         report = report
-            .with_tta(tta_preds, tta_config, &default_thresholds())
+            .with_tta(tta_preds, *tta_config, &default_thresholds())
             .with_context(|| {
                 format!(
                     "scoring the TTA predictions of run {}",
@@ -272,10 +230,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         device: "cpu".into(),
         per_class: false,
         save: false,
-        tta: false,
-        tta_n: 4,
-        tta_beta: 0.25,
-        tta_seed: 0,
+        tta: TtaArgs::default(),
     })?;
     println!();
     println!("demo data: {}", data.display());

@@ -8,12 +8,15 @@ use anyhow::{Context, bail};
 use candle_core::Tensor;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use multilabel_data::load_image_for_eval;
+use multilabel_data::{Item, load_image_for_eval};
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::common::{load_run_model, parse_device, resolve_run, run_transform};
-use super::train::check_thresh;
+use super::common::{
+    TtaArgs, load_run_model, parse_device, resolve_run, run_transform, run_tta, training_transform,
+    valid_loader,
+};
+use super::train::{TrainConfig, check_thresh};
 
 /// File extensions read from folders (case does not matter).
 const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -59,6 +62,8 @@ pub struct PredictArgs {
     /// Compute device: auto, cpu, cuda, cuda:N, metal
     #[arg(long, default_value = "auto")]
     pub device: String,
+    #[command(flatten)]
+    pub tta: TtaArgs,
 }
 
 /// The output format `--out`'s extension asks for.
@@ -91,6 +96,7 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         bail!("--bs must be at least 1");
     }
     let format = args.out.as_deref().map(format_of).transpose()?;
+    let tta_config = args.tta.config()?;
     let files = collect_inputs(&args)?;
     let run = resolve_run(args.run.as_deref())?;
     let device = parse_device(&args.device)?;
@@ -159,6 +165,24 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
+    }
+    if let (Some(config), false) = (tta_config, rows.is_empty()) {
+        // The readable images again, through a loader, under the training crops.
+        let items: Vec<Item> = rows
+            .iter()
+            .map(|(path, _)| Item {
+                path: path.clone(),
+                labels: Vec::new(),
+            })
+            .collect();
+        let loader = valid_loader(items, vocab.len(), transform.clone(), args.bs, &device);
+        let train_config: Option<TrainConfig> = run.load_config().ok();
+        let train_transform = training_transform(&run, train_config.as_ref(), meta);
+        let both = run_tta(&loaded.model, &loader, &train_transform, &config)
+            .with_context(|| format!("predicting with TTA from run {}", run.path().display()))?;
+        for (row, probs) in rows.iter_mut().zip(both.tta.probs.chunks(vocab.len())) {
+            row.1 = probs.to_vec();
+        }
     }
 
     let labels_of = |probs: &[f32]| -> Vec<(&String, f32)> {
