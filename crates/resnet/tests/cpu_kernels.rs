@@ -39,7 +39,7 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
 /// (n, c_in, c_out, h, w, k, stride, padding)
 type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CONV_CASES: [ConvCase; 11] = [
+const CONV_CASES: [ConvCase; 13] = [
     (2, 3, 5, 16, 16, 7, 2, 3), // stem
     (2, 3, 4, 17, 13, 7, 2, 3), // stem, odd and non-square
     (3, 4, 6, 8, 8, 3, 1, 1),   // 3×3
@@ -51,6 +51,8 @@ const CONV_CASES: [ConvCase; 11] = [
     (5, 8, 4, 4, 4, 1, 1, 0),   // 16 pixels: one group of 5, 1×1
     (7, 4, 4, 4, 4, 3, 1, 1),   // 16 pixels, 3×3
     (1, 2, 3, 5, 5, 5, 1, 0),   // no padding, 5×5
+    (2, 3, 4, 9, 7, 5, 1, 2),   // 5×5 "same", non-square: shifted-row im2col
+    (3, 2, 3, 2, 3, 3, 1, 1),   // 3×3 "same" on a 2×3 plane
 ];
 
 fn check_conv_case(i: usize, case: ConvCase) {

@@ -139,6 +139,10 @@ fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
                     0
                 }
                 .max(lo);
+                if s == 1 && ow == g.w {
+                    shifted_rows(g, plane, row, ki, kj, lo, hi);
+                    continue;
+                }
                 for y in 0..oh {
                     let out = &mut row[y * ow..(y + 1) * ow];
                     let iy = (y * s + ki) as isize - p as isize;
@@ -163,6 +167,51 @@ fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// One row of `col` for a stride-1 convolution whose output is as wide as
+/// its input ("same" padding): the output pixel `(y, x)` reads the input at
+/// `(y + ki − p, x + kj − p)`, so the rows whose input row is inside are one
+/// contiguous stretch of the plane, shifted. One copy moves it all, and the
+/// columns outside `lo..hi` (whose reads wrapped into the neighbouring
+/// rows) and the rows outside the input are zeroed. The same values as the
+/// row-by-row loop, with one copy per row of `col` instead of one per output
+/// row, which is what costs on small planes.
+fn shifted_rows(
+    g: &Geometry,
+    plane: &[f32],
+    row: &mut [f32],
+    ki: usize,
+    kj: usize,
+    lo: usize,
+    hi: usize,
+) {
+    let (oh, ow, p, w) = (g.oh, g.ow, g.padding, g.w);
+    // Output rows whose input row `y + ki − p` is in `0..h`.
+    let y_lo = p.saturating_sub(ki).min(oh);
+    let y_hi = (g.h + p).saturating_sub(ki).min(oh).max(y_lo);
+    row[..y_lo * ow].fill(0.0);
+    row[y_hi * ow..].fill(0.0);
+    if y_hi == y_lo {
+        return;
+    }
+    let inside = &mut row[y_lo * ow..y_hi * ow];
+    // Index in `plane` of output pixel `(y_lo, 0)`; may be negative, and
+    // the stretch may run past the plane's end, only where `x` is outside
+    // `lo..hi`.
+    let start = ((y_lo + ki - p) * w) as isize + kj as isize - p as isize;
+    let first = start.max(0) as usize;
+    let skip = (first as isize - start) as usize;
+    let end = ((start + inside.len() as isize) as usize).min(plane.len());
+    if end > first {
+        inside[skip..skip + (end - first)].copy_from_slice(&plane[first..end]);
+    }
+    if lo > 0 || hi < ow {
+        for out in inside.chunks_exact_mut(ow) {
+            out[..lo].fill(0.0);
+            out[hi..].fill(0.0);
         }
     }
 }
