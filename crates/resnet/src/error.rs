@@ -36,6 +36,12 @@ pub enum ResNetError {
         source: candle_core::Error,
     },
 
+    /// [`crate::load_pretrained_at`] found no variable under its prefix.
+    #[error(
+        "no variable of the model is named `{prefix}.…`: pass the prefix the ResNet was built under (its VarBuilder's `prefix()`)"
+    )]
+    NoNetworkAt { prefix: String },
+
     /// The weights do not fit the network: every problem is listed.
     #[error(
         "weights in {origin} do not fit the network ({}): check the architecture and base width",

@@ -85,5 +85,5 @@ pub use model::{Buffer, N_GROUPS, Param, ParamGroup, ResNet};
 pub use ops::{Kernels, Ops};
 pub use weights::{
     DEFAULT_HUB_REPO, HUB_WEIGHTS_FILE, LoadReport, WeightsSource, hub_file, load_pretrained,
-    transformers_to_torchvision,
+    load_pretrained_at, transformers_to_torchvision,
 };

@@ -55,15 +55,29 @@ pub struct LoadReport {
     pub mapped_from_transformers: bool,
 }
 
-/// Copies pretrained body weights into the ResNet variables of `varmap`.
+/// Copies pretrained body weights into the ResNet variables of `varmap`,
+/// a network built at the root of `varmap` (no prefix); see
+/// [`load_pretrained_at`] for one inside a larger model.
 ///
-/// The network must have been built at the root of `varmap` (no prefix).
 /// Every body variable (all except `head.*`) must be in the file with the
 /// same shape, and every file tensor must be used, except the replaced
 /// classifier and `num_batches_tracked`; otherwise nothing is loaded and the
 /// error lists all missing, unexpected and mis-shaped tensors. Values are
 /// converted to each variable's dtype and device.
 pub fn load_pretrained(varmap: &VarMap, source: &WeightsSource) -> Result<LoadReport, ResNetError> {
+    load_pretrained_at(varmap, "", source)
+}
+
+/// [`load_pretrained`] for a ResNet built under `prefix` in a larger
+/// `varmap` (with `VarBuilder::pp(prefix)`; a `VarBuilder`'s own prefix is
+/// `vb.prefix()`): only the variables named `prefix.…` are the network's,
+/// the rest of the model is left alone. `""` is the root. The report names
+/// tensors as the network does, without the prefix.
+pub fn load_pretrained_at(
+    varmap: &VarMap,
+    prefix: &str,
+    source: &WeightsSource,
+) -> Result<LoadReport, ResNetError> {
     let path = match source {
         WeightsSource::None => return Ok(LoadReport::default()),
         WeightsSource::File(path) => path.clone(),
@@ -73,7 +87,7 @@ pub fn load_pretrained(varmap: &VarMap, source: &WeightsSource) -> Result<LoadRe
         WeightsSource::Hub { repo, .. } => format!("hub repo {repo} ({})", path.display()),
         _ => path.display().to_string(),
     };
-    load_file(varmap, &path, &origin)
+    load_file(varmap, prefix, &path, &origin)
 }
 
 /// The local path of `model.safetensors` of `repo`, downloading it unless `offline`.
@@ -104,7 +118,12 @@ pub fn hub_file(repo: &str, offline: bool) -> Result<PathBuf, ResNetError> {
         .map_err(hub_error)
 }
 
-fn load_file(varmap: &VarMap, path: &Path, origin: &str) -> Result<LoadReport, ResNetError> {
+fn load_file(
+    varmap: &VarMap,
+    prefix: &str,
+    path: &Path,
+    origin: &str,
+) -> Result<LoadReport, ResNetError> {
     let read_error = |source| ResNetError::ReadWeights {
         path: path.to_path_buf(),
         source,
@@ -134,7 +153,22 @@ fn load_file(varmap: &VarMap, path: &Path, origin: &str) -> Result<LoadReport, R
         }
     }
 
-    let vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+    let all_vars = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+    // The network's variables, by the network's own names.
+    let vars: BTreeMap<String, &candle_core::Var> = if prefix.is_empty() {
+        all_vars.iter().map(|(n, v)| (n.clone(), v)).collect()
+    } else {
+        let lead = format!("{}.", prefix.trim_end_matches('.'));
+        all_vars
+            .iter()
+            .filter_map(|(n, v)| n.strip_prefix(&lead).map(|rest| (rest.to_string(), v)))
+            .collect()
+    };
+    if vars.is_empty() && !prefix.is_empty() {
+        return Err(ResNetError::NoNetworkAt {
+            prefix: prefix.to_string(),
+        });
+    }
     let body: BTreeSet<&String> = vars.keys().filter(|n| !n.starts_with("head.")).collect();
     let missing: Vec<String> = body
         .iter()
@@ -165,7 +199,7 @@ fn load_file(varmap: &VarMap, path: &Path, origin: &str) -> Result<LoadReport, R
 
     let mut loaded = Vec::with_capacity(wanted.len());
     for (name, file_name) in &wanted {
-        let var = &vars[name];
+        let var = vars[name];
         let value: Tensor = file.load(file_name, &Device::Cpu).map_err(read_error)?;
         let value = value
             .to_dtype(var.dtype())

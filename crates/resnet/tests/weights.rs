@@ -259,3 +259,44 @@ fn to_transformers(name: &str) -> String {
         }
     }
 }
+
+/// A ResNet built under a prefix in a larger model loads the same weights
+/// as one at the root, and the model's other variables are left alone; a
+/// prefix with no network under it is an error naming it.
+#[test]
+fn loads_a_network_under_a_prefix_and_leaves_the_rest_alone() {
+    use multilabel_resnet::load_pretrained_at;
+
+    let (_, source) = build(1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resnet.safetensors");
+    save(&checkpoint(&source), &path);
+    let weights = WeightsSource::File(path);
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let _model = ResNet::new(&config(), vb.pp("backbone"), 2).unwrap();
+    let other = vb
+        .pp("extra")
+        .get_with_hints(4, "scale", candle_nn::Init::Const(0.5))
+        .unwrap();
+    let report = load_pretrained_at(&varmap, "backbone", &weights).unwrap();
+    let (want, got) = (snapshot(&source), snapshot(&varmap));
+    for (name, values) in &want {
+        if !name.starts_with("head.") {
+            assert_eq!(&got[&format!("backbone.{name}")], values, "{name}");
+        }
+    }
+    assert!(report.loaded.iter().all(|n| !n.starts_with("backbone.")));
+    assert_eq!(
+        report.loaded.len(),
+        want.keys().filter(|n| !n.starts_with("head.")).count()
+    );
+    assert_eq!(other.to_vec1::<f32>().unwrap(), [0.5; 4]);
+
+    let err = load_pretrained_at(&varmap, "trunk", &weights).unwrap_err();
+    assert!(err.to_string().contains("`trunk.…`"), "{err}");
+    // At the root, the other part of the model is missing from the file.
+    let err = load_pretrained_at(&varmap, "", &weights).unwrap_err();
+    assert!(matches!(err, ResNetError::WeightsMismatch { .. }), "{err}");
+}
