@@ -77,7 +77,12 @@ def main():
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", default="1", help="comma list of worker counts")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads in the main process (0: as many as workers, at least 1)",
+    )
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -85,10 +90,12 @@ def main():
     import fastai
     import torch
 
-    torch.set_num_threads(args.threads)
     result = {"workers": {}, "versions": {"fastai": fastai.__version__, "torch": torch.__version__}}
     for workers in (int(w) for w in args.workers.split(",")):
-        log(f"fastai: data pipeline, {workers} worker(s)")
+        # The batch transforms run in the main process: with N workers it
+        # gets N threads, as our loader's N workers.
+        torch.set_num_threads(args.threads or max(1, workers))
+        log(f"fastai: data pipeline, {workers} worker(s), {torch.get_num_threads()} main thread(s)")
         rate = images_per_second(args.data, args.size, args.batch_size, workers, args.epochs, args.seed)
         result["workers"][str(workers)] = rate
     print(json.dumps(result))

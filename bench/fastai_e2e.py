@@ -3,7 +3,9 @@
 The book's chapter-6 recipe on a dataset folder in PASCAL layout
 (`train.csv` with fname, space-separated labels, is_valid; `train/*.jpg`):
 DataBlock(ImageBlock, MultiCategoryBlock) split on `is_valid`,
-RandomResizedCrop(size, min_scale=0.35), vision_learner with
+RandomResizedCrop(size, min_scale=0.35), ImageNet Normalize (which
+vision_learner adds only for pretrained weights, and our side always
+applies), vision_learner with
 accuracy_multi(thresh=0.2), `fine_tune(epochs, base_lr, freeze_epochs)`,
 then `learn.save`. The body starts from random weights (`pretrained=False`):
 this machine has no network, and speed does not depend on the weights; our
@@ -54,8 +56,10 @@ def main():
         DataBlock,
         ImageBlock,
         MultiCategoryBlock,
+        Normalize,
         RandomResizedCrop,
         accuracy_multi,
+        imagenet_stats,
         set_seed,
         vision_learner,
     )
@@ -73,6 +77,9 @@ def main():
         get_y=ColReader("labels", label_delim=" "),
         splitter=ColSplitter("is_valid"),
         item_tfms=RandomResizedCrop(args.size, min_scale=0.35),
+        # vision_learner adds ImageNet normalisation only for pretrained
+        # weights; ours always normalises, so this side does too.
+        batch_tfms=Normalize.from_stats(*imagenet_stats),
     )
     dls = block.dataloaders(df, bs=args.batch_size, num_workers=args.workers, device="cpu")
     arch = getattr(torchvision.models, args.arch)

@@ -11,7 +11,9 @@
 //!   graph (`ResNet::forward_infer`; PyTorch's side runs under `no_grad`);
 //! - `data` (`data_1_worker`, `data_all_workers`): images/s of the training
 //!   loader (decode, RandomResizedCrop, to tensor, normalise) with one worker
-//!   and with `--threads` workers, next to fastai's own `DataLoaders` built
+//!   and with `--threads` workers (fastai's main process, which runs its
+//!   batch transforms, gets as many torch threads as there are workers),
+//!   next to fastai's own `DataLoaders` built
 //!   as the book builds them (`bench/fastai_data.py`), over the same
 //!   generated PASCAL-sized dataset: `--images` JPEGs of 500×375 (PASCAL's
 //!   typical photo), written once under `target/bench/`. Each side runs one
@@ -543,8 +545,6 @@ fn fastai(
         o.batch_size.to_string(),
         "--workers".into(),
         list.join(","),
-        "--threads".into(),
-        o.threads.to_string(),
         "--epochs".into(),
         DATA_EPOCHS.to_string(),
     ];

@@ -956,6 +956,9 @@ fn predict_reads_folders_and_csvs_and_skips_broken_images() {
     }
     std::fs::write(folder.join("notes.txt"), b"not an image").unwrap();
     std::fs::write(folder.join("nested/broken.jpg"), b"\xff\xd8 truncated").unwrap();
+    // A link back to the top folder is not followed (it would loop).
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&folder, folder.join("nested/loop")).unwrap();
     let folder_arg = folder.to_str().unwrap();
 
     let out_csv = cwd.join("p.csv");
@@ -1084,6 +1087,9 @@ fn predict_reads_folders_and_csvs_and_skips_broken_images() {
     args.extend([folder_arg, "--out", "p.txt"]);
     fails(&args, cwd, ".csv or .jsonl");
     fails(&base, cwd, "nothing to predict");
+    let mut args = base.to_vec();
+    args.extend([folder_arg, "--tta-n", "2"]);
+    fails(&args, cwd, "--tta");
     let mut args = base.to_vec();
     args.extend(["--csv", csv.to_str().unwrap(), "--column", "path"]);
     fails(&args, cwd, "no column named `path`");

@@ -338,13 +338,13 @@ pub struct TtaArgs {
     #[arg(long)]
     pub tta: bool,
     /// Augmented passes of --tta
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    #[arg(long, default_value_t = 4, value_name = "N", requires = "tta")]
     pub tta_n: usize,
     /// Weight of the plain prediction in --tta: aug + beta·(plain − aug)
-    #[arg(long, default_value_t = 0.25, value_name = "BETA")]
+    #[arg(long, default_value_t = 0.25, value_name = "BETA", requires = "tta")]
     pub tta_beta: f32,
     /// Seed of --tta's crops
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, requires = "tta")]
     pub tta_seed: u64,
 }
 

@@ -40,9 +40,9 @@ pub struct EvalArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Also choose one threshold per class (the sweep's value that maximises
-    /// the class's F1) and report what it gives next to the single threshold,
-    /// including an honest estimate: thresholds chosen on half the images and
-    /// scored on the other half
+    /// the class's F1, on the plain predictions) and report what it gives
+    /// next to the single threshold, including an honest estimate: thresholds
+    /// chosen on half the images and scored on the other half
     #[arg(long)]
     pub per_class: bool,
     /// With --per-class: store the per-class thresholds in the run's

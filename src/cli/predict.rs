@@ -96,6 +96,16 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         bail!("--bs must be at least 1");
     }
     let format = args.out.as_deref().map(format_of).transpose()?;
+    if let Some(out) = &args.out {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent.filter(|p| !p.is_dir()) {
+            bail!(
+                "--out {}: the folder {} does not exist",
+                out.display(),
+                parent.display()
+            );
+        }
+    }
     let tta_config = args.tta.config()?;
     let files = collect_inputs(&args)?;
     let run = resolve_run(args.run.as_deref())?;
@@ -110,6 +120,11 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
                 "using the per-class thresholds in {} (--thresh T for one threshold)",
                 run.model_meta_path().display()
             );
+            if tta_config.is_some() {
+                eprintln!(
+                    "note: they were chosen on plain predictions; with --tta the probabilities differ a little"
+                );
+            }
             each.clone()
         }
         (None, None) => vec![meta.threshold; vocab.len()],
@@ -158,7 +173,11 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         match &bar {
             Some(bar) => bar.inc(chunk.len() as u64),
             None if n_batches > 1 && (index + 1) % 10 == 0 => {
-                eprintln!("predict: {}/{} images", (index + 1) * args.bs, files.len());
+                eprintln!(
+                    "predict: {}/{} images",
+                    ((index + 1) * args.bs).min(files.len()),
+                    files.len()
+                );
             }
             None => {}
         }
@@ -185,6 +204,10 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         }
     }
 
+    if rows.is_empty() {
+        list_skipped(&skipped, files.len());
+        bail!("none of the {} images could be read", files.len());
+    }
     let labels_of = |probs: &[f32]| -> Vec<(&String, f32)> {
         let mut found: Vec<(&String, f32)> = vocab
             .iter()
@@ -223,20 +246,22 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if !skipped.is_empty() {
-        eprintln!(
-            "skipped {} of {} images that could not be read:",
-            skipped.len(),
-            files.len()
-        );
-        for (path, why) in &skipped {
-            eprintln!("  {}: {}", path.display(), first_line(why));
-        }
-        if rows.is_empty() {
-            bail!("none of the {} images could be read", files.len());
-        }
-    }
+    list_skipped(&skipped, files.len());
     Ok(())
+}
+
+/// Lists the images that could not be read, if any, on stderr.
+fn list_skipped(skipped: &[(PathBuf, String)], total: usize) {
+    if skipped.is_empty() {
+        return;
+    }
+    eprintln!(
+        "skipped {} of {total} images that could not be read:",
+        skipped.len()
+    );
+    for (path, why) in skipped {
+        eprintln!("  {}: {}", path.display(), first_line(why));
+    }
 }
 
 fn first_line(text: &str) -> &str {
@@ -307,7 +332,7 @@ fn collect_inputs(args: &PredictArgs) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for input in &args.inputs {
         let meta = std::fs::metadata(input)
-            .with_context(|| format!("{}: no such file or folder", input.display()))?;
+            .with_context(|| format!("{}: cannot be read", input.display()))?;
         if meta.is_dir() {
             let before = files.len();
             walk(input, &mut files)?;
@@ -340,7 +365,8 @@ fn collect_inputs(args: &PredictArgs) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Appends the images under `dir`, recursively, in sorted order.
+/// Appends the images under `dir`, recursively, in sorted order; folders
+/// that are symbolic links are skipped.
 fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot list the folder", dir.display()))?
@@ -349,8 +375,12 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot list the folder", dir.display()))?;
     entries.sort();
     for path in entries {
+        // Linked folders are not followed: a link to a parent would loop.
+        let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
         if path.is_dir() {
-            walk(&path, files)?;
+            if !linked {
+                walk(&path, files)?;
+            }
         } else if path.extension().is_some_and(|e| {
             IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
         }) {
@@ -372,7 +402,7 @@ fn csv_column(path: &Path, column: &str) -> anyhow::Result<Vec<String>> {
     let Some((_, header)) = lines.next() else {
         bail!("{}: the CSV is empty", path.display());
     };
-    let header = split_csv_line(header)
+    let header = split_csv_line(header.trim_start_matches('\u{feff}'))
         .map_err(|why| anyhow::anyhow!("{}: line 1: {why}", path.display()))?;
     let Some(at) = header.iter().position(|h| h.trim() == column) else {
         bail!(

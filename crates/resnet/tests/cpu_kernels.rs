@@ -39,7 +39,7 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
 /// (n, c_in, c_out, h, w, k, stride, padding)
 type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CONV_CASES: [ConvCase; 13] = [
+const CONV_CASES: [ConvCase; 16] = [
     (2, 3, 5, 16, 16, 7, 2, 3), // stem
     (2, 3, 4, 17, 13, 7, 2, 3), // stem, odd and non-square
     (3, 4, 6, 8, 8, 3, 1, 1),   // 3×3
@@ -53,6 +53,10 @@ const CONV_CASES: [ConvCase; 13] = [
     (1, 2, 3, 5, 5, 5, 1, 0),   // no padding, 5×5
     (2, 3, 4, 9, 7, 5, 1, 2),   // 5×5 "same", non-square: shifted-row im2col
     (3, 2, 3, 2, 3, 3, 1, 1),   // 3×3 "same" on a 2×3 plane
+    (1, 1, 2, 3, 2, 7, 1, 3),   // 7×7 "same" with padding wider than the plane
+    // More than 4 input channels: the f32 path (the image's conv is f64).
+    (5, 8, 6, 10, 10, 3, 1, 1), // 3×3 "same", images grouped
+    (2, 6, 4, 9, 7, 5, 1, 2),   // 5×5 "same", non-square
 ];
 
 fn check_conv_case(i: usize, case: ConvCase) {
@@ -154,7 +158,8 @@ fn image_conv_is_correctly_rounded() {
         let ours = ours.to_vec1::<f32>().unwrap();
         let mut differ = 0;
         for (j, (&a, &t)) in ours.iter().zip(&truth).enumerate() {
-            let ulp = f64::from((t as f32).abs().max(f32::MIN_POSITIVE)) * f64::from(f32::EPSILON);
+            let r = (t as f32).abs();
+            let ulp = f64::from(r.next_up() - r);
             assert!(
                 (f64::from(a) - t).abs() <= 0.5 * ulp * (1.0 + 1e-6),
                 "shape {i}, output {j}: {a} is not {t} rounded"

@@ -300,7 +300,10 @@ impl candle_nn::Optimizer for Adam {
     type Config = AdamParams;
 
     /// One group named `all`; parameter `i` is named `param.{i}` in the
-    /// state ([`Adam::export_state`]).
+    /// state ([`Adam::export_state`]), so state saved from one process
+    /// fits another only if `vars` come in the same order: `VarMap::all_vars`
+    /// follows a hash map's order, so sort them (by name, from
+    /// `VarMap::data`) before saving or restoring state.
     fn new(vars: Vec<Var>, config: AdamParams) -> candle_core::Result<Self> {
         let params = vars
             .into_iter()

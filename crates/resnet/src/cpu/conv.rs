@@ -47,7 +47,8 @@ const KERNEL_GRAD_TASKS: usize = 8;
 const MIN_COLUMNS: usize = 256;
 
 /// Input channels up to which the forward pass is computed in `f64` (see
-/// [`forward_exact`]): an image's 1 to 4 planes.
+/// [`forward_exact`]): an image's 1 to 4 planes (and any other convolution
+/// that narrow, which is as cheap).
 const EXACT_MAX_CHANNELS: usize = 4;
 
 impl Geometry {
@@ -104,9 +105,9 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// Whether [`forward`] accumulates in `f64` and rounds once: for the
-    /// convolution that reads the image (at most [`EXACT_MAX_CHANNELS`]
-    /// input channels).
+    /// Whether [`forward`] accumulates in `f64` and rounds once: for a
+    /// convolution with at most [`EXACT_MAX_CHANNELS`] input channels (in a
+    /// ResNet of the usual widths, only the stem, which reads the image).
     fn exact(&self) -> bool {
         self.c <= EXACT_MAX_CHANNELS
     }
@@ -204,7 +205,7 @@ fn shifted_rows(
     let start = ((y_lo + ki - p) * w) as isize + kj as isize - p as isize;
     let first = start.max(0) as usize;
     let skip = (first as isize - start) as usize;
-    let end = ((start + inside.len() as isize) as usize).min(plane.len());
+    let end = (start + inside.len() as isize).clamp(0, plane.len() as isize) as usize;
     if end > first {
         inside[skip..skip + (end - first)].copy_from_slice(&plane[first..end]);
     }
@@ -535,9 +536,12 @@ fn for_each_group(
     }
 }
 
-/// [`forward`] for the convolution that reads the image: products
-/// accumulated in `f64` and rounded to `f32` once, so every output is the
-/// correctly rounded value of its dot product, whatever the summation order.
+/// [`forward`] for the convolution that reads the image (any convolution
+/// with at most [`EXACT_MAX_CHANNELS`] input channels): products
+/// accumulated in `f64` and rounded to `f32` once, so every output is
+/// within half a unit in the last place of its dot product but for the
+/// rare sum whose `f64` error straddles a rounding boundary, whatever the
+/// summation order.
 ///
 /// Why this one layer: its rounding is the first noise in the network, and a
 /// deep network in train mode amplifies it through every BatchNorm after it
