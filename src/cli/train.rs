@@ -271,7 +271,7 @@ fn weights_source(spec: &str, offline: bool) -> WeightsSource {
 
 /// Everything a training session holds, built from a [`TrainConfig`].
 pub struct Session {
-    pub learner: Learner,
+    pub learner: Learner<ResNet>,
     pub vocab: Vec<String>,
     pub config: TrainConfig,
 }

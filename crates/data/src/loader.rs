@@ -146,6 +146,11 @@ impl Loader {
         &self.items
     }
 
+    /// Width of the target rows.
+    pub fn n_classes(&self) -> usize {
+        self.n_classes
+    }
+
     /// The device batches are delivered to.
     pub fn device(&self) -> &Device {
         &self.device

@@ -1,13 +1,14 @@
-//! The Learner: fastai's training loop over a [`ResNet`] and two [`Loader`]s.
+//! The Learner: fastai's training loop over any [`Trainable`] model and
+//! two [`BatchSource`]s.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 use candle_nn::VarMap;
-use multilabel_data::{Augment, Batch, Loader, LoaderConfig, TransformConfig};
-use multilabel_resnet::ResNet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CandleContext, Error, Result};
@@ -18,6 +19,8 @@ use crate::metrics::accuracy_multi;
 use crate::optim::{Adam, AdamConfig, AdamState, OptGroup, OptParam, StepHypers};
 use crate::run::{ModelMeta, RunDir, TrainState};
 use crate::schedule::{FineTune, OneCycle};
+use crate::source::{Batch, BatchSource};
+use crate::trainable::{ParamGroup, Trainable, trains};
 
 /// Settings of the Learner that are not per-fit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,14 +84,19 @@ impl Preds {
     }
 }
 
-/// Trains a [`ResNet`] as fastai's `Learner` does: one-cycle fits,
-/// `fine_tune`, per-epoch validation, events to [`Sink`]s, checkpoints to a
-/// [`RunDir`], cancellation and resume.
-pub struct Learner {
-    model: ResNet,
+/// Trains any [`Trainable`] model as fastai's `Learner` does: one-cycle
+/// fits, `fine_tune`, freezing with `train_bn`, discriminative learning
+/// rates over the model's param groups, per-epoch validation, events to
+/// [`Sink`]s, checkpoints to a [`RunDir`], cancellation and resume.
+pub struct Learner<M: Trainable> {
+    model: M,
     varmap: VarMap,
-    train: Loader,
-    valid: Loader,
+    train: Box<dyn BatchSource>,
+    valid: Box<dyn BatchSource>,
+    /// The model's param groups as they were when the Learner was built.
+    groups: Vec<ParamGroup>,
+    /// How many leading groups are frozen.
+    frozen_groups: usize,
     optimizer: Adam,
     config: LearnerConfig,
     device: Device,
@@ -109,19 +117,32 @@ pub struct Learner {
     pending_optimizer: Option<AdamState>,
 }
 
-impl Learner {
-    /// A Learner over `model`, whose variables (parameters and running
-    /// statistics) live in `varmap`. The optimizer takes the model's param groups.
+impl<M: Trainable> Learner<M> {
+    /// A Learner over `model`, whose variables (parameters and buffers such
+    /// as BatchNorm running statistics) all live in `varmap`, which is what
+    /// checkpoints save and resumes restore. The optimizer takes the
+    /// model's param groups. Refused: a parameter outside `varmap`, one in
+    /// two groups, a variable of `varmap` that is neither a parameter nor a
+    /// buffer (it would silently never train), and sources that disagree
+    /// on the number of classes.
     pub fn new(
-        model: ResNet,
+        model: M,
         varmap: VarMap,
-        train: Loader,
-        valid: Loader,
+        train: impl BatchSource + 'static,
+        valid: impl BatchSource + 'static,
         config: LearnerConfig,
         device: Device,
     ) -> Result<Self> {
-        let n_classes = model.config().head.n_classes;
-        let optimizer = Adam::new(opt_groups(&model), config.adam)?;
+        let n_classes = train.n_classes();
+        if valid.n_classes() != n_classes {
+            return Err(Error::Invalid(format!(
+                "the training source has {n_classes} classes but the validation source has {}",
+                valid.n_classes()
+            )));
+        }
+        let groups = model.param_groups();
+        check_variables(&groups, &model.buffers(), &varmap)?;
+        let optimizer = Adam::new(opt_groups_of(&groups), config.adam)?;
         let pos_weight = match &config.pos_weight {
             None => None,
             Some(w) if w.len() == n_classes => {
@@ -137,8 +158,10 @@ impl Learner {
         let mut learner = Self {
             model,
             varmap,
-            train,
-            valid,
+            train: Box::new(train),
+            valid: Box::new(valid),
+            groups,
+            frozen_groups: 0,
             optimizer,
             config,
             device,
@@ -173,7 +196,7 @@ impl Learner {
         self.cancel = Some(flag);
     }
 
-    pub fn model(&self) -> &ResNet {
+    pub fn model(&self) -> &M {
         &self.model
     }
 
@@ -193,18 +216,31 @@ impl Learner {
         self.global_step
     }
 
-    /// fastai's `freeze()`: head and BatchNorm parameters train; optimizer state cleared.
+    /// fastai's `freeze()`: only the last group (the head) and the norm
+    /// parameters train; optimizer state cleared.
     pub fn freeze(&mut self) {
-        self.model.freeze();
-        self.refresh_frozen();
-        self.optimizer.clear_state();
+        self.freeze_to(self.groups.len().saturating_sub(1));
     }
 
     /// fastai's `unfreeze()`: everything trains; optimizer state cleared.
     pub fn unfreeze(&mut self) {
-        self.model.unfreeze();
+        self.freeze_to(0);
+    }
+
+    /// fastai's `freeze_to(n)`: the parameters of the first `n` groups stop
+    /// training, except the [`ParamKind::Norm`](crate::ParamKind::Norm) ones
+    /// (fastai's `train_bn`); `n` past the last group freezes them all.
+    /// Optimizer state cleared, as fastai's freezing recreates it.
+    pub fn freeze_to(&mut self, n: usize) {
+        self.frozen_groups = n.min(self.groups.len());
+        self.model.freeze_to(self.frozen_groups);
         self.refresh_frozen();
         self.optimizer.clear_state();
+    }
+
+    /// How many leading param groups are frozen.
+    pub fn frozen_groups(&self) -> usize {
+        self.frozen_groups
     }
 
     /// Loads the checkpoint of `run` (weights now, optimizer state and
@@ -279,6 +315,12 @@ impl Learner {
                 self.optimizer.groups().len()
             )));
         }
+        if n_batches == 0 {
+            return Err(Error::Invalid(
+                "the training source has no full batch; use fewer images per batch or more images"
+                    .into(),
+            ));
+        }
         let epoch_offset = self.epoch_offset;
         self.epoch_offset += cycle.epochs;
         let mut smooth = SmoothedLoss::default();
@@ -317,7 +359,7 @@ impl Learner {
                 let read_every = self.read_every();
                 let mut pending: Vec<PendingStep> = Vec::with_capacity(read_every);
                 for (index, batch) in batches.enumerate().skip(first) {
-                    let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
+                    let batch = batch?;
                     let hypers = cycle.at(epoch, index);
                     let loss = match self.train_step_deferred(&batch, &hypers, read_every == 1) {
                         Err(Error::NonFiniteLoss { loss, .. }) => {
@@ -416,7 +458,7 @@ impl Learner {
         let mut events = Vec::new();
         let preds = predict(
             &self.model,
-            &self.valid,
+            self.valid.as_ref(),
             self.pos_weight.as_ref(),
             &mut |batch, n_batches| {
                 if emit_progress {
@@ -453,7 +495,7 @@ impl Learner {
         let logits = self
             .model
             .forward_t(&batch.images, true)
-            .map_err(|e| Error::Model(Box::new(e)))?;
+            .ctx(|| "the model's forward pass".into())?;
         let loss = bce_with_logits(&logits, &batch.targets, self.pos_weight.as_ref())?;
         let value = if check {
             let value = host::read_scalar(&loss).ctx(|| "reading the loss".into())?;
@@ -553,11 +595,9 @@ impl Learner {
         self.valid.n_items()
     }
 
-    /// The training batches of loader epoch `epoch`.
-    pub(crate) fn train_epoch(&self, epoch: usize) -> impl Iterator<Item = Result<Batch>> + use<> {
-        self.train
-            .epoch(epoch)
-            .map(|batch| batch.map_err(|e| Error::Data(Box::new(e))))
+    /// The training batches of source epoch `epoch`.
+    pub(crate) fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = Result<Batch>>> {
+        self.train.epoch(epoch)
     }
 
     pub(crate) fn is_cancelled(&self) -> bool {
@@ -608,7 +648,7 @@ impl Learner {
             batch,
             global_step: self.global_step,
             smooth_loss: smooth,
-            frozen: self.model.is_frozen(),
+            frozen: self.frozen_groups > 0,
             finished: false,
         };
         run.save_checkpoint(&state, &self.varmap, &self.optimizer.export_state())?;
@@ -630,36 +670,92 @@ impl Learner {
     }
 
     fn refresh_frozen(&mut self) {
+        let frozen = self.frozen_groups;
         self.frozen_vars = self
-            .model
-            .param_groups()
-            .into_iter()
-            .flat_map(|g| g.params)
-            .filter(|p| !p.trainable)
-            .map(|p| p.var)
+            .groups
+            .iter()
+            .enumerate()
+            .flat_map(|(g, group)| {
+                group
+                    .params
+                    .iter()
+                    .filter(move |p| !trains(p.kind, g, frozen))
+            })
+            .map(|p| p.var.clone())
             .collect();
     }
 }
 
-/// The model's param groups (fastai's `_resnet_split`) as optimizer groups,
-/// each parameter keeping its no-weight-decay flag (BatchNorm and biases).
-pub fn opt_groups(model: &ResNet) -> Vec<OptGroup> {
-    model
-        .param_groups()
-        .into_iter()
+/// A model's param groups as optimizer groups, each parameter keeping its
+/// no-weight-decay flag (norm parameters and biases).
+pub fn opt_groups<M: Trainable + ?Sized>(model: &M) -> Vec<OptGroup> {
+    opt_groups_of(&model.param_groups())
+}
+
+fn opt_groups_of(groups: &[ParamGroup]) -> Vec<OptGroup> {
+    groups
+        .iter()
         .map(|g| OptGroup {
-            name: g.name,
+            name: g.name.clone(),
             params: g
                 .params
-                .into_iter()
+                .iter()
                 .map(|p| OptParam {
-                    name: p.name,
-                    var: p.var,
-                    no_decay: p.no_decay,
+                    name: p.name.clone(),
+                    var: p.var.clone(),
+                    no_decay: p.kind.no_decay(),
                 })
                 .collect(),
         })
         .collect()
+}
+
+/// Every parameter in `varmap` and in one group only, and every variable
+/// of `varmap` a parameter or a buffer.
+fn check_variables(groups: &[ParamGroup], buffers: &[Var], varmap: &VarMap) -> Result<()> {
+    if groups.is_empty() || groups.iter().all(|g| g.params.is_empty()) {
+        return Err(Error::Invalid(
+            "the model has no parameters to train (param_groups is empty)".into(),
+        ));
+    }
+    let data = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+    let names: HashMap<TensorId, &str> = data
+        .iter()
+        .map(|(name, var)| (var.as_tensor().id(), name.as_str()))
+        .collect();
+    let mut seen: HashMap<TensorId, &str> = HashMap::new();
+    for group in groups {
+        for param in &group.params {
+            let id = param.var.as_tensor().id();
+            if !names.contains_key(&id) {
+                return Err(Error::Invalid(format!(
+                    "parameter {} (group {}) is not in the Learner's VarMap, so it would not be saved; build the model from that VarMap",
+                    param.name, group.name
+                )));
+            }
+            if let Some(first) = seen.insert(id, &group.name) {
+                return Err(Error::Invalid(format!(
+                    "parameter {} is listed twice (groups {first} and {})",
+                    param.name, group.name
+                )));
+            }
+        }
+    }
+    let buffers: HashSet<TensorId> = buffers.iter().map(|b| b.as_tensor().id()).collect();
+    let mut orphans: Vec<&str> = names
+        .iter()
+        .filter(|(id, _)| !seen.contains_key(*id) && !buffers.contains(*id))
+        .map(|(_, name)| *name)
+        .collect();
+    if !orphans.is_empty() {
+        orphans.sort_unstable();
+        return Err(Error::Invalid(format!(
+            "{} variable(s) of the VarMap are in no param group and not among the model's buffers, so they would never train: {}; add them to a group, or to buffers() if they are state",
+            orphans.len(),
+            orphans.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// What [`Learner::snapshot`] saved.
@@ -669,17 +765,18 @@ pub(crate) struct Snapshot {
     global_step: u64,
 }
 
-/// fastai's `get_preds` over any loader: eval mode, sigmoid probabilities,
-/// rows placed in dataset order by the batches' indices, and the
-/// batch-size-weighted mean loss. `on_batch(done, total)` follows progress.
-/// The loader must keep every item (no `drop_last`).
-pub fn predict(
-    model: &ResNet,
-    loader: &Loader,
+/// fastai's `get_preds` over any source: eval mode
+/// ([`Trainable::forward_infer`]), sigmoid probabilities, rows placed in
+/// source order by the batches' indices, and the batch-size-weighted mean
+/// loss. `on_batch(done, total)` follows progress. The source must yield
+/// every item (no `drop_last`).
+pub fn predict<M: Trainable + ?Sized>(
+    model: &M,
+    source: &dyn BatchSource,
     pos_weight: Option<&Tensor>,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<Preds> {
-    predict_epoch(model, loader, 0, pos_weight, on_batch)
+    predict_epoch(model, source, 0, pos_weight, on_batch)
 }
 
 /// Test-time augmentation settings: fastai's `Learner.tta(n=4, beta=0.25)`.
@@ -689,7 +786,7 @@ pub struct TtaConfig {
     pub n: usize,
     /// Weight of the plain prediction: `aug_mean + beta · (plain − aug_mean)`.
     pub beta: f32,
-    /// Seed of the augmented crops; pass `k` uses the loader's epoch `k`.
+    /// Seed of the augmented crops; pass `k` uses the augmented source's epoch `k`.
     pub seed: u64,
 }
 
@@ -710,17 +807,19 @@ pub struct TtaPreds {
     pub tta: Preds,
 }
 
-/// fastai's `Learner.tta()`: the mean of `n` predictions of `valid`'s items
-/// under the training augmentation of `train_transform` (random crop, and
-/// flip if it flips), each pass with other crops, blended with the plain
-/// prediction as `torch.lerp(aug_mean, plain, beta)`. Deterministic given
-/// `config.seed`. The TTA loss is the binary cross-entropy of the blended
-/// probabilities (each log clamped at −100, as PyTorch's `BCELoss`).
-/// `on_pass(k, n + 1)` is called after each of the `n + 1` passes.
-pub fn tta(
-    model: &ResNet,
-    valid: &Loader,
-    train_transform: &TransformConfig,
+/// fastai's `Learner.tta()` over any model and sources: the mean of
+/// `config.n` predictions from `augmented` (pass `k` is its epoch `k`, so
+/// the source decides the augmentation and, through its seed, the crops),
+/// blended with the plain prediction from `plain` as
+/// `torch.lerp(aug_mean, plain, beta)`. Both sources must hold the same
+/// items in the same positions. The TTA loss is the binary cross-entropy of
+/// the blended probabilities (each log clamped at −100, as PyTorch's
+/// `BCELoss`). `on_pass(k, n + 1)` is called after each of the `n + 1`
+/// passes. (`config.seed` is for whoever builds `augmented`.)
+pub fn tta_over<M: Trainable + ?Sized>(
+    model: &M,
+    plain: &dyn BatchSource,
+    augmented: &dyn BatchSource,
     config: &TtaConfig,
     on_pass: &mut dyn FnMut(usize, usize),
 ) -> Result<TtaPreds> {
@@ -735,25 +834,21 @@ pub fn tta(
             config.beta
         )));
     }
+    if augmented.n_items() != plain.n_items() || augmented.n_classes() != plain.n_classes() {
+        return Err(Error::Invalid(format!(
+            "the augmented source has {} items of {} classes but the plain one {} of {}",
+            augmented.n_items(),
+            augmented.n_classes(),
+            plain.n_items(),
+            plain.n_classes()
+        )));
+    }
     let passes = config.n + 1;
-    let plain = predict(model, valid, None, &mut |_, _| {})?;
+    let plain = predict(model, plain, None, &mut |_, _| {})?;
     on_pass(0, passes);
-    let augmented = Loader::new(
-        valid.items().to_vec(),
-        plain.n_classes,
-        train_transform.clone(),
-        LoaderConfig {
-            augment: Augment::Train,
-            shuffle: false,
-            drop_last: false,
-            seed: config.seed,
-            ..valid.config().clone()
-        },
-        valid.device().clone(),
-    );
     let mut sum = vec![0f64; plain.probs.len()];
     for k in 0..config.n {
-        let pass = predict_epoch(model, &augmented, k, None, &mut |_, _| {})?;
+        let pass = predict_epoch(model, augmented, k, None, &mut |_, _| {})?;
         for (s, p) in sum.iter_mut().zip(&pass.probs) {
             *s += f64::from(*p);
         }
@@ -791,27 +886,27 @@ fn binary_cross_entropy(probs: &[f32], targets: &[f32]) -> f64 {
     total / probs.len().max(1) as f64
 }
 
-/// [`predict`] over the loader's epoch `epoch` (for an augmenting loader,
+/// [`predict`] over the source's epoch `epoch` (for an augmenting source,
 /// other crops per epoch).
-fn predict_epoch(
-    model: &ResNet,
-    loader: &Loader,
+fn predict_epoch<M: Trainable + ?Sized>(
+    model: &M,
+    source: &dyn BatchSource,
     epoch: usize,
     pos_weight: Option<&Tensor>,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<Preds> {
-    let n_items = loader.n_items();
-    let n_classes = model.config().head.n_classes;
-    let n_batches = loader.n_batches();
+    let n_items = source.n_items();
+    let n_classes = source.n_classes();
+    let n_batches = source.n_batches();
     // Each batch leaves `[probs | targets | loss]` rows on the device; they
     // are read in one transfer at the end.
     let mut rows_on_device = Vec::with_capacity(n_batches);
     let mut batch_indices = Vec::with_capacity(n_batches);
-    for (index, batch) in loader.epoch(epoch).enumerate() {
-        let batch = batch.map_err(|e| Error::Data(Box::new(e)))?;
+    for (index, batch) in source.epoch(epoch).enumerate() {
+        let batch = batch?;
         let logits = model
             .forward_infer(&batch.images)
-            .map_err(|e| Error::Model(Box::new(e)))?;
+            .ctx(|| "the model's forward pass".into())?;
         let loss = bce_with_logits(&logits, &batch.targets, pos_weight)?;
         let rows = batch.indices.len();
         let packed = candle_nn::ops::sigmoid(&logits)

@@ -74,34 +74,35 @@ println!("best accuracy_multi {:.4} at {:.2}, mAP {:.4}", best.accuracy_multi, b
 pub mod error;
 pub mod events;
 pub mod host;
-#[cfg(feature = "learner")]
 pub mod learner;
 pub mod loss;
-#[cfg(feature = "learner")]
 pub mod lr_find;
 pub mod metrics;
 pub mod optim;
-#[cfg(feature = "learner")]
 pub mod report;
+#[cfg(feature = "learner")]
+pub mod resnet;
 pub mod run;
 pub mod schedule;
+pub mod source;
+pub mod trainable;
 
 pub use error::{Error, Result};
 pub use events::{
     EpochRecord, EpochTable, Event, EventsJsonl, HistoryCsv, Recorder, Sink, SmoothedLoss,
 };
-#[cfg(feature = "learner")]
 pub use host::host_reads;
-#[cfg(feature = "learner")]
 pub use learner::{
     GPU_READ_EVERY, Learner, LearnerConfig, Preds, TtaConfig, TtaPreds, Validation, dropout_seed,
-    opt_groups, predict, tta,
+    opt_groups, predict, tta_over,
 };
 pub use loss::bce_with_logits;
-#[cfg(feature = "learner")]
 pub use lr_find::{LrFindConfig, LrFindResult};
 pub use optim::{Adam, AdamConfig, AdamParams, AdamState, OptGroup, OptParam, StepHypers};
-#[cfg(feature = "learner")]
 pub use report::{ClassReport, ClassThreshold, EvalReport, PerClassReport, TtaReport};
+#[cfg(feature = "learner")]
+pub use resnet::{tta, tta_loader};
 pub use run::{Checkpoint, ModelMeta, RunDir, TrainState, atomic_write};
 pub use schedule::{FineTune, LrSpec, OneCycle};
+pub use source::{Batch, BatchSource, TensorDataset};
+pub use trainable::{Param, ParamGroup, ParamKind, Trainable, vars_under};

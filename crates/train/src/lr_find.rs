@@ -85,7 +85,7 @@ pub fn valley(lrs: &[f64], losses: &[f64]) -> Option<f64> {
     lrs.get(index.clamp(0, n as isize - 1) as usize).copied()
 }
 
-impl Learner {
+impl<M: crate::trainable::Trainable> Learner<M> {
     /// Runs the finder on the training set with the model as it is (fastai
     /// runs it frozen right after building the Learner), then restores the
     /// weights, running statistics and optimizer state.

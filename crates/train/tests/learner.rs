@@ -32,16 +32,16 @@ fn dataset(root: &Path) -> Dataset {
     Dataset::load(&DatasetConfig::new(root)).unwrap()
 }
 
-fn learner(data: &Dataset) -> Learner {
+fn learner(data: &Dataset) -> Learner<ResNet> {
     learner_with(data, LearnerConfig::default())
 }
 
-fn learner_with(data: &Dataset, config: LearnerConfig) -> Learner {
+fn learner_with(data: &Dataset, config: LearnerConfig) -> Learner<ResNet> {
     learner_on_path(data, config, Kernels::Auto)
 }
 
 /// A learner whose model runs its ops with `kernels`.
-fn learner_on_path(data: &Dataset, config: LearnerConfig, kernels: Kernels) -> Learner {
+fn learner_on_path(data: &Dataset, config: LearnerConfig, kernels: Kernels) -> Learner<ResNet> {
     let device = Device::Cpu;
     let n_classes = data.vocab().len();
     let transform = TransformConfig {
@@ -84,7 +84,7 @@ fn plan() -> FineTune {
     plan
 }
 
-fn weights(learner: &Learner) -> Vec<(String, Vec<f32>)> {
+fn weights(learner: &Learner<ResNet>) -> Vec<(String, Vec<f32>)> {
     let data = learner.varmap().data().lock().unwrap();
     let mut all: Vec<_> = data
         .iter()
@@ -356,7 +356,7 @@ fn lr_find_records_a_rising_lr_and_restores_everything() {
 
 /// Fine-tunes with a recorder attached; returns every `BatchEnd` loss and
 /// the epoch records.
-fn recorded_fine_tune(learner: &mut Learner) -> (Vec<f32>, Vec<multilabel_train::EpochRecord>) {
+fn recorded_fine_tune(learner: &mut Learner<ResNet>) -> (Vec<f32>, Vec<multilabel_train::EpochRecord>) {
     let recorder = Arc::new(Mutex::new(Recorder::default()));
     learner.add_sink(Box::new(recorder.clone()));
     learner.fine_tune(&plan()).unwrap();
