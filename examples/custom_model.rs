@@ -176,7 +176,9 @@ fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
         let fan_in = if name.ends_with(".bias") {
             // A bias takes the bound of its layer's weight.
             let weight = name.trim_end_matches("bias").to_string() + "weight";
-            vars_under(varmap, &weight).first().map_or(1, |(_, w)| w.elem_count() / w.dims()[0])
+            vars_under(varmap, &weight)
+                .first()
+                .map_or(1, |(_, w)| w.elem_count() / w.dims()[0])
         } else {
             fan_in
         };

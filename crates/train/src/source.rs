@@ -161,9 +161,12 @@ impl BatchSource for TensorDataset {
                     .ctx(|| "TensorDataset: batch indices".into())?;
                 (
                     images.index_select(&index, 0),
-                    targets.index_select(&index.to_device(targets.device()).ctx(|| {
-                        "TensorDataset: batch indices".into()
-                    })?, 0),
+                    targets.index_select(
+                        &index
+                            .to_device(targets.device())
+                            .ctx(|| "TensorDataset: batch indices".into())?,
+                        0,
+                    ),
                 )
             } else {
                 (

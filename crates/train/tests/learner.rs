@@ -356,7 +356,9 @@ fn lr_find_records_a_rising_lr_and_restores_everything() {
 
 /// Fine-tunes with a recorder attached; returns every `BatchEnd` loss and
 /// the epoch records.
-fn recorded_fine_tune(learner: &mut Learner<ResNet>) -> (Vec<f32>, Vec<multilabel_train::EpochRecord>) {
+fn recorded_fine_tune(
+    learner: &mut Learner<ResNet>,
+) -> (Vec<f32>, Vec<multilabel_train::EpochRecord>) {
     let recorder = Arc::new(Mutex::new(Recorder::default()));
     learner.add_sink(Box::new(recorder.clone()));
     learner.fine_tune(&plan()).unwrap();
