@@ -399,10 +399,11 @@ impl ResNet {
         self.freeze_to(0);
     }
 
-    /// fastai's `freeze_to(n)`: the first `n` groups train only their BatchNorm parameters.
-    /// `n` is clamped to the body's two groups (the head always trains).
+    /// fastai's `freeze_to(n)`: the first `n` groups train only their
+    /// BatchNorm parameters (`n` of 3 or more freezes the head's linear
+    /// layers too, as in fastai).
     pub fn freeze_to(&mut self, n: usize) {
-        self.frozen_groups = n.min(N_GROUPS - 1);
+        self.frozen_groups = n.min(N_GROUPS);
     }
 
     /// Whether any body group is frozen.
@@ -463,7 +464,7 @@ impl ResNet {
                 var: layer.linear.clone(),
                 no_decay: false,
                 is_norm: false,
-                trainable: true,
+                trainable: frozen < N_GROUPS,
             });
         }
         groups

@@ -554,3 +554,35 @@ fn tta_blends_augmented_and_plain_predictions_as_fastai() {
         .is_err()
     );
 }
+
+/// The Learner's freezing (from the kinds `Trainable` reports) agrees with
+/// the ResNet's own, which decides which kernel gradients it computes.
+#[test]
+fn resnet_freezing_agrees_with_the_learner() {
+    use multilabel_train::{ParamKind, Trainable};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let mut learner = learner(&data);
+    for n in [2, 1, 0, 3] {
+        learner.freeze_to(n);
+        let frozen = learner.frozen_groups();
+        let expected: Vec<String> = Trainable::param_groups(learner.model())
+            .into_iter()
+            .enumerate()
+            .flat_map(|(g, group)| {
+                group
+                    .params
+                    .into_iter()
+                    .filter(move |p| g >= frozen || p.kind == ParamKind::Norm)
+                    .map(|p| p.name)
+            })
+            .collect();
+        let resnet: Vec<String> = learner
+            .model()
+            .trainable_params()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(expected, resnet, "freeze_to({n})");
+    }
+}
