@@ -3,11 +3,14 @@
 //!
 //! The main types:
 //!
-//! - [`Learner`] trains a [`multilabel_resnet::ResNet`] on
-//!   [`multilabel_data::Loader`] batches: [`Learner::fine_tune`],
-//!   [`Learner::fit_one_cycle`], [`Learner::validate`],
-//!   [`Learner::get_preds`]; it checkpoints to a [`RunDir`], stops on a
-//!   cancellation flag and resumes bit for bit ([`Learner::resume_from`]).
+//! - [`Learner`] trains any [`Trainable`] model (the crate's ResNet, or
+//!   yours: logits, ordered param groups, buffers) on batches from any
+//!   [`BatchSource`] (the data crate's `Loader`, a [`TensorDataset`] in
+//!   memory, or yours): [`Learner::fine_tune`], [`Learner::fit_one_cycle`],
+//!   [`Learner::freeze_to`], [`Learner::validate`], [`Learner::get_preds`];
+//!   it checkpoints to a [`RunDir`], stops on a cancellation flag and
+//!   resumes bit for bit ([`Learner::resume_from`]). [`predict`] and
+//!   [`tta_over`] work on any model and source.
 //! - [`bce_with_logits`]: mean binary cross-entropy on logits in a form that
 //!   stays finite for any logit.
 //! - [`Adam`]: fastai's Adam (parameter groups, scheduled β1 also in the bias
