@@ -623,29 +623,26 @@ fn machine() -> Value {
     json!({ "cpu": cpu, "simd": simd_level() })
 }
 
-/// The widest vectors `gemm` (the convolutions' products) uses on this CPU,
-/// chosen at run time; our other kernels are compiled for the baseline of
-/// the target (SSE2 on x86-64) and auto-vectorised.
-fn simd_level() -> &'static str {
+/// The widest vectors `gemm` (the convolutions' products) uses on this
+/// CPU, and the level our own kernels run at (both chosen at run time; ours
+/// can be lowered with `MULTILABEL_SIMD=baseline|avx2`).
+fn simd_level() -> String {
+    let ours = multilabel_resnet::cpu::simd_level().name();
     #[cfg(target_arch = "x86_64")]
+    let gemm = if std::arch::is_x86_feature_detected!("avx512f") {
+        "AVX-512 (x86-v4)"
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return "gemm AVX-512 (x86-v4)";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return "gemm AVX2+FMA (x86-v3)";
-        }
-        "gemm SSE2 (baseline)"
-    }
+        "AVX2+FMA (x86-v3)"
+    } else {
+        "SSE2 (baseline)"
+    };
     #[cfg(target_arch = "aarch64")]
-    {
-        "gemm NEON"
-    }
+    let gemm = "NEON";
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        "gemm scalar"
-    }
+    let gemm = "scalar";
+    format!("gemm {gemm}, own kernels {ours}")
 }
 
 /// Ours and the reference's figures for one configuration, and their ratios.

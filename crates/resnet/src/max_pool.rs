@@ -177,11 +177,23 @@ fn as_f32_mut<T: WithDType>(xs: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast(), xs.len()) })
 }
 
+crate::cpu::simd::simd_kernel! {
+    /// [`pool_plane_f32_body`] built for the CPU's SIMD level.
+    fn pool_plane_f32 => pool_plane_f32_body(
+        plane: &[f32],
+        height: usize,
+        width: usize,
+        out: &mut [f32],
+        out_w: usize,
+    )
+}
+
 /// The forward pool of one `f32` plane without NaN: the same windows,
 /// scanned in the same row-major order and keeping the first maximum as
 /// [`arg_max`] does, so the values are identical, but without its per-value
 /// NaN and `Option` handling, which made the pool several times slower.
-fn pool_plane_f32(plane: &[f32], height: usize, width: usize, out: &mut [f32], out_w: usize) {
+#[inline(always)]
+fn pool_plane_f32_body(plane: &[f32], height: usize, width: usize, out: &mut [f32], out_w: usize) {
     for (oy, out_row) in out.chunks_exact_mut(out_w).enumerate() {
         let y0 = (oy * STRIDE).saturating_sub(PADDING);
         let y1 = (oy * STRIDE + KERNEL - PADDING).min(height);

@@ -23,6 +23,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::Uninit;
+use super::simd::simd_kernel;
 
 /// Shapes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,9 +123,14 @@ impl Geometry {
     }
 }
 
-/// Writes `col(x)` of one image `[C, H, W]` into `col`, a `[K, ld]` row-major
-/// matrix, at column offset `at`.
-fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
+simd_kernel! {
+    /// Writes `col(x)` of one image `[C, H, W]` into `col`, a `[K, ld]` row-major
+    /// matrix, at column offset `at`.
+    fn im2col => im2col_body(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize)
+}
+
+#[inline(always)]
+fn im2col_body(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
     let (oh, ow, p, s) = (g.oh, g.ow, g.padding, g.stride);
     for ci in 0..g.c {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
@@ -180,6 +186,7 @@ fn im2col(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
 /// rows) and the rows outside the input are zeroed. The same values as the
 /// row-by-row loop, with one copy per row of `col` instead of one per output
 /// row, which is what costs on small planes.
+#[inline(always)]
 fn shifted_rows(
     g: &Geometry,
     plane: &[f32],
@@ -217,9 +224,14 @@ fn shifted_rows(
     }
 }
 
-/// Adds `col`, a `[K, ld]` matrix read at column offset `at`, back into the
-/// image gradient `dx` `[C, H, W]` (the adjoint of [`im2col`]).
-fn col2im(g: &Geometry, col: &[f32], ld: usize, at: usize, dx: &mut [f32]) {
+simd_kernel! {
+    /// Adds `col`, a `[K, ld]` matrix read at column offset `at`, back into the
+    /// image gradient `dx` `[C, H, W]` (the adjoint of [`im2col`]).
+    fn col2im => col2im_body(g: &Geometry, col: &[f32], ld: usize, at: usize, dx: &mut [f32])
+}
+
+#[inline(always)]
+fn col2im_body(g: &Geometry, col: &[f32], ld: usize, at: usize, dx: &mut [f32]) {
     let (oh, ow, p, s) = (g.oh, g.ow, g.padding, g.stride);
     for ci in 0..g.c {
         let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];

@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::Uninit;
+use super::simd::simd_kernel;
 use super::conv::supported;
 
 /// Elements per parallel task in element-wise ops.
@@ -76,6 +77,67 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     total
 }
 
+simd_kernel! {
+    /// One channel of [`bn_train_forward`]: its statistics, and its rows of the output.
+    fn bn_forward_channel => bn_forward_channel_body(
+        x: &[f32],
+        dims: (usize, usize, usize),
+        w: &[f32],
+        b: &[f32],
+        eps: f64,
+        relu: bool,
+        residual: Option<&[f32]>,
+        ptr: &OutPtr,
+        ci: usize,
+    ) -> (f32, f32, f32)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bn_forward_channel_body(
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    w: &[f32],
+    b: &[f32],
+    eps: f64,
+    relu: bool,
+    residual: Option<&[f32]>,
+    ptr: &OutPtr,
+    ci: usize,
+) -> (f32, f32, f32) {
+    let count = n * hw;
+    let rows = || (0..n).map(|ni| &x[(ni * c + ci) * hw..(ni * c + ci + 1) * hw]);
+    let mean = rows().map(|r| lane_sum(r, |v| v)).sum::<f64>() / count as f64;
+    let m = mean as f32;
+    let var = rows()
+        .map(|r| lane_sum(r, |v| (v - m) * (v - m)))
+        .sum::<f64>()
+        / count as f64;
+    let inv_std = 1.0 / (var + eps).sqrt();
+    let scale = (f64::from(w[ci]) * inv_std) as f32;
+    let shift = (f64::from(b[ci]) - mean * f64::from(scale)) as f32;
+    for (ni, row) in rows().enumerate() {
+        // SAFETY: row (ni, ci) belongs to this channel's task only.
+        let dst = unsafe { ptr.slice((ni * c + ci) * hw, hw) };
+        if let Some(r) = residual {
+            let r = &r[(ni * c + ci) * hw..(ni * c + ci + 1) * hw];
+            for ((d, &v), &r) in dst.iter_mut().zip(row).zip(r) {
+                let y = v * scale + shift + r;
+                d.write(if relu { y.max(0.0) } else { y });
+            }
+        } else if relu {
+            for (d, &v) in dst.iter_mut().zip(row) {
+                d.write((v * scale + shift).max(0.0));
+            }
+        } else {
+            for (d, &v) in dst.iter_mut().zip(row) {
+                d.write(v * scale + shift);
+            }
+        }
+    }
+    (m, var as f32, inv_std as f32)
+}
+
 /// Per-channel batch statistics kept for the backward pass.
 #[derive(Debug, Clone)]
 pub(crate) struct Stats {
@@ -99,43 +161,11 @@ pub(crate) fn bn_train_forward(
     relu: bool,
     residual: Option<&[f32]>,
 ) -> (Vec<f32>, Stats) {
-    let count = n * hw;
     let mut out = Uninit::new(x.len());
     let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
     let per_channel: Vec<(f32, f32, f32)> = (0..c)
         .into_par_iter()
-        .map(|ci| {
-            let rows = || (0..n).map(|ni| &x[(ni * c + ci) * hw..(ni * c + ci + 1) * hw]);
-            let mean = rows().map(|r| lane_sum(r, |v| v)).sum::<f64>() / count as f64;
-            let m = mean as f32;
-            let var = rows()
-                .map(|r| lane_sum(r, |v| (v - m) * (v - m)))
-                .sum::<f64>()
-                / count as f64;
-            let inv_std = 1.0 / (var + eps).sqrt();
-            let scale = (f64::from(w[ci]) * inv_std) as f32;
-            let shift = (f64::from(b[ci]) - mean * f64::from(scale)) as f32;
-            for (ni, row) in rows().enumerate() {
-                // SAFETY: row (ni, ci) belongs to this channel's task only.
-                let dst = unsafe { ptr.slice((ni * c + ci) * hw, hw) };
-                if let Some(r) = residual {
-                    let r = &r[(ni * c + ci) * hw..(ni * c + ci + 1) * hw];
-                    for ((d, &v), &r) in dst.iter_mut().zip(row).zip(r) {
-                        let y = v * scale + shift + r;
-                        d.write(if relu { y.max(0.0) } else { y });
-                    }
-                } else if relu {
-                    for (d, &v) in dst.iter_mut().zip(row) {
-                        d.write((v * scale + shift).max(0.0));
-                    }
-                } else {
-                    for (d, &v) in dst.iter_mut().zip(row) {
-                        d.write(v * scale + shift);
-                    }
-                }
-            }
-            (m, var as f32, inv_std as f32)
-        })
+        .map(|ci| bn_forward_channel(x, (n, c, hw), w, b, eps, relu, residual, &ptr, ci))
         .collect();
     let stats = Stats {
         mean: per_channel.iter().map(|s| s.0).collect(),
@@ -251,73 +281,99 @@ impl BatchNormGrad {
         g: &[f32],
         (n, c, hw): (usize, usize, usize),
     ) -> Vec<f32> {
-        let count = (n * hw) as f64;
         let len = 2 * c + if self.need_x { x.len() } else { 0 };
         let mut out = Uninit::new(len);
         let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
-        let relu = self.relu;
-        (0..c).into_par_iter().for_each(|ci| {
-            let row = |ni: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
-            let m = self.mean[ci];
-            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-            for ni in 0..n {
-                let (xr, yr, gr) = (&x[row(ni)], &y[row(ni)], &g[row(ni)]);
-                // Zipped fixed-size chunks let the loop vectorise without
-                // bounds checks; indexing `xr[i + l]` kept the checks, and
-                // this pass then cost several times the forward's.
-                let (xc, yc, gc) = (
-                    xr.chunks_exact(LANES),
-                    yr.chunks_exact(LANES),
-                    gr.chunks_exact(LANES),
-                );
-                let (xt, yt, gt) = (xc.remainder(), yc.remainder(), gc.remainder());
-                let mut acc_g = [0f32; LANES];
-                let mut acc_gx = [0f32; LANES];
-                for ((xs, ys), gs) in xc.zip(yc).zip(gc) {
-                    for l in 0..LANES {
-                        let gv = if relu && ys[l] <= 0.0 { 0.0 } else { gs[l] };
-                        acc_g[l] += gv;
-                        acc_gx[l] += gv * (xs[l] - m);
-                    }
-                }
-                for ((&xv, &yv), &gv) in xt.iter().zip(yt).zip(gt) {
-                    let gv = if relu && yv <= 0.0 { 0.0 } else { gv };
-                    sum_g += f64::from(gv);
-                    sum_gx += f64::from(gv * (xv - m));
-                }
-                sum_g += acc_g.iter().map(|&v| f64::from(v)).sum::<f64>();
-                sum_gx += acc_gx.iter().map(|&v| f64::from(v)).sum::<f64>();
-            }
-            let inv_std = f64::from(self.inv_std[ci]);
-            let dw = sum_gx * inv_std;
-            let db = sum_g;
-            // SAFETY: entries ci and c + ci belong to this task only.
-            unsafe {
-                ptr.slice(ci, 1)[0].write(dw as f32);
-                ptr.slice(c + ci, 1)[0].write(db as f32);
-            }
-            if !self.need_x {
-                return;
-            }
-            // dx = w·σ⁻¹·(g − db/M − x̂·dw/M), x̂ = (x − mean)·σ⁻¹.
-            let k1 = f64::from(self.weight[ci]) * inv_std;
-            let k2 = (k1 * db / count) as f32;
-            let k3 = (k1 * inv_std * dw / count) as f32;
-            let k1 = k1 as f32;
-            for ni in 0..n {
-                let r = row(ni);
-                // SAFETY: row (ni, ci) of dx belongs to this task only.
-                let dst = unsafe { ptr.slice(2 * c + r.start, hw) };
-                let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
-                for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xr).zip(yr).zip(gr) {
-                    let gv = if relu && yv <= 0.0 { 0.0 } else { gv };
-                    d.write(k1 * gv - k2 - k3 * (xv - m));
-                }
-            }
-        });
+        (0..c)
+            .into_par_iter()
+            .for_each(|ci| bn_backward_channel(self, x, y, g, (n, c, hw), &ptr, ci));
         // SAFETY: every channel's task wrote its dweight and dbias entries
         // and, with `need_x`, all of its dx rows.
         unsafe { out.finish() }
+    }
+}
+
+simd_kernel! {
+    /// One channel of [`BatchNormGrad::run`]: its dweight, dbias and dx rows.
+    fn bn_backward_channel => bn_backward_channel_body(
+        op: &BatchNormGrad,
+        x: &[f32],
+        y: &[f32],
+        g: &[f32],
+        dims: (usize, usize, usize),
+        ptr: &OutPtr,
+        ci: usize,
+    )
+}
+
+#[inline(always)]
+fn bn_backward_channel_body(
+    op: &BatchNormGrad,
+    x: &[f32],
+    y: &[f32],
+    g: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    ptr: &OutPtr,
+    ci: usize,
+) {
+    let count = (n * hw) as f64;
+    let relu = op.relu;
+    let row = |ni: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
+    let m = op.mean[ci];
+    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+    for ni in 0..n {
+        let (xr, yr, gr) = (&x[row(ni)], &y[row(ni)], &g[row(ni)]);
+        // Zipped fixed-size chunks let the loop vectorise without
+        // bounds checks; indexing `xr[i + l]` kept the checks, and
+        // this pass then cost several times the forward's.
+        let (xc, yc, gc) = (
+            xr.chunks_exact(LANES),
+            yr.chunks_exact(LANES),
+            gr.chunks_exact(LANES),
+        );
+        let (xt, yt, gt) = (xc.remainder(), yc.remainder(), gc.remainder());
+        let mut acc_g = [0f32; LANES];
+        let mut acc_gx = [0f32; LANES];
+        for ((xs, ys), gs) in xc.zip(yc).zip(gc) {
+            for l in 0..LANES {
+                let gv = if relu && ys[l] <= 0.0 { 0.0 } else { gs[l] };
+                acc_g[l] += gv;
+                acc_gx[l] += gv * (xs[l] - m);
+            }
+        }
+        for ((&xv, &yv), &gv) in xt.iter().zip(yt).zip(gt) {
+            let gv = if relu && yv <= 0.0 { 0.0 } else { gv };
+            sum_g += f64::from(gv);
+            sum_gx += f64::from(gv * (xv - m));
+        }
+        sum_g += acc_g.iter().map(|&v| f64::from(v)).sum::<f64>();
+        sum_gx += acc_gx.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    let inv_std = f64::from(op.inv_std[ci]);
+    let dw = sum_gx * inv_std;
+    let db = sum_g;
+    // SAFETY: entries ci and c + ci belong to this task only.
+    unsafe {
+        ptr.slice(ci, 1)[0].write(dw as f32);
+        ptr.slice(c + ci, 1)[0].write(db as f32);
+    }
+    if !op.need_x {
+        return;
+    }
+    // dx = w·σ⁻¹·(g − db/M − x̂·dw/M), x̂ = (x − mean)·σ⁻¹.
+    let k1 = f64::from(op.weight[ci]) * inv_std;
+    let k2 = (k1 * db / count) as f32;
+    let k3 = (k1 * inv_std * dw / count) as f32;
+    let k1 = k1 as f32;
+    for ni in 0..n {
+        let r = row(ni);
+        // SAFETY: row (ni, ci) of dx belongs to this task only.
+        let dst = unsafe { ptr.slice(2 * c + r.start, hw) };
+        let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
+        for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xr).zip(yr).zip(gr) {
+            let gv = if relu && yv <= 0.0 { 0.0 } else { gv };
+            d.write(k1 * gv - k2 - k3 * (xv - m));
+        }
     }
 }
 
@@ -388,21 +444,7 @@ impl CustomOp3 for ScaleShift {
             .par_chunks_mut(rows_per_task * hw.max(1))
             .enumerate()
             .for_each(|(t, dst)| {
-                for (r, dst) in dst.chunks_mut(hw.max(1)).enumerate() {
-                    let row = t * rows_per_task + r;
-                    let ci = row % c;
-                    let (a, b) = (scale[ci], shift[ci]);
-                    let src = &x[row * hw..(row + 1) * hw];
-                    if relu {
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            d.write((v * a + b).max(0.0));
-                        }
-                    } else {
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            d.write(v * a + b);
-                        }
-                    }
-                }
+                scale_shift_rows(x, scale, shift, (c, hw), relu, t * rows_per_task, dst)
             });
         // SAFETY: the chunks cover the buffer and each was written in full.
         let out = unsafe { out.finish() };
@@ -469,12 +511,7 @@ impl CustomOp2 for AddRelu {
         out.as_mut_slice()
             .par_chunks_mut(CHUNK)
             .enumerate()
-            .for_each(|(t, dst)| {
-                let at = t * CHUNK;
-                for ((d, &u), &v) in dst.iter_mut().zip(&a[at..]).zip(&b[at..]) {
-                    d.write((u + v).max(0.0));
-                }
-            });
+            .for_each(|(t, dst)| add_relu_chunk(&a[t * CHUNK..], &b[t * CHUNK..], dst));
         // SAFETY: the chunks cover the buffer and each was written in full.
         let out = unsafe { out.finish() };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -524,12 +561,7 @@ pub(crate) fn relu_mask(y: &[f32], g: &[f32]) -> Vec<f32> {
     out.as_mut_slice()
         .par_chunks_mut(CHUNK)
         .enumerate()
-        .for_each(|(t, dst)| {
-            let at = t * CHUNK;
-            for ((d, &u), &v) in dst.iter_mut().zip(&y[at..]).zip(&g[at..]) {
-                d.write(if u > 0.0 { v } else { 0.0 });
-            }
-        });
+        .for_each(|(t, dst)| relu_mask_chunk(&y[t * CHUNK..], &g[t * CHUNK..], dst));
     // SAFETY: the chunks cover the buffer and each was written in full.
     unsafe { out.finish() }
 }
@@ -601,4 +633,68 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu);
     }
     crate::generic::add_relu(a, b)
+}
+
+simd_kernel! {
+    /// Rows `first..` of [`ScaleShift`]'s output (`dst` holds whole rows).
+    fn scale_shift_rows => scale_shift_rows_body(
+        x: &[f32],
+        scale: &[f32],
+        shift: &[f32],
+        dims: (usize, usize),
+        relu: bool,
+        first: usize,
+        dst: &mut [MaybeUninit<f32>],
+    )
+}
+
+#[inline(always)]
+fn scale_shift_rows_body(
+    x: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    (c, hw): (usize, usize),
+    relu: bool,
+    first: usize,
+    dst: &mut [MaybeUninit<f32>],
+) {
+    for (r, dst) in dst.chunks_mut(hw.max(1)).enumerate() {
+        let row = first + r;
+        let ci = row % c;
+        let (a, b) = (scale[ci], shift[ci]);
+        let src = &x[row * hw..(row + 1) * hw];
+        if relu {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                d.write((v * a + b).max(0.0));
+            }
+        } else {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                d.write(v * a + b);
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// `dst = relu(a + b)` over `dst`'s length.
+    fn add_relu_chunk => add_relu_chunk_body(a: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>])
+}
+
+#[inline(always)]
+fn add_relu_chunk_body(a: &[f32], b: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    for ((d, &u), &v) in dst.iter_mut().zip(a).zip(b) {
+        d.write((u + v).max(0.0));
+    }
+}
+
+simd_kernel! {
+    /// `dst = g where y > 0, else 0` over `dst`'s length.
+    fn relu_mask_chunk => relu_mask_chunk_body(y: &[f32], g: &[f32], dst: &mut [MaybeUninit<f32>])
+}
+
+#[inline(always)]
+fn relu_mask_chunk_body(y: &[f32], g: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    for ((d, &u), &v) in dst.iter_mut().zip(y).zip(g) {
+        d.write(if u > 0.0 { v } else { 0.0 });
+    }
 }
