@@ -50,8 +50,14 @@ fn run(model: &ResNet, x: &Tensor) -> Vec<(String, Vec<u32>)> {
     for buffer in model.buffers() {
         out.push((buffer.name.clone(), bits(buffer.var.as_tensor())));
     }
-    out.push(("eval logits".into(), bits(&model.forward_t(x, false).unwrap())));
-    out.push(("infer logits".into(), bits(&model.forward_infer(x).unwrap())));
+    out.push((
+        "eval logits".into(),
+        bits(&model.forward_t(x, false).unwrap()),
+    ));
+    out.push((
+        "infer logits".into(),
+        bits(&model.forward_infer(x).unwrap()),
+    ));
     out
 }
 

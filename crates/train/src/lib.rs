@@ -74,6 +74,7 @@ println!("best accuracy_multi {:.4} at {:.2}, mAP {:.4}", best.accuracy_multi, b
 "#
 )]
 
+mod adam_cpu;
 pub mod error;
 pub mod events;
 pub mod host;

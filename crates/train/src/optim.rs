@@ -6,6 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::adam_cpu;
 use crate::error::{CandleContext, Error, Result};
 
 /// One trainable tensor as the optimizer sees it.
@@ -176,42 +177,44 @@ impl Adam {
                     continue;
                 };
                 let ctx = || format!("Adam step of {}", param.name);
-                // Detach so that the update does not extend the autograd graph.
-                let grad = grad.detach();
-                let mut value = param.var.as_tensor().detach();
-                if !param.no_decay && wd != 0.0 {
-                    value = value.affine(1.0 - lr * wd, 0.0).ctx(ctx)?;
-                }
                 let entry = match self.state.remove(&param.name) {
                     Some(s) => s,
                     None => ParamState {
-                        grad_avg: value.zeros_like().ctx(ctx)?,
-                        sqr_avg: value.zeros_like().ctx(ctx)?,
+                        grad_avg: param.var.as_tensor().zeros_like().ctx(ctx)?,
+                        sqr_avg: param.var.as_tensor().zeros_like().ctx(ctx)?,
                         step: 0,
                     },
                 };
-                let grad_avg = (entry.grad_avg.affine(mom, 0.0).ctx(ctx)?
-                    + grad.affine(1.0 - mom, 0.0).ctx(ctx)?)
-                .ctx(ctx)?;
-                let sqr_avg = (entry.sqr_avg.affine(sqr_mom, 0.0).ctx(ctx)?
-                    + grad.sqr().ctx(ctx)?.affine(1.0 - sqr_mom, 0.0).ctx(ctx)?)
-                .ctx(ctx)?;
-                let step = entry.step + 1;
-                let debias1 = 1.0 - mom.powi(step as i32);
-                let debias2 = 1.0 - sqr_mom.powi(step as i32);
-                let denom = sqr_avg
-                    .affine(1.0 / debias2, 0.0)
-                    .ctx(ctx)?
-                    .sqrt()
-                    .ctx(ctx)?
-                    .affine(1.0, eps)
+                let decay = !param.no_decay && wd != 0.0;
+                let hypers = UpdateHypers {
+                    lr,
+                    mom,
+                    sqr_mom,
+                    eps,
+                    decay: decay.then_some(1.0 - lr * wd),
+                    step: entry.step + 1,
+                };
+                // One interface, two implementations: in place on CPU f32
+                // memory, or candle ops on any device and dtype.
+                let (grad_avg, sqr_avg) = if adam_cpu::supported(&[
+                    param.var.as_tensor(),
+                    grad,
+                    &entry.grad_avg,
+                    &entry.sqr_avg,
+                ]) {
+                    adam_cpu::update(
+                        param.var.as_tensor(),
+                        &entry.grad_avg,
+                        &entry.sqr_avg,
+                        grad,
+                        hypers.rounded(),
+                    )
                     .ctx(ctx)?;
-                let update = grad_avg
-                    .div(&denom)
-                    .ctx(ctx)?
-                    .affine(lr / debias1, 0.0)
-                    .ctx(ctx)?;
-                param.var.set(&(value - update).ctx(ctx)?).ctx(ctx)?;
+                    (entry.grad_avg, entry.sqr_avg)
+                } else {
+                    update_composite(&param.var, grad, &entry, &hypers).ctx(ctx)?
+                };
+                let step = hypers.step;
                 self.state.insert(
                     param.name.clone(),
                     ParamState {
@@ -231,13 +234,16 @@ impl Adam {
     }
 
     /// The state as named tensors plus step counts, for saving with a run.
+    /// The tensors are copies: the CPU update changes the moments in place,
+    /// and an exported state (a snapshot to restore later) must not follow.
     pub fn export_state(&self) -> AdamState {
         let mut out = AdamState::default();
         for (name, s) in &self.state {
+            let copy = |t: &Tensor| t.copy().unwrap_or_else(|_| t.clone());
             out.tensors
-                .insert(format!("{name}.grad_avg"), s.grad_avg.clone());
+                .insert(format!("{name}.grad_avg"), copy(&s.grad_avg));
             out.tensors
-                .insert(format!("{name}.sqr_avg"), s.sqr_avg.clone());
+                .insert(format!("{name}.sqr_avg"), copy(&s.sqr_avg));
             out.steps.insert(name.clone(), s.step);
         }
         out
@@ -276,8 +282,10 @@ impl Adam {
                         ),
                     });
                 }
+                // A copy of its own: the CPU update writes the moments in place.
                 t.to_device(param.var.device())
                     .and_then(|t| t.to_dtype(param.var.dtype()))
+                    .and_then(|t| t.copy())
                     .ctx(|| format!("loading optimizer state {key}"))
             };
             let grad_avg = get("grad_avg")?;
@@ -294,6 +302,68 @@ impl Adam {
         self.state = new_state;
         Ok(())
     }
+}
+
+/// The scalars of one parameter's update.
+struct UpdateHypers {
+    lr: f64,
+    mom: f64,
+    sqr_mom: f64,
+    eps: f64,
+    /// `1 − lr·wd` when weight decay applies.
+    decay: Option<f64>,
+    /// The step being taken (1 for the first).
+    step: u64,
+}
+
+impl UpdateHypers {
+    fn debias1(&self) -> f64 {
+        1.0 - self.mom.powi(self.step as i32)
+    }
+
+    fn debias2(&self) -> f64 {
+        1.0 - self.sqr_mom.powi(self.step as i32)
+    }
+
+    /// The constants as candle's `affine` rounds them to `f32`.
+    fn rounded(&self) -> adam_cpu::Hypers {
+        adam_cpu::Hypers {
+            decay: self.decay.map(|d| d as f32),
+            mom: self.mom as f32,
+            one_minus_mom: (1.0 - self.mom) as f32,
+            sqr_mom: self.sqr_mom as f32,
+            one_minus_sqr_mom: (1.0 - self.sqr_mom) as f32,
+            inv_debias2: (1.0 / self.debias2()) as f32,
+            eps: self.eps as f32,
+            step_size: (self.lr / self.debias1()) as f32,
+        }
+    }
+}
+
+/// One update with candle ops (any device, any float dtype): returns the
+/// new moments and sets the parameter.
+fn update_composite(
+    var: &Var,
+    grad: &Tensor,
+    state: &ParamState,
+    h: &UpdateHypers,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    // Detach so that the update does not extend the autograd graph.
+    let grad = grad.detach();
+    let mut value = var.as_tensor().detach();
+    if let Some(decay) = h.decay {
+        value = value.affine(decay, 0.0)?;
+    }
+    let grad_avg = (state.grad_avg.affine(h.mom, 0.0)? + grad.affine(1.0 - h.mom, 0.0)?)?;
+    let sqr_avg =
+        (state.sqr_avg.affine(h.sqr_mom, 0.0)? + grad.sqr()?.affine(1.0 - h.sqr_mom, 0.0)?)?;
+    let denom = sqr_avg
+        .affine(1.0 / h.debias2(), 0.0)?
+        .sqrt()?
+        .affine(1.0, h.eps)?;
+    let update = grad_avg.div(&denom)?.affine(h.lr / h.debias1(), 0.0)?;
+    var.set(&(value - update)?)?;
+    Ok((grad_avg, sqr_avg))
 }
 
 impl candle_nn::Optimizer for Adam {
@@ -338,5 +408,91 @@ impl candle_nn::Optimizer for Adam {
     /// Sets the learning rate of every group.
     fn set_learning_rate(&mut self, lr: f64) {
         self.trait_hypers.lrs = vec![lr; self.groups.len()];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::{ParamState, UpdateHypers, adam_cpu, update_composite};
+
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    }
+
+    /// The in-place CPU update and the candle-op update give the same bits,
+    /// step after step, with and without weight decay, over sizes that do
+    /// and do not fill the parallel chunks.
+    #[test]
+    fn fused_cpu_update_equals_the_composite_one_to_the_bit() {
+        let dev = Device::Cpu;
+        for (n, decay) in [
+            (7, None),
+            (100_003, Some(1.0 - 3e-3 * 0.01)),
+            (65_536, Some(0.97)),
+        ] {
+            let init = values(n, 1, 2.0);
+            let fused = Var::from_vec(init.clone(), n, &dev).unwrap();
+            let composite = Var::from_vec(init, n, &dev).unwrap();
+            let zeros = || Tensor::zeros(n, candle_core::DType::F32, &dev).unwrap();
+            let (ga, sa) = (zeros(), zeros());
+            let mut state = ParamState {
+                grad_avg: zeros(),
+                sqr_avg: zeros(),
+                step: 0,
+            };
+            for step in 1..=5u64 {
+                let grad = Tensor::from_vec(values(n, step + 10, 0.1), n, &dev).unwrap();
+                let h = UpdateHypers {
+                    lr: 1e-3 * step as f64,
+                    mom: 0.95 - 0.02 * step as f64,
+                    sqr_mom: 0.99,
+                    eps: 1e-5,
+                    decay,
+                    step,
+                };
+                adam_cpu::update(fused.as_tensor(), &ga, &sa, &grad, h.rounded()).unwrap();
+                let (g, s) = update_composite(&composite, &grad, &state, &h).unwrap();
+                state = ParamState {
+                    grad_avg: g,
+                    sqr_avg: s,
+                    step,
+                };
+                assert_eq!(
+                    bits(&ga),
+                    bits(&state.grad_avg),
+                    "grad_avg, n {n}, step {step}"
+                );
+                assert_eq!(
+                    bits(&sa),
+                    bits(&state.sqr_avg),
+                    "sqr_avg, n {n}, step {step}"
+                );
+                assert_eq!(
+                    bits(fused.as_tensor()),
+                    bits(composite.as_tensor()),
+                    "parameter, n {n}, step {step}"
+                );
+            }
+        }
     }
 }

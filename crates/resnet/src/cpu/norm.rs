@@ -15,8 +15,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::Uninit;
-use super::simd::simd_kernel;
 use super::conv::supported;
+use super::simd::simd_kernel;
 
 /// Elements per parallel task in element-wise ops.
 const CHUNK: usize = 1 << 15;
