@@ -63,6 +63,12 @@ check-cuda:
     #!/usr/bin/env bash
     set -euo pipefail
     eval "$(.ci/cuda-toolkit.sh check)"
+    # Our own kernels are compiled by NVRTC at run time; compile them here so
+    # a syntax error shows in CI, not on the GPU machine.
+    for source in $(find crates -name '*.cu' | sort); do
+        nvcc --ptx -arch=compute_90 "$source" -o /dev/null
+        echo "check-cuda: $source compiles"
+    done
     for feature in cuda cudnn; do
         start=$SECONDS
         cargo check --workspace --all-targets --locked --features "multilabel/$feature"

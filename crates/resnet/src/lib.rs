@@ -68,6 +68,8 @@ mod batch_norm;
 mod config;
 mod conv;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 mod generic;
 mod head;

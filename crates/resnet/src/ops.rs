@@ -23,7 +23,8 @@ use crate::{cpu, generic};
 #[serde(rename_all = "lowercase")]
 pub enum Kernels {
     /// The fastest available: the CPU kernels for `f32` on the CPU, the
-    /// generic ops elsewhere.
+    /// fused CUDA BatchNorm for `f32` on CUDA (with the `cuda` feature), the
+    /// generic ops for the rest.
     #[default]
     Auto,
     /// The generic candle ops everywhere, also on the CPU (what CUDA and
@@ -62,6 +63,23 @@ impl Ops {
         self.kernels == Kernels::Auto && operands.iter().all(|t| cpu::supported(t))
     }
 
+    /// Train-mode BatchNorm off the CPU: the fused CUDA kernels for `f32`
+    /// on CUDA (with the `cuda` feature), the generic ops otherwise.
+    fn batch_norm_device(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+        relu: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if self.kernels == Kernels::Auto && crate::cuda::supported(&[x, weight, bias]) {
+            return crate::cuda::batch_norm_train(x, weight, bias, eps, relu);
+        }
+        generic::batch_norm_train(x, weight, bias, eps, relu)
+    }
+
     /// `conv2d(x, kernel)` with square `padding` and `stride`, one group.
     pub fn conv2d(
         &self,
@@ -89,7 +107,7 @@ impl Ops {
         if self.cpu(&[x, weight, bias]) {
             cpu::batch_norm_train(x, weight, bias, eps, relu)
         } else {
-            generic::batch_norm_train(x, weight, bias, eps, relu)
+            self.batch_norm_device(x, weight, bias, eps, relu)
         }
     }
 
@@ -109,7 +127,7 @@ impl Ops {
             cpu::conv2d_batch_norm_train(x, kernel, padding, stride, weight, bias, eps, relu)
         } else {
             let conv = self.conv2d(x, kernel, padding, stride)?;
-            generic::batch_norm_train(&conv, weight, bias, eps, relu)
+            self.batch_norm_device(&conv, weight, bias, eps, relu)
         }
     }
 

@@ -47,6 +47,38 @@ fn resnet50_training_step() {
     paths::whole_network_step(&device(), Arch::ResNet50, (64, 4, 64), false);
 }
 
+/// The fused CUDA BatchNorm (what `Kernels::Auto` runs on CUDA) against
+/// the CPU kernels, alone and in whole training steps.
+#[cfg(feature = "cuda")]
+#[test]
+fn fused_cuda_batch_norm() {
+    paths::batch_norm_train_and_eval_with(&device(), multilabel_resnet::Ops::default());
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn resnet18_training_step_fused_cuda() {
+    paths::whole_network_step_with(
+        &device(),
+        multilabel_resnet::Kernels::Auto,
+        Arch::ResNet18,
+        (16, 4, 64),
+        true,
+    );
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn resnet50_training_step_fused_cuda() {
+    paths::whole_network_step_with(
+        &device(),
+        multilabel_resnet::Kernels::Auto,
+        Arch::ResNet50,
+        (64, 4, 64),
+        false,
+    );
+}
+
 #[test]
 fn generic_path_stays_in_f32() {
     paths::generic_path_stays_in_f32(&device());

@@ -74,7 +74,7 @@ println!("best accuracy_multi {:.4} at {:.2}, mAP {:.4}", best.accuracy_multi, b
 "#
 )]
 
-mod adam_cpu;
+mod adam_fused;
 pub mod error;
 pub mod events;
 pub mod host;

@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::adam_cpu;
+use crate::adam_fused;
 use crate::error::{CandleContext, Error, Result};
 
 /// One trainable tensor as the optimizer sees it.
@@ -194,15 +194,16 @@ impl Adam {
                     decay: decay.then_some(1.0 - lr * wd),
                     step: entry.step + 1,
                 };
-                // One interface, two implementations: in place on CPU f32
-                // memory, or candle ops on any device and dtype.
-                let (grad_avg, sqr_avg) = if adam_cpu::supported(&[
+                // One interface, two implementations: in place on f32
+                // memory (CPU, or CUDA with the `cuda` feature), or candle
+                // ops on any device and dtype.
+                let (grad_avg, sqr_avg) = if adam_fused::supported(&[
                     param.var.as_tensor(),
                     grad,
                     &entry.grad_avg,
                     &entry.sqr_avg,
                 ]) {
-                    adam_cpu::update(
+                    adam_fused::update(
                         param.var.as_tensor(),
                         &entry.grad_avg,
                         &entry.sqr_avg,
@@ -326,8 +327,8 @@ impl UpdateHypers {
     }
 
     /// The constants as candle's `affine` rounds them to `f32`.
-    fn rounded(&self) -> adam_cpu::Hypers {
-        adam_cpu::Hypers {
+    fn rounded(&self) -> adam_fused::Hypers {
+        adam_fused::Hypers {
             decay: self.decay.map(|d| d as f32),
             mom: self.mom as f32,
             one_minus_mom: (1.0 - self.mom) as f32,
@@ -415,7 +416,7 @@ impl candle_nn::Optimizer for Adam {
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
-    use super::{ParamState, UpdateHypers, adam_cpu, update_composite};
+    use super::{ParamState, UpdateHypers, adam_fused, update_composite};
 
     fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -470,7 +471,7 @@ mod tests {
                     decay,
                     step,
                 };
-                adam_cpu::update(fused.as_tensor(), &ga, &sa, &grad, h.rounded()).unwrap();
+                adam_fused::update(fused.as_tensor(), &ga, &sa, &grad, h.rounded()).unwrap();
                 let (g, s) = update_composite(&composite, &grad, &state, &h).unwrap();
                 state = ParamState {
                     grad_avg: g,

@@ -195,6 +195,12 @@ fn bshape(shape: &[usize]) -> Vec<usize> {
 /// BatchNorm in train mode (output, batch statistics, gradients of input,
 /// weight and bias) and eval mode, rank 4 and rank 2, with and without ReLU.
 pub fn batch_norm_train_and_eval(device: &Device) {
+    batch_norm_train_and_eval_with(device, generic_ops());
+}
+
+/// [`batch_norm_train_and_eval`] with `device_ops` on the device: with
+/// `Kernels::Auto` on CUDA, the fused CUDA BatchNorm.
+pub fn batch_norm_train_and_eval_with(device: &Device, device_ops: Ops) {
     for (i, shape) in [[4, 6, 5, 7].as_slice(), &[8, 12]].into_iter().enumerate() {
         for relu in [false, true] {
             let what = format!("batch-norm {shape:?} relu {relu}");
@@ -214,7 +220,7 @@ pub fn batch_norm_train_and_eval(device: &Device) {
             let x = Var::from_tensor(&x).unwrap();
             let (w, b) = (var(&[c], 13), var(&[c], 14));
             let (xd, wd, bd) = (on(device, &x), on(device, &w), on(device, &b));
-            let (y_g, mean_g, var_g) = generic_ops()
+            let (y_g, mean_g, var_g) = device_ops
                 .batch_norm_train(xd.as_tensor(), wd.as_tensor(), bd.as_tensor(), 1e-5, relu)
                 .unwrap();
             let (y_c, mean_c, var_c) = cpu_ops()
@@ -232,7 +238,7 @@ pub fn batch_norm_train_and_eval(device: &Device) {
             // Eval mode: the per-channel affine.
             let (scale, shift) = (var(&[c], 16), var(&[c], 17));
             let (scale_d, shift_d) = (on(device, &scale), on(device, &shift));
-            let e_g = generic_ops()
+            let e_g = device_ops
                 .scale_shift(
                     xd.as_tensor(),
                     scale_d.as_tensor(),
@@ -473,12 +479,24 @@ fn assert_as_accurate(what: &str, generic: &Tensor, cpu_result: &Tensor, truth: 
 pub fn whole_network_step(
     device: &Device,
     arch: Arch,
+    dims: (usize, usize, usize),
+    strict: bool,
+) {
+    whole_network_step_with(device, Kernels::Generic, arch, dims, strict);
+}
+
+/// [`whole_network_step`] with the device's model on `kernels` (with
+/// `Kernels::Auto` on CUDA: the fused CUDA kernels).
+pub fn whole_network_step_with(
+    device: &Device,
+    kernels: Kernels,
+    arch: Arch,
     (width, batch, size): (usize, usize, usize),
     strict: bool,
 ) {
     let ps = if device.is_cpu() { 0.5 } else { 0.0 };
     let f32_on = |d| (d, DType::F32);
-    let (mut generic, generic_vars) = model(arch, width, Kernels::Generic, f32_on(device), ps);
+    let (mut generic, generic_vars) = model(arch, width, kernels, f32_on(device), ps);
     let (mut reference, reference_vars) =
         model(arch, width, Kernels::Auto, f32_on(&Device::Cpu), ps);
     let (mut truth, _) = model(

@@ -1,0 +1,427 @@
+//! Fused CUDA kernels for the training ops that candle composes from many
+//! generic ops: train-mode BatchNorm (+ ReLU) forward and backward, in two
+//! launches each way instead of a dozen.
+//!
+//! The kernels (`kernels.cu`) are CUDA C compiled once per process by NVRTC
+//! at first use, so the build needs no extra nvcc step and the PTX always
+//! matches the driver it runs on. They take contiguous `f32` tensors on a
+//! CUDA device; [`crate::Ops`] sends them nothing else. `tests/device.rs`
+//! checks each against the CPU kernels (on a GPU only).
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc;
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// The kernels' CUDA C source.
+pub const SOURCE: &str = include_str!("kernels.cu");
+const MODULE: &str = "multilabel_resnet_kernels";
+/// Threads per block; `kernels.cu`'s `BLOCK`.
+const BLOCK: u32 = 256;
+
+/// The PTX of [`SOURCE`], compiled once.
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        nvrtc::compile_ptx(SOURCE)
+            .map(|ptx| ptx.to_src())
+            .map_err(|e| e.to_string())
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(format!("NVRTC could not compile kernels.cu: {e}")))
+}
+
+/// Whether the fused kernels take these tensors: `f32` on a CUDA device.
+pub fn supported(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
+}
+
+/// `(N, C, HW)` of an activation `[N, C, ...]`.
+fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
+    let d = shape.dims();
+    if d.len() < 2 {
+        candle_core::bail!("cuda batch-norm: expected [N, C, ...], got {d:?}")
+    }
+    Ok((d[0], d[1], d[2..].iter().product()))
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("cuda batch-norm: {what} {v} too large")))
+}
+
+/// A launch of `len` elementwise threads, grid-stride looped past 65535 blocks.
+fn elementwise(len: usize) -> LaunchConfig {
+    let blocks = len.div_ceil(BLOCK as usize).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per channel.
+fn per_channel(c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (c as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The storage of a tensor that must be a contiguous `f32` CUDA tensor.
+macro_rules! cuda_slice {
+    ($storage:expr, $layout:expr, $what:expr) => {{
+        let Some((start, end)) = $layout.contiguous_offsets() else {
+            candle_core::bail!("cuda batch-norm: {} is not contiguous", $what)
+        };
+        $storage.as_cuda_slice::<f32>()?.slice(start..end)
+    }};
+}
+
+fn cpu_unsupported(name: &str) -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{name} runs on CUDA devices only")
+}
+
+/// `[5, C]` statistics of `x` (mean, biased var, inv_std, scale, shift).
+struct Stats {
+    eps: f64,
+}
+
+impl CustomOp3 for Stats {
+    fn name(&self) -> &'static str {
+        "cuda-batch-norm-stats"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, c, hw) = dims(xl.shape())?;
+        if wl.shape().elem_count() != c || bl.shape().elem_count() != c {
+            candle_core::bail!("cuda batch-norm: {c} channels but weight/bias differ")
+        }
+        if n * hw < 2 {
+            candle_core::bail!(
+                "cuda batch-norm: train mode needs more than one value per channel, got {:?}; use a larger batch",
+                xl.shape().dims()
+            )
+        }
+        let dev = xs.device().clone();
+        let (x, w, b) = (
+            cuda_slice!(xs, xl, "x"),
+            cuda_slice!(ws, wl, "weight"),
+            cuda_slice!(bs, bl, "bias"),
+        );
+        let out = dev.alloc_zeros::<f32>(5 * c)?;
+        let func = dev.get_or_load_custom_func("bn_stats", MODULE, ptx()?)?;
+        let (n32, c32, hw32) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
+        let mut launch = func.builder();
+        launch.arg(&x);
+        launch.arg(&w);
+        launch.arg(&b);
+        launch.arg(&out);
+        launch.arg(&n32);
+        launch.arg(&c32);
+        launch.arg(&hw32);
+        launch.arg(&self.eps);
+        // SAFETY: the argument list matches `bn_stats` in kernels.cu, and
+        // every pointer covers what the kernel reads or writes.
+        unsafe { launch.launch(per_channel(c)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((5, c))))
+    }
+}
+
+/// `relu?(x·scale + shift)` from the statistics, with BatchNorm's backward.
+struct Apply {
+    stats: Tensor,
+    relu: bool,
+}
+
+/// The `f32` CUDA slice of a whole contiguous tensor captured by an op.
+fn with_slice<R>(
+    t: &Tensor,
+    f: impl FnOnce(&candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(storage) = &*storage else {
+        candle_core::bail!("cuda batch-norm: statistics not on a CUDA device")
+    };
+    let view = cuda_slice!(storage, layout, "statistics");
+    f(&view)
+}
+
+impl CustomOp3 for Apply {
+    fn name(&self) -> &'static str {
+        "cuda-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, c, hw) = dims(xl.shape())?;
+        let len = xl.shape().elem_count();
+        let dev = xs.device().clone();
+        let x = cuda_slice!(xs, xl, "x");
+        // SAFETY: `bn_apply` writes every one of the `len` values.
+        let y = unsafe { dev.alloc::<f32>(len)? };
+        let func = dev.get_or_load_custom_func("bn_apply", MODULE, ptx()?)?;
+        let (len64, c32, hw32, relu) = (len as i64, i32_of(c, "C")?, i32_of(hw, "H·W")?, i32::from(self.relu));
+        with_slice(&self.stats, |stats| {
+            let mut launch = func.builder();
+            launch.arg(&x);
+            launch.arg(stats);
+            launch.arg(&y);
+            launch.arg(&len64);
+            launch.arg(&c32);
+            launch.arg(&hw32);
+            launch.arg(&relu);
+            // SAFETY: the arguments match `bn_apply`.
+            unsafe { launch.launch(elementwise(len)) }.w()?;
+            Ok(())
+        })?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need_x = x.track_op();
+        if !need_x && !weight.track_op() && !bias.track_op() {
+            return Ok((None, None, None));
+        }
+        let grad = grad.contiguous()?;
+        let red = x.detach().apply_op3_no_bwd(
+            &y.detach(),
+            &grad,
+            &GradReduce {
+                stats: self.stats.clone(),
+                weight: weight.detach().contiguous()?,
+                relu: self.relu,
+            },
+        )?;
+        let dx = if need_x {
+            Some(x.detach().apply_op3_no_bwd(
+                &y.detach(),
+                &grad,
+                &GradInput {
+                    stats: self.stats.clone(),
+                    red: red.clone(),
+                    relu: self.relu,
+                },
+            )?)
+        } else {
+            None
+        };
+        let dw = weight.track_op().then(|| red.get(0)).transpose()?;
+        let db = bias.track_op().then(|| red.get(1)).transpose()?;
+        Ok((dx, dw, db))
+    }
+}
+
+/// `[5, C]`: dweight, dbias and the coefficients of dx.
+struct GradReduce {
+    stats: Tensor,
+    weight: Tensor,
+    relu: bool,
+}
+
+impl CustomOp3 for GradReduce {
+    fn name(&self) -> &'static str {
+        "cuda-batch-norm-grad-reduce"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ys: &CudaStorage,
+        yl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, c, hw) = dims(xl.shape())?;
+        let dev = xs.device().clone();
+        let (x, y, g) = (
+            cuda_slice!(xs, xl, "x"),
+            cuda_slice!(ys, yl, "y"),
+            cuda_slice!(gs, gl, "the output gradient"),
+        );
+        let red = dev.alloc_zeros::<f32>(5 * c)?;
+        let func = dev.get_or_load_custom_func("bn_grad_reduce", MODULE, ptx()?)?;
+        let (n32, c32, hw32, relu) = (
+            i32_of(n, "N")?,
+            i32_of(c, "C")?,
+            i32_of(hw, "H·W")?,
+            i32::from(self.relu),
+        );
+        with_slice(&self.stats, |stats| {
+            with_slice(&self.weight, |w| {
+                let mut launch = func.builder();
+                launch.arg(&x);
+                launch.arg(&y);
+                launch.arg(&g);
+                launch.arg(stats);
+                launch.arg(w);
+                launch.arg(&red);
+                launch.arg(&n32);
+                launch.arg(&c32);
+                launch.arg(&hw32);
+                launch.arg(&relu);
+                // SAFETY: the arguments match `bn_grad_reduce`.
+                unsafe { launch.launch(per_channel(c)) }.w()?;
+                Ok(())
+            })
+        })?;
+        Ok((CudaStorage::wrap_cuda_slice(red, dev), Shape::from((5, c))))
+    }
+}
+
+/// dx from the reduction.
+struct GradInput {
+    stats: Tensor,
+    red: Tensor,
+    relu: bool,
+}
+
+impl CustomOp3 for GradInput {
+    fn name(&self) -> &'static str {
+        "cuda-batch-norm-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ys: &CudaStorage,
+        yl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, c, hw) = dims(xl.shape())?;
+        let len = xl.shape().elem_count();
+        let dev = xs.device().clone();
+        let (x, y, g) = (
+            cuda_slice!(xs, xl, "x"),
+            cuda_slice!(ys, yl, "y"),
+            cuda_slice!(gs, gl, "the output gradient"),
+        );
+        // SAFETY: `bn_grad_input` writes every one of the `len` values.
+        let dx = unsafe { dev.alloc::<f32>(len)? };
+        let func = dev.get_or_load_custom_func("bn_grad_input", MODULE, ptx()?)?;
+        let (len64, c32, hw32, relu) = (len as i64, i32_of(c, "C")?, i32_of(hw, "H·W")?, i32::from(self.relu));
+        with_slice(&self.stats, |stats| {
+            with_slice(&self.red, |red| {
+                let mut launch = func.builder();
+                launch.arg(&x);
+                launch.arg(&y);
+                launch.arg(&g);
+                launch.arg(stats);
+                launch.arg(red);
+                launch.arg(&dx);
+                launch.arg(&len64);
+                launch.arg(&c32);
+                launch.arg(&hw32);
+                launch.arg(&relu);
+                // SAFETY: the arguments match `bn_grad_input`.
+                unsafe { launch.launch(elementwise(len)) }.w()?;
+                Ok(())
+            })
+        })?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+    }
+}
+
+/// Train-mode BatchNorm (+ ReLU) of `x` `[N, C, ...]` on a CUDA device:
+/// `(y, mean, biased var)`, as [`crate::cpu::batch_norm_train`]; `y`
+/// carries gradients for whichever of `x`, `weight`, `bias` track them.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
+    let stats = x
+        .detach()
+        .apply_op3_no_bwd(&weight.detach(), &bias.detach(), &Stats { eps })?;
+    let y = x.apply_op3(
+        &weight,
+        &bias,
+        Apply {
+            stats: stats.clone(),
+            relu,
+        },
+    )?;
+    Ok((y, stats.get(0)?, stats.get(1)?))
+}

@@ -1,0 +1,70 @@
+//! The fused Adam update on a CUDA device against the same update on the
+//! CPU (which is bit-identical to the candle-op path). Built only with the
+//! `cuda` feature; a machine without a GPU fails it (`bench/gpu/run.sh`
+//! runs it on the borrowed GPU machine).
+#![cfg(feature = "cuda")]
+
+use candle_core::{Device, Tensor, Var};
+use multilabel_train::{Adam, AdamConfig, OptGroup, OptParam, StepHypers};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// Five steps of a two-group optimizer (one decayed weight, one norm
+/// parameter) on `device`; the parameters after each step.
+fn run(device: &Device) -> Vec<Vec<f32>> {
+    let w = Var::from_vec(values(70_001, 1), 70_001, device).unwrap();
+    let b = Var::from_vec(values(33, 2), 33, device).unwrap();
+    let group = |name: &str, var: &Var, no_decay| OptGroup {
+        name: name.into(),
+        params: vec![OptParam {
+            name: name.into(),
+            var: var.clone(),
+            no_decay,
+        }],
+    };
+    let mut adam = Adam::new(
+        vec![group("w", &w, false), group("b", &b, true)],
+        AdamConfig::default(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for step in 0..5u64 {
+        let tw = Tensor::from_vec(values(70_001, 10 + step), 70_001, device).unwrap();
+        let tb = Tensor::from_vec(values(33, 20 + step), 33, device).unwrap();
+        let loss = ((w.as_tensor() * &tw).unwrap().sum_all().unwrap()
+            + (b.as_tensor().sqr().unwrap() * &tb).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let hypers = StepHypers {
+            lrs: vec![1e-3, 3e-3],
+            mom: 0.95 - 0.01 * step as f64,
+        };
+        adam.step(&grads, &hypers).unwrap();
+        for v in [&w, &b] {
+            out.push(v.as_tensor().to_vec1::<f32>().unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn fused_adam_on_cuda_matches_the_cpu() {
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU: this test runs only where one is present");
+    let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+    for (k, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+        let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = g.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        // Rounding only: the GPU may fuse a multiply and an add.
+        assert!(err <= 1e-5 * scale, "tensor {k}: max error {err} (scale {scale})");
+    }
+}
