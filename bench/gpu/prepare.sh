@@ -23,11 +23,14 @@ case "$flavour" in
 cpu)
     features=()
     tests=(generic_path)
+    packages=(-p multilabel-resnet)
     ;;
 cuda | cudnn)
     eval "$(.ci/cuda-toolkit.sh build)"
     features=(--features "$flavour")
     tests=(device)
+    # The ResNet ops (fused BatchNorm among them) and the fused Adam.
+    packages=(-p multilabel-resnet -p multilabel-train)
     ;;
 *)
     echo "usage: $0 cudnn|cuda|cpu" >&2
@@ -42,13 +45,14 @@ build_seconds=$((SECONDS - start))
 # The test binaries, built in release like the program; cargo names them.
 test_args=()
 for t in "${tests[@]}"; do test_args+=(--test "$t"); done
-test_bins=$(cargo test --release --locked "${features[@]}" -p multilabel-resnet "${test_args[@]}" \
+test_bins=$(cargo test --release --locked "${features[@]}" "${packages[@]}" "${test_args[@]}" \
     --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["target"]["name"], m["executable"])')
+        crate = m["package_id"].split("#")[-1].split("@")[0].replace("multilabel-", "")
+        print(crate + "-" + m["target"]["name"], m["executable"])')
 total_seconds=$((SECONDS - start))
 
 rm -rf "$artifacts"

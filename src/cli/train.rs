@@ -94,9 +94,9 @@ pub struct TrainArgs {
     #[arg(long, hide = true, value_name = "N")]
     pub stop_after_steps: Option<u64>,
     /// Which implementation runs the model's ops: `auto` (the CPU kernels
-    /// for f32 on the CPU, candle's generic ops on CUDA/Metal) or `generic`
-    /// (candle's ops everywhere: what a GPU runs, slower on the CPU; for
-    /// checking one against the other)
+    /// for f32 on the CPU; on CUDA the fused BatchNorm kernels and candle's
+    /// ops for the rest; candle's ops on Metal) or `generic` (candle's ops
+    /// everywhere; for checking one against the other)
     #[arg(long, default_value = "auto", value_parser = parse_kernels)]
     pub kernels: Kernels,
 }

@@ -24,7 +24,9 @@ pub(crate) fn supported(tensors: &[&Tensor]) -> bool {
     let cpu = tensors.iter().all(|t| plain(t) && t.device().is_cpu());
     #[cfg(feature = "cuda")]
     let cuda = tensors.iter().all(|t| plain(t) && t.device().is_cuda())
-        && tensors.windows(2).all(|w| w[0].device().same_device(w[1].device()));
+        && tensors
+            .windows(2)
+            .all(|w| w[0].device().same_device(w[1].device()));
     #[cfg(not(feature = "cuda"))]
     let cuda = false;
     cpu || cuda
@@ -278,9 +280,9 @@ mod cuda {
     }
 
     pub(super) fn offsets(layout: &Layout) -> Result<(usize, usize)> {
-        layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fused Adam: expected a contiguous tensor".into()))
+        layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("fused Adam: expected a contiguous tensor".into())
+        })
     }
 
     pub(super) fn config(len: usize) -> LaunchConfig {

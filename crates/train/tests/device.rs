@@ -42,7 +42,10 @@ fn run(device: &Device) -> Vec<Vec<f32>> {
         let tw = Tensor::from_vec(values(70_001, 10 + step), 70_001, device).unwrap();
         let tb = Tensor::from_vec(values(33, 20 + step), 33, device).unwrap();
         let loss = ((w.as_tensor() * &tw).unwrap().sum_all().unwrap()
-            + (b.as_tensor().sqr().unwrap() * &tb).unwrap().sum_all().unwrap())
+            + (b.as_tensor().sqr().unwrap() * &tb)
+                .unwrap()
+                .sum_all()
+                .unwrap())
         .unwrap();
         let grads = loss.backward().unwrap();
         let hypers = StepHypers {
@@ -65,6 +68,9 @@ fn fused_adam_on_cuda_matches_the_cpu() {
         let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
         let err = g.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         // Rounding only: the GPU may fuse a multiply and an add.
-        assert!(err <= 1e-5 * scale, "tensor {k}: max error {err} (scale {scale})");
+        assert!(
+            err <= 1e-5 * scale,
+            "tensor {k}: max error {err} (scale {scale})"
+        );
     }
 }

@@ -51,7 +51,8 @@ fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
 }
 
 fn i32_of(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("cuda batch-norm: {what} {v} too large")))
+    i32::try_from(v)
+        .map_err(|_| candle_core::Error::Msg(format!("cuda batch-norm: {what} {v} too large")))
 }
 
 /// A launch of `len` elementwise threads, grid-stride looped past 65535 blocks.
@@ -205,7 +206,12 @@ impl CustomOp3 for Apply {
         // SAFETY: `bn_apply` writes every one of the `len` values.
         let y = unsafe { dev.alloc::<f32>(len)? };
         let func = dev.get_or_load_custom_func("bn_apply", MODULE, ptx()?)?;
-        let (len64, c32, hw32, relu) = (len as i64, i32_of(c, "C")?, i32_of(hw, "H·W")?, i32::from(self.relu));
+        let (len64, c32, hw32, relu) = (
+            len as i64,
+            i32_of(c, "C")?,
+            i32_of(hw, "H·W")?,
+            i32::from(self.relu),
+        );
         with_slice(&self.stats, |stats| {
             let mut launch = func.builder();
             launch.arg(&x);
@@ -377,7 +383,12 @@ impl CustomOp3 for GradInput {
         // SAFETY: `bn_grad_input` writes every one of the `len` values.
         let dx = unsafe { dev.alloc::<f32>(len)? };
         let func = dev.get_or_load_custom_func("bn_grad_input", MODULE, ptx()?)?;
-        let (len64, c32, hw32, relu) = (len as i64, i32_of(c, "C")?, i32_of(hw, "H·W")?, i32::from(self.relu));
+        let (len64, c32, hw32, relu) = (
+            len as i64,
+            i32_of(c, "C")?,
+            i32_of(hw, "H·W")?,
+            i32::from(self.relu),
+        );
         with_slice(&self.stats, |stats| {
             with_slice(&self.red, |red| {
                 let mut launch = func.builder();

@@ -476,12 +476,7 @@ fn assert_as_accurate(what: &str, generic: &Tensor, cpu_result: &Tensor, truth: 
 /// meets it); otherwise a quantity where the paths differ by more is
 /// checked against the generic path in f64 on the CPU: the generic path
 /// must be at most twice as far from it as the CPU kernels are.
-pub fn whole_network_step(
-    device: &Device,
-    arch: Arch,
-    dims: (usize, usize, usize),
-    strict: bool,
-) {
+pub fn whole_network_step(device: &Device, arch: Arch, dims: (usize, usize, usize), strict: bool) {
     whole_network_step_with(device, Kernels::Generic, arch, dims, strict);
 }
 
