@@ -149,6 +149,13 @@ impl Ops {
                 x, kernel, padding, stride, weight, bias, eps, residual,
             )
         } else {
+            #[cfg(feature = "cuda")]
+            if self.kernels == Kernels::Auto
+                && crate::cuda::supported(&[x, kernel, weight, bias, residual])
+            {
+                let conv = self.conv2d(x, kernel, padding, stride)?;
+                return crate::cuda::batch_norm_add_relu_train(&conv, weight, bias, eps, residual);
+            }
             let (y, mean, var) = self.conv2d_batch_norm_train(
                 x,
                 kernel,

@@ -57,6 +57,12 @@ fn fused_cuda_batch_norm() {
 
 #[cfg(feature = "cuda")]
 #[test]
+fn fused_cuda_block_nodes() {
+    paths::fused_block_nodes_with(&device(), multilabel_resnet::Ops::default());
+}
+
+#[cfg(feature = "cuda")]
+#[test]
 fn resnet18_training_step_fused_cuda() {
     paths::whole_network_step_with(
         &device(),

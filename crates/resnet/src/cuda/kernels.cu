@@ -62,16 +62,29 @@ extern "C" __global__ void bn_stats(
     }
 }
 
-// y = x·scale[c] + shift[c], then ReLU if `relu`; scale and shift are rows 3
-// and 4 of `stats`.
+// y = x·scale[c] + shift[c] (+ residual, when not null), then ReLU if
+// `relu`; scale and shift are rows 3 and 4 of `stats`.
 extern "C" __global__ void bn_apply(
-    const float* x, const float* stats, float* y,
+    const float* x, const float* stats, const float* residual, float* y,
     long long len, int c, int hw, int relu) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
          i += (long long)gridDim.x * blockDim.x) {
         int ch = (int)((i / hw) % c);
         float v = x[i] * stats[3 * c + ch] + stats[4 * c + ch];
+        if (residual) {
+            v = v + residual[i];
+        }
         y[i] = relu && v < 0.0f ? 0.0f : v;
+    }
+}
+
+// out = g where y > 0, else 0: the ReLU's backward from its output (the
+// residual's gradient at the end of a block).
+extern "C" __global__ void relu_mask(
+    const float* y, const float* g, float* out, long long len) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
+         i += (long long)gridDim.x * blockDim.x) {
+        out[i] = y[i] > 0.0f ? g[i] : 0.0f;
     }
 }
 

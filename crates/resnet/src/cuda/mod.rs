@@ -199,33 +199,8 @@ impl CustomOp3 for Apply {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (_, c, hw) = dims(xl.shape())?;
-        let len = xl.shape().elem_count();
-        let dev = xs.device().clone();
-        let x = cuda_slice!(xs, xl, "x");
-        // SAFETY: `bn_apply` writes every one of the `len` values.
-        let y = unsafe { dev.alloc::<f32>(len)? };
-        let func = dev.get_or_load_custom_func("bn_apply", MODULE, ptx()?)?;
-        let (len64, c32, hw32, relu) = (
-            len as i64,
-            i32_of(c, "C")?,
-            i32_of(hw, "H·W")?,
-            i32::from(self.relu),
-        );
-        with_slice(&self.stats, |stats| {
-            let mut launch = func.builder();
-            launch.arg(&x);
-            launch.arg(stats);
-            launch.arg(&y);
-            launch.arg(&len64);
-            launch.arg(&c32);
-            launch.arg(&hw32);
-            launch.arg(&relu);
-            // SAFETY: the arguments match `bn_apply`.
-            unsafe { launch.launch(elementwise(len)) }.w()?;
-            Ok(())
-        })?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+        let y = apply(xs, xl, &self.stats, None, self.relu)?;
+        Ok((y, xl.shape().clone()))
     }
 
     fn bwd(
@@ -266,6 +241,199 @@ impl CustomOp3 for Apply {
         let dw = weight.track_op().then(|| red.get(0)).transpose()?;
         let db = bias.track_op().then(|| red.get(1)).transpose()?;
         Ok((dx, dw, db))
+    }
+}
+
+/// Launches `bn_apply`: `relu?(x·scale + shift (+ residual))`.
+fn apply(
+    xs: &CudaStorage,
+    xl: &Layout,
+    stats: &Tensor,
+    residual: Option<(&CudaStorage, &Layout)>,
+    relu: bool,
+) -> Result<CudaStorage> {
+    let (_, c, hw) = dims(xl.shape())?;
+    let len = xl.shape().elem_count();
+    let dev = xs.device().clone();
+    let x = cuda_slice!(xs, xl, "x");
+    let residual = match residual {
+        Some((rs, rl)) => {
+            if rl.shape() != xl.shape() {
+                candle_core::bail!(
+                    "cuda batch-norm: residual {:?} for an input {:?}",
+                    rl.shape().dims(),
+                    xl.shape().dims()
+                )
+            }
+            Some(cuda_slice!(rs, rl, "the residual"))
+        }
+        None => None,
+    };
+    // SAFETY: `bn_apply` writes every one of the `len` values.
+    let y = unsafe { dev.alloc::<f32>(len)? };
+    let func = dev.get_or_load_custom_func("bn_apply", MODULE, ptx()?)?;
+    let (len64, c32, hw32, relu) = (
+        len as i64,
+        i32_of(c, "C")?,
+        i32_of(hw, "H·W")?,
+        i32::from(relu),
+    );
+    // A null device pointer when there is no residual.
+    let null = 0u64;
+    with_slice(stats, |stats| {
+        let mut launch = func.builder();
+        launch.arg(&x);
+        launch.arg(stats);
+        match &residual {
+            Some(r) => launch.arg(r),
+            None => launch.arg(&null),
+        };
+        launch.arg(&y);
+        launch.arg(&len64);
+        launch.arg(&c32);
+        launch.arg(&hw32);
+        launch.arg(&relu);
+        // SAFETY: the arguments match `bn_apply`.
+        unsafe { launch.launch(elementwise(len)) }.w()?;
+        Ok(())
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev))
+}
+
+/// `relu(BatchNorm(x) + residual)`, the end of a residual block, over
+/// `(x, [weight | bias], residual)`: weight and bias travel as one tensor
+/// so that the op has the three inputs a candle custom op allows.
+struct ApplyResidual {
+    stats: Tensor,
+    channels: usize,
+}
+
+impl CustomOp3 for ApplyResidual {
+    fn name(&self) -> &'static str {
+        "cuda-batch-norm-add-relu-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        rs: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let y = apply(xs, xl, &self.stats, Some((rs, rl)), true)?;
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        residual: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let c = self.channels;
+        let (dx, dwb) = if x.track_op() || wb.track_op() {
+            let red = x.detach().apply_op3_no_bwd(
+                &y.detach(),
+                &grad,
+                &GradReduce {
+                    stats: self.stats.clone(),
+                    weight: wb.detach().narrow(0, 0, c)?.contiguous()?,
+                    relu: true,
+                },
+            )?;
+            let dx = x
+                .track_op()
+                .then(|| {
+                    x.detach().apply_op3_no_bwd(
+                        &y.detach(),
+                        &grad,
+                        &GradInput {
+                            stats: self.stats.clone(),
+                            red: red.clone(),
+                            relu: true,
+                        },
+                    )
+                })
+                .transpose()?;
+            let dwb = wb
+                .track_op()
+                .then(|| red.narrow(0, 0, 2)?.flatten_all())
+                .transpose()?;
+            (dx, dwb)
+        } else {
+            (None, None)
+        };
+        let dres = residual
+            .track_op()
+            .then(|| y.detach().apply_op2_no_bwd(&grad, &ReluMask))
+            .transpose()?;
+        Ok((dx, dwb, dres))
+    }
+}
+
+/// `g` where `y > 0`, zero elsewhere.
+struct ReluMask;
+
+impl candle_core::CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "cuda-relu-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        ys: &CudaStorage,
+        yl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if yl.shape() != gl.shape() {
+            candle_core::bail!("cuda relu-mask: shapes differ")
+        }
+        let len = yl.shape().elem_count();
+        let dev = ys.device().clone();
+        let (y, g) = (
+            cuda_slice!(ys, yl, "y"),
+            cuda_slice!(gs, gl, "the output gradient"),
+        );
+        // SAFETY: `relu_mask` writes every one of the `len` values.
+        let out = unsafe { dev.alloc::<f32>(len)? };
+        let func = dev.get_or_load_custom_func("relu_mask", MODULE, ptx()?)?;
+        let len64 = len as i64;
+        let mut launch = func.builder();
+        launch.arg(&y);
+        launch.arg(&g);
+        launch.arg(&out);
+        launch.arg(&len64);
+        // SAFETY: the arguments match `relu_mask`.
+        unsafe { launch.launch(elementwise(len)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), yl.shape().clone()))
     }
 }
 
@@ -432,6 +600,36 @@ pub fn batch_norm_train(
         Apply {
             stats: stats.clone(),
             relu,
+        },
+    )?;
+    Ok((y, stats.get(0)?, stats.get(1)?))
+}
+
+/// `relu(BatchNorm(x) + residual)` in train mode on a CUDA device, the end
+/// of a residual block: `(y, mean, biased var)`, as
+/// [`crate::cpu::conv2d_batch_norm_add_relu_train`] after its convolution;
+/// `y` carries gradients for whichever of `x`, `weight`, `bias` and
+/// `residual` track them.
+pub fn batch_norm_add_relu_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    residual: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
+    let stats = x
+        .detach()
+        .apply_op3_no_bwd(&weight.detach(), &bias.detach(), &Stats { eps })?;
+    // Differentiable: the gradient of `wb` splits back into weight and bias.
+    let wb = Tensor::cat(&[&weight, &bias], 0)?;
+    let y = x.apply_op3(
+        &wb,
+        &residual.contiguous()?,
+        ApplyResidual {
+            stats: stats.clone(),
+            channels: weight.elem_count(),
         },
     )?;
     Ok((y, stats.get(0)?, stats.get(1)?))

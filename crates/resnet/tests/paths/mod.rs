@@ -268,6 +268,12 @@ pub fn batch_norm_train_and_eval_with(device: &Device, device_ops: Ops) {
 /// block end conv + BatchNorm + add + ReLU, and the inference conv with
 /// eval BatchNorm, residual and ReLU; every conv shape and tracking.
 pub fn fused_block_nodes(device: &Device) {
+    fused_block_nodes_with(device, generic_ops());
+}
+
+/// [`fused_block_nodes`] with `device_ops` on the device: with
+/// `Kernels::Auto` on CUDA, the fused CUDA BatchNorm and block end.
+pub fn fused_block_nodes_with(device: &Device, device_ops: Ops) {
     for (i, &(c_in, c_out, k, stride, padding, size)) in CONV_CASES.iter().enumerate() {
         for tracking in TRACKINGS {
             let x = var(&[2, c_in, size, size], 20 + i as u64);
@@ -290,7 +296,7 @@ pub fn fused_block_nodes(device: &Device) {
             let geometry = (padding, stride);
             for relu in [false, true] {
                 let what = format!("conv+bn case {i} {tracking:?} relu {relu}");
-                let (y_g, m_g, v_g) = generic_ops()
+                let (y_g, m_g, v_g) = device_ops
                     .conv2d_batch_norm_train(
                         &xdt,
                         &kdt,
@@ -330,7 +336,7 @@ pub fn fused_block_nodes(device: &Device) {
                 .to_vec();
             let residual = var(&out_dims, 43);
             let residual_d = on(device, &residual);
-            let (y_g, _, _) = generic_ops()
+            let (y_g, _, _) = device_ops
                 .conv2d_batch_norm_add_relu_train(
                     &xdt,
                     &kdt,
@@ -370,7 +376,7 @@ pub fn fused_block_nodes(device: &Device) {
                 residual_d.as_detached_tensor(),
             );
             for (with_residual, relu) in [(false, false), (false, true), (true, true)] {
-                let a = generic_ops()
+                let a = device_ops
                     .conv2d_affine(
                         &xdt,
                         &kdt,
