@@ -216,32 +216,50 @@ impl CustomOp3 for Apply {
             return Ok((None, None, None));
         }
         let grad = grad.contiguous()?;
-        let red = x.detach().apply_op3_no_bwd(
-            &y.detach(),
-            &grad,
-            &GradReduce {
-                stats: self.stats.clone(),
-                weight: weight.detach().contiguous()?,
-                relu: self.relu,
-            },
-        )?;
-        let dx = if need_x {
-            Some(x.detach().apply_op3_no_bwd(
-                &y.detach(),
-                &grad,
-                &GradInput {
-                    stats: self.stats.clone(),
-                    red: red.clone(),
-                    relu: self.relu,
-                },
-            )?)
-        } else {
-            None
-        };
+        let weight_value = weight.detach().contiguous()?;
+        let (red, dx) = backward(&self.stats, &weight_value, self.relu, x, y, &grad)?;
         let dw = weight.track_op().then(|| red.get(0)).transpose()?;
         let db = bias.track_op().then(|| red.get(1)).transpose()?;
         Ok((dx, dw, db))
     }
+}
+
+/// BatchNorm's backward from its input `x`, output `y` and output gradient
+/// `grad`: the `[5, C]` reduction (dweight and dbias are its first rows) and,
+/// when `x` tracks gradients, dx.
+fn backward(
+    stats: &Tensor,
+    weight: &Tensor,
+    relu: bool,
+    x: &Tensor,
+    y: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (xv, yv) = (x.detach(), y.detach());
+    let red = xv.apply_op3_no_bwd(
+        &yv,
+        grad,
+        &GradReduce {
+            stats: stats.clone(),
+            weight: weight.clone(),
+            relu,
+        },
+    )?;
+    let dx = x
+        .track_op()
+        .then(|| {
+            xv.apply_op3_no_bwd(
+                &yv,
+                grad,
+                &GradInput {
+                    stats: stats.clone(),
+                    red: red.clone(),
+                    relu,
+                },
+            )
+        })
+        .transpose()?;
+    Ok((red, dx))
 }
 
 /// Launches `bn_apply`: `relu?(x·scale + shift (+ residual))`.
@@ -349,29 +367,8 @@ impl CustomOp3 for ApplyResidual {
         let grad = grad.contiguous()?;
         let c = self.channels;
         let (dx, dwb) = if x.track_op() || wb.track_op() {
-            let red = x.detach().apply_op3_no_bwd(
-                &y.detach(),
-                &grad,
-                &GradReduce {
-                    stats: self.stats.clone(),
-                    weight: wb.detach().narrow(0, 0, c)?.contiguous()?,
-                    relu: true,
-                },
-            )?;
-            let dx = x
-                .track_op()
-                .then(|| {
-                    x.detach().apply_op3_no_bwd(
-                        &y.detach(),
-                        &grad,
-                        &GradInput {
-                            stats: self.stats.clone(),
-                            red: red.clone(),
-                            relu: true,
-                        },
-                    )
-                })
-                .transpose()?;
+            let weight = wb.detach().narrow(0, 0, c)?.contiguous()?;
+            let (red, dx) = backward(&self.stats, &weight, true, x, y, &grad)?;
             let dwb = wb
                 .track_op()
                 .then(|| red.narrow(0, 0, 2)?.flatten_all())
