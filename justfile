@@ -87,7 +87,7 @@ build-cuda *ARGS:
     echo "build-cuda: built in $((SECONDS - start)) s: target/release/multilabel"
 
 # (`just gpu-artifacts cpu` makes a CPU set, for a dry run of bench/gpu/run.sh here.)
-# binaries for the GPU check (bench/gpu/run.sh), stripped and gzipped in bench/gpu/artifacts
+# binaries for the GPU check (bench/gpu/run.sh), stripped and xz-compressed in bench/gpu/artifacts
 gpu-artifacts FLAVOUR="cudnn":
     bench/gpu/prepare.sh {{FLAVOUR}}
 

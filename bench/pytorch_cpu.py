@@ -10,6 +10,13 @@ not depend on the weights) with fastai's head written out in plain torch,
 - train_unfrozen images/s: the same with everything trainable
 - eval           images/s: eval mode, no_grad
 - peak_rss_mb    the process's peak resident memory
+- peak_gpu_mb    with --device cuda: the CUDA allocator's peak
+
+With `--device cuda` (the GPU check, bench/gpu/run.sh) the model and the
+batch live on the GPU, cuDNN picks its algorithms by benchmark (PyTorch's
+fastest setting), and every timed loop ends with a synchronize. Each
+training step reads its loss back (as ours does), so both sides wait for
+every step.
 
 The data pipeline is measured on fastai's own DataLoaders by
 `bench/fastai_data.py`. Prints a JSON object on stdout; progress goes to
@@ -89,6 +96,11 @@ def set_frozen(model, frozen):
         param.requires_grad_(True)
 
 
+def synchronize(torch, batch):
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+
+
 def time_train(torch, model, frozen, batch, targets, warmup, iters):
     set_frozen(model, frozen)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -106,9 +118,11 @@ def time_train(torch, model, frozen, batch, targets, warmup, iters):
 
     for _ in range(warmup):
         step()
+    synchronize(torch, batch)
     start = time.perf_counter()
     for _ in range(iters):
         step()
+    synchronize(torch, batch)
     return iters * batch.shape[0] / (time.perf_counter() - start)
 
 
@@ -117,14 +131,17 @@ def time_eval(torch, model, batch, warmup, iters):
     with torch.no_grad():
         for _ in range(warmup):
             model(batch)
+        synchronize(torch, batch)
         start = time.perf_counter()
         for _ in range(iters):
             model(batch)
+        synchronize(torch, batch)
     return iters * batch.shape[0] / (time.perf_counter() - start)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--arch", default="resnet50", help="a torchvision ResNet: resnet18 ... resnet152")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-size", type=int, default=64)
@@ -145,9 +162,12 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n_classes = 20
-    model = build_model(torch, torchvision, args.arch, n_classes)
-    batch = torch.randn(args.batch_size, 3, args.size, args.size)
-    targets = (torch.rand(args.batch_size, n_classes) < 0.1).float()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = build_model(torch, torchvision, args.arch, n_classes).to(device)
+    batch = torch.randn(args.batch_size, 3, args.size, args.size).to(device)
+    targets = (torch.rand(args.batch_size, n_classes) < 0.1).float().to(device)
 
     result = {
         "torch": torch.__version__,
@@ -156,7 +176,12 @@ def main():
         "threads": args.threads,
         "batch_size": args.batch_size,
         "size": args.size,
+        "device": args.device,
     }
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+        # TF32 is on by default for cuDNN convolutions (not for matmuls).
+        result["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     log(f"pytorch {torch.__version__}, {torch.get_num_threads()} threads")
     if "train_frozen" in only:
         log("pytorch: train_frozen")
@@ -168,6 +193,8 @@ def main():
         log("pytorch: eval")
         result["eval"] = time_eval(torch, model, batch, args.warmup, args.iters)
     result["peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(json.dumps(result))
 
 

@@ -84,7 +84,8 @@ const DATA_EPOCHS: usize = 2;
 const PASCAL_SIZE: (u32, u32) = (500, 375);
 const N_CLASSES: usize = 20;
 /// The flags that take a value, each also read from `MULTILABEL_BENCH_<FLAG>`.
-const VALUE_FLAGS: [&str; 11] = [
+const VALUE_FLAGS: [&str; 12] = [
+    "device",
     "batch-size",
     "iters",
     "warmup",
@@ -103,9 +104,37 @@ const MATRIX_SIZES: [usize; 3] = [64, 128, 224];
 /// The training and eval phases, which the matrix measures per cell.
 const MODEL_PHASES: [&str; 3] = ["train_frozen", "train_unfrozen", "eval"];
 
+/// What `--help` prints.
+const HELP: &str = "\
+just bench-cpu [FLAGS]: our CPU training and eval speed next to PyTorch's (same threads),
+and the data pipeline next to fastai's DataLoaders; writes target/bench/cpu.json.
+
+Modes (instead of the default ResNet-50 @ 128 px measurement):
+  --matrix            ResNet-18/50 at 64, 128 and 224 px; target/bench/cpu-matrix.json
+  --e2e               the whole fine_tune(1, 3e-3, freeze_epochs=1) through the CLI next to
+                      fastai's, wall time, mAP, accuracy_multi; target/bench/cpu-e2e.json
+
+Flags (each also read from MULTILABEL_BENCH_<FLAG>, e.g. MULTILABEL_BENCH_BATCH_SIZE=16):
+  --arch NAME         resnet18, resnet34, resnet50, ... (default resnet50)
+  --size N            image side in pixels (default 128)
+  --batch-size N      images per step (default 64; 32 at 224 px in the matrix)
+  --iters N           timed steps per phase (default 3), after --warmup N (default 1)
+  --threads N         threads for both sides (default: every core)
+  --only PHASES       comma list of train_frozen,train_unfrozen,eval,data
+  --images N          generated JPEGs for the data measurement (default 512)
+  --seeds N           --e2e seeds per side (default 1); --e2e-images N (default 1000)
+  --python PATH       the Python with torch/fastai (default: .venv-bench, made on demand)
+  --device D          cpu (default), cuda, cuda:N or metal: the model phases on that device,
+                      both sides (the data pipeline is CPU work and is measured only on cpu;
+                      --e2e only on cpu); on a GPU use more steps, e.g. --warmup 3 --iters 20
+  --no-pytorch        measure our side only
+";
+
 #[derive(Debug, Clone)]
 struct Options {
     arch: Arch,
+    /// `cpu`, `cuda`, `cuda:N` or `metal`.
+    device: String,
     /// `--batch-size` was given (the matrix then uses it at every size).
     batch_given: bool,
     /// Measure every cell of [`MATRIX_ARCHS`] × [`MATRIX_SIZES`].
@@ -146,6 +175,10 @@ fn parse_options() -> Result<Options> {
         match arg.as_str() {
             // cargo bench passes `--bench` to every harness-less bench.
             "--bench" => {}
+            "--help" | "-h" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
             "--no-pytorch" => pytorch = false,
             "--matrix" => matrix = true,
             "--e2e" => e2e = true,
@@ -161,7 +194,7 @@ fn parse_options() -> Result<Options> {
                 };
                 flags.insert(name, value);
             }
-            other => bail!("unexpected argument {other}; see the flags in benches/cpu.rs"),
+            other => bail!("unexpected argument {other}; see --help"),
         }
     }
     let number = |name: &str, default: usize| -> Result<usize> {
@@ -184,15 +217,43 @@ fn parse_options() -> Result<Options> {
     };
     for name in flags.keys() {
         if !VALUE_FLAGS.contains(&name.as_str()) {
-            bail!("unknown flag --{name}; see the flags in benches/cpu.rs");
+            bail!("unknown flag --{name}; see --help");
         }
     }
     let arch = match flags.get("arch") {
         None => Arch::ResNet50,
         Some(name) => name.parse().map_err(|e| anyhow::anyhow!("--arch: {e}"))?,
     };
+    let device = flags.get("device").cloned().unwrap_or_else(|| "cpu".into());
+    let on_cpu = device == "cpu";
+    let known = on_cpu
+        || device == "cuda"
+        || device == "metal"
+        || device
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+    if !known {
+        bail!("--device: expected cpu, cuda, cuda:N or metal, got {device}");
+    }
+    if !on_cpu && e2e {
+        bail!(
+            "--e2e runs on the CPU only (the fastai side needs fastai, which the GPU machine lacks)"
+        );
+    }
+    let only = if on_cpu {
+        only
+    } else {
+        if flags
+            .get("only")
+            .is_some_and(|l| l.split(',').any(|p| p.trim() == "data"))
+        {
+            bail!("--only data: the data pipeline is CPU work, measured only with --device cpu");
+        }
+        only.into_iter().filter(|p| p != "data").collect()
+    };
     let options = Options {
         arch,
+        device,
         batch_given: flags.contains_key("batch-size"),
         matrix,
         e2e,
@@ -381,7 +442,7 @@ fn time_data(root: &Path, o: &Options) -> Result<BTreeMap<String, f64>> {
 
 /// Our side: every phase in `o.only`.
 fn ours(o: &Options, data_root: Option<&Path>) -> Result<BTreeMap<String, f64>> {
-    let device = Device::Cpu;
+    let device = bench_device(&o.device)?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let config = ResNetConfig::new(o.arch, N_CLASSES);
@@ -409,6 +470,23 @@ fn ours(o: &Options, data_root: Option<&Path>) -> Result<BTreeMap<String, f64>> 
         out.insert("peak_rss_mb".into(), mb);
     }
     Ok(out)
+}
+
+/// The device `--device` names; an error that says what is missing when
+/// this build or machine lacks it.
+fn bench_device(spec: &str) -> Result<Device> {
+    let device = match spec {
+        "cpu" => Device::Cpu,
+        "metal" => Device::new_metal(0)
+            .context("--device metal: build with `--features multilabel/metal` on a Mac")?,
+        cuda => {
+            let ordinal = cuda.strip_prefix("cuda:").map_or(Ok(0), str::parse)?;
+            Device::new_cuda(ordinal).with_context(|| {
+                format!("--device {cuda}: build with `--features multilabel/cuda` (or cudnn), and run where the NVIDIA driver is")
+            })?
+        }
+    };
+    Ok(device)
 }
 
 /// A Python with torch and fastai: the flag, the environment, or `.venv-bench`
@@ -499,6 +577,8 @@ fn pytorch(
         return Ok(out);
     }
     let args = [
+        "--device",
+        &o.device,
         "--arch",
         o.arch.name(),
         "--threads",
@@ -523,6 +603,13 @@ fn pytorch(
     }
     if let (Some(v), Some(simd)) = (value.get("torch"), value.get("simd")) {
         eprintln!("pytorch: torch {v}, CPU capability {simd}");
+    }
+    if let Some(gpu) = value.get("gpu") {
+        eprintln!("pytorch: {gpu}");
+    }
+    // Informational (no counterpart on our side): PyTorch's peak GPU memory.
+    if let Some(v) = value.get("peak_gpu_mb").and_then(Value::as_f64) {
+        out.insert("peak_gpu_mb".into(), v);
     }
     Ok(out)
 }
@@ -590,7 +677,12 @@ fn main() -> Result<()> {
     // inherits it.
     // SAFETY: nothing else runs yet.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", o.threads.to_string()) };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // The reference scripts live in the source tree; a binary carried to
+    // another machine (the GPU check) finds them in the current directory.
+    let mut root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if !root.join("bench/pytorch_cpu.py").exists() {
+        root = std::env::current_dir()?;
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
@@ -741,7 +833,7 @@ fn run_matrix(o: &Options, root: &Path, target: &Path, machine: &Value) -> Resul
     );
     let json = json!({
         "machine": machine,
-        "config": { "threads": o.threads, "warmup": o.warmup, "iters": o.iters },
+        "config": { "device": o.device, "threads": o.threads, "warmup": o.warmup, "iters": o.iters },
         "cells": cells,
     });
     write_json(&target.join("bench/cpu-matrix.json"), &json)
@@ -1011,7 +1103,7 @@ fn run_e2e(o: &Options, root: &Path, target: &Path, machine: &Value) -> Result<(
         "machine": machine,
         "config": {
             "arch": o.arch.name(), "size": o.size, "batch_size": o.batch_size,
-            "threads": o.threads, "images": o.e2e_images, "valid": o.e2e_images / 5,
+            "device": o.device, "threads": o.threads, "images": o.e2e_images, "valid": o.e2e_images / 5,
             "classes": E2E_CLASSES, "epochs": E2E_EPOCHS, "freeze_epochs": E2E_FREEZE_EPOCHS,
             "base_lr": E2E_BASE_LR, "weights": "random",
         },
@@ -1024,8 +1116,8 @@ fn run_e2e(o: &Options, root: &Path, target: &Path, machine: &Value) -> Result<(
 /// The default mode: one configuration, every phase of `--only`.
 fn run_single(o: &Options, root: &Path, target: &Path, machine: &Value) -> Result<()> {
     eprintln!(
-        "{} + fastai head, {} px, batch {}, {} threads, {} warm-up + {} timed steps",
-        o.arch, o.size, o.batch_size, o.threads, o.warmup, o.iters
+        "{} + fastai head, {} px, batch {}, on {}, {} threads, {} warm-up + {} timed steps",
+        o.arch, o.size, o.batch_size, o.device, o.threads, o.warmup, o.iters
     );
     let data_root = if o.only.iter().any(|p| p == "data") {
         Some(pascal_sized_dataset(target, o.images)?)
@@ -1057,6 +1149,9 @@ fn run_single(o: &Options, root: &Path, target: &Path, machine: &Value) -> Resul
         "(images/s except peak_rss_mb in MiB; reference: PyTorch, and fastai's DataLoaders for data_*; \
          ratio = ours / reference, higher is better except for memory)"
     );
+    if let Some(mb) = theirs.as_ref().and_then(|t| t.get("peak_gpu_mb")) {
+        println!("(PyTorch's peak GPU memory, its allocator's own count: {mb:.0} MiB)");
+    }
     let json = json!({
         "machine": machine,
         "config": {

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the artifacts `bench/gpu/run.sh` runs on the GPU machine, into
-# bench/gpu/artifacts/ (git-ignored): the release `multilabel` and the test
-# binaries of the device tests, stripped and gzipped (the device tool
-# carries at most 64 MiB, and that machine has no Rust), plus manifest.json.
+# bench/gpu/artifacts/ (git-ignored): the release `multilabel`, the test
+# binaries of the device tests and the `bench-cpu` benchmark (which runs
+# PyTorch beside us with --device cuda), stripped and compressed with xz
+# (the device tool carries at most 64 MiB, and that machine has no Rust),
+# plus manifest.json.
 #
 #   bench/gpu/prepare.sh cudnn   # the CUDA + cuDNN build (default), for the H200
 #   bench/gpu/prepare.sh cuda    # CUDA without cuDNN
@@ -53,15 +55,23 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         crate = m["package_id"].split("#")[-1].split("@")[0].replace("multilabel-", "")
         print(crate + "-" + m["target"]["name"], m["executable"])')
+# The benchmark binary (`just bench-cpu`), with the same features.
+bench_bin=$(cargo bench --locked "${features[@]}" --bench cpu --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
+        print(m["executable"])')
 total_seconds=$((SECONDS - start))
 
 rm -rf "$artifacts"
 mkdir -p "$artifacts"
 pack() { # SOURCE NAME
     strip -o "$artifacts/$2" "$1"
-    gzip -9 -f "$artifacts/$2"
+    xz -9 -T0 -f "$artifacts/$2"
 }
 pack "$target/release/multilabel" multilabel
+pack "$bench_bin" bench-cpu
 while read -r name path; do
     [ -n "$name" ] && pack "$path" "test-$name"
 done <<<"$test_bins"
@@ -79,10 +89,15 @@ manifest = {
     "build_seconds": int(build_seconds),
     "build_and_tests_seconds": int(total_seconds),
     "unstripped_bytes": os.path.getsize(binary),
-    "gzipped_bytes": files,
-    "total_gzipped_bytes": sum(files.values()),
+    "compressed_bytes": files,
+    "total_compressed_bytes": sum(files.values()),
 }
 json.dump(manifest, open(os.path.join(artifacts, "manifest.json"), "w"), indent=2)
 print(json.dumps(manifest, indent=2))
 PY
 du -sh "$artifacts"
+total=$(du -sb "$artifacts" | cut -f1)
+if [ "$total" -gt $((64 * 1024 * 1024)) ]; then
+    echo "prepare.sh: $artifacts is $total bytes, over the device tool's 64 MiB" >&2
+    exit 1
+fi

@@ -9,7 +9,7 @@
 #     OUT=/tmp/gpu-out bash bench/gpu/run.sh
 #
 # Steps, each timed and recorded even when an earlier one failed:
-#   1. unpack the gzipped binaries; on a CUDA set, point LD_LIBRARY_PATH at
+#   1. unpack the compressed binaries; on a CUDA set, point LD_LIBRARY_PATH at
 #      the CUDA 13 libraries that PyTorch's `nvidia-*` wheels ship, and
 #      record nvidia-smi's view of the GPU;
 #   2. the device tests: each GPU op against the CPU kernels, forward and
@@ -21,11 +21,17 @@
 #      images/s from the run's history.csv (the later epoch of each phase,
 #      so start-up is not counted), plus the first-run ("cold") times; then
 #      the same with `--kernels generic` (on CUDA: without the fused
-#      BatchNorm, so the two runs show what it gains).
+#      BatchNorm, so the two runs show what it gains);
+#   4. side by side with PyTorch on the same device (`bench-cpu --device`,
+#      bench/pytorch_cpu.py): training frozen and unfrozen and eval
+#      images/s on random tensors, the same model and batch, steady state
+#      after warm-up, into $OUT/bench.json.
 #
 # Knobs (environment): GPU_CHECK_ARCH (resnet50), GPU_CHECK_SIZE (128),
 # GPU_CHECK_BS (64), GPU_CHECK_TRAIN (images per epoch, 1280),
-# GPU_CHECK_VALID (128), GPU_CHECK_TEST_FILTER (a test-name filter).
+# GPU_CHECK_VALID (128), GPU_CHECK_TEST_FILTER (a test-name filter),
+# GPU_CHECK_BENCH_ITERS (timed steps per phase: 20 on CUDA, 2 on a CPU set),
+# GPU_CHECK_PYTHON (the Python with torch: python3).
 # Whole run under 8 minutes on an H200 with the defaults.
 set -uo pipefail
 
@@ -76,9 +82,14 @@ say "artifacts: $flavour ($(python3 -c 'import json, sys; m = json.load(open(sys
 # 1. Unpack.
 bin=$work/bin
 mkdir -p "$bin"
-for gz in "$artifacts"/*.gz; do
-    name=$(basename "$gz" .gz)
-    gunzip -c "$gz" >"$bin/$name" && chmod +x "$bin/$name"
+# xz through Python's lzma (always there with CPython; the xz tool may not be).
+for packed in "$artifacts"/*.xz "$artifacts"/*.gz; do
+    [ -e "$packed" ] || continue
+    name=$(basename "${packed%.*}")
+    python3 -c 'import gzip, lzma, shutil, sys
+opener = lzma.open if sys.argv[1].endswith(".xz") else gzip.open
+with opener(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$packed" "$bin/$name" && chmod +x "$bin/$name"
 done
 multilabel=$bin/multilabel
 
@@ -172,7 +183,36 @@ train fine_tune --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3
 say "the same with the generic ops forced (--kernels generic)"
 train generic --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --kernels generic
 
-# 4. Everything into $OUT/gpu.json.
+# 4. Side by side with PyTorch on the same device.
+if [ -x "$bin/bench-cpu" ]; then
+    if [ "$device" = cuda ]; then iters=${GPU_CHECK_BENCH_ITERS:-20}; warmup=3; else iters=${GPU_CHECK_BENCH_ITERS:-2}; warmup=1; fi
+    say "bench: ours and PyTorch, $arch at $size px, batch $bs on $device ($warmup warm-up + $iters timed steps)"
+    t0=$(date +%s.%N)
+    CARGO_TARGET_DIR=$work/target timeout 300 "$bin/bench-cpu" --device "$device" \
+        --python "${GPU_CHECK_PYTHON:-python3}" --arch "$arch" --size "$size" --batch-size "$bs" \
+        --only train_frozen,train_unfrozen,eval --warmup "$warmup" --iters "$iters" >"$out/bench.txt" 2>&1
+    status=$?
+    t1=$(date +%s.%N)
+    seconds=$(python3 -c "print(round($t1 - $t0, 2))")
+    tail -14 "$out/bench.txt"
+    [ -f "$work/target/bench/cpu.json" ] && cp "$work/target/bench/cpu.json" "$out/bench.json"
+    python3 - "$work/target/bench/cpu.json" "$status" "$seconds" >>"$results" <<'PY'
+import json, sys
+path, status, seconds = sys.argv[1:]
+entry = {"step": "bench", "status": "pass" if status == "0" else "fail", "seconds": float(seconds)}
+try:
+    report = json.load(open(path))
+except (OSError, ValueError):
+    report = {}
+for side in ("ours", "reference", "ratio"):
+    for key, value in (report.get(side) or {}).items():
+        entry[f"{side}_{key}"] = round(value, 3)
+print(json.dumps(entry))
+PY
+    say "bench: exit $status in ${seconds}s"
+fi
+
+# 5. Everything into $OUT/gpu.json.
 python3 - "$results" "$out/gpu.json" "$flavour" "$device" "$arch" "$size" "$bs" "$n_train" "$started" <<'PY'
 import json, platform, sys, time
 results, target, flavour, device, arch, size, bs, n_train, started = sys.argv[1:]

@@ -123,55 +123,151 @@ impl Geometry {
     }
 }
 
+/// Planes of at most this many output pixels take their `col` rows from a
+/// gather table (see [`gather_table`]) rather than row by row.
+const TABLE_MAX_PIXELS: usize = 64;
+
+/// For a small output plane: for each kernel offset `(ki, kj)` and output
+/// pixel `j`, the input pixel it reads (`usize::MAX` where that is
+/// padding), `kh·kw·P` entries. Rows of 2×2 to 8×8 pixels make row-by-row
+/// copies mostly bookkeeping; with the table each row of `col` is one short
+/// loop, and `col2im` adds back in the same order as the row-by-row loop.
+fn gather_table(g: &Geometry) -> Option<Vec<usize>> {
+    (g.p() <= TABLE_MAX_PIXELS).then(|| table_of(g))
+}
+
+/// [`gather_table`] at any size.
+fn table_of(g: &Geometry) -> Vec<usize> {
+    let mut table = Vec::with_capacity(g.kh * g.kw * g.p());
+    for ki in 0..g.kh {
+        for kj in 0..g.kw {
+            for y in 0..g.oh {
+                for x in 0..g.ow {
+                    let iy = (y * g.stride + ki)
+                        .checked_sub(g.padding)
+                        .filter(|&v| v < g.h);
+                    let ix = (x * g.stride + kj)
+                        .checked_sub(g.padding)
+                        .filter(|&v| v < g.w);
+                    table.push(match (iy, ix) {
+                        (Some(iy), Some(ix)) => iy * g.w + ix,
+                        _ => usize::MAX,
+                    });
+                }
+            }
+        }
+    }
+    table
+}
+
+/// Writes `col` of `count` consecutive images of `xs` (`[count, C, H, W]`)
+/// into `col`, a `[K, ld]` row-major matrix, image `b` at columns `b·P..`.
+/// With `par`, the input channels (each a block of `kh·kw` rows) are spread
+/// over rayon's pool.
+/// `table` is [`gather_table`]'s for `g`, made once per call of the op.
+fn im2col_images(
+    g: &Geometry,
+    xs: &[f32],
+    count: usize,
+    col: &mut [f32],
+    ld: usize,
+    par: bool,
+    table: Option<&[usize]>,
+) {
+    let plane = g.h * g.w;
+    let img = g.c * plane;
+    let block = g.kh * g.kw * ld;
+    let run = |(ci, rows): (usize, &mut [f32])| {
+        for b in 0..count {
+            let x = &xs[b * img + ci * plane..b * img + (ci + 1) * plane];
+            im2col_channel(g, x, rows, ld, b * g.p(), table);
+        }
+    };
+    let blocks = col[..g.c * block].chunks_mut(block);
+    if par {
+        blocks
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .enumerate()
+            .for_each(run);
+    } else {
+        blocks.enumerate().for_each(run);
+    }
+}
+
 simd_kernel! {
-    /// Writes `col(x)` of one image `[C, H, W]` into `col`, a `[K, ld]` row-major
-    /// matrix, at column offset `at`.
-    fn im2col => im2col_body(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize)
+    /// Writes the `kh·kw` rows of `col` (`[kh·kw, ld]`, at column offset
+    /// `at`) that read one input channel's plane `[H, W]`.
+    fn im2col_channel => im2col_channel_body(
+        g: &Geometry,
+        plane: &[f32],
+        rows: &mut [f32],
+        ld: usize,
+        at: usize,
+        table: Option<&[usize]>,
+    )
 }
 
 #[inline(always)]
-fn im2col_body(g: &Geometry, x: &[f32], col: &mut [f32], ld: usize, at: usize) {
+fn im2col_channel_body(
+    g: &Geometry,
+    plane: &[f32],
+    rows: &mut [f32],
+    ld: usize,
+    at: usize,
+    table: Option<&[usize]>,
+) {
     let (oh, ow, p, s) = (g.oh, g.ow, g.padding, g.stride);
-    for ci in 0..g.c {
-        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let r = (ci * g.kh + ki) * g.kw + kj;
-                let row = &mut col[r * ld + at..r * ld + at + oh * ow];
-                // Output columns whose input column `ow·s + kj − p` is inside.
-                let lo = p.saturating_sub(kj).div_ceil(s).min(ow);
-                let hi = if g.w + p > kj {
-                    ((g.w + p - kj - 1) / s + 1).min(ow)
-                } else {
-                    0
+    let n = oh * ow;
+    if let Some(table) = table {
+        for (kk, from) in table.chunks_exact(n).enumerate() {
+            let row = &mut rows[kk * ld + at..kk * ld + at + n];
+            for (d, &i) in row.iter_mut().zip(from) {
+                *d = plane.get(i).copied().unwrap_or(0.0);
+            }
+        }
+        return;
+    }
+    if s > 1 {
+        return with_phases(|phases| {
+            split_phases(g, plane, phases);
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let r = ki * g.kw + kj;
+                    phase_rows(g, phases, &mut rows[r * ld + at..r * ld + at + n], ki, kj);
                 }
-                .max(lo);
-                if s == 1 && ow == g.w {
-                    shifted_rows(g, plane, row, ki, kj, lo, hi);
+            }
+        });
+    }
+    for ki in 0..g.kh {
+        for kj in 0..g.kw {
+            let r = ki * g.kw + kj;
+            let row = &mut rows[r * ld + at..r * ld + at + n];
+            // Output columns whose input column `ow·s + kj − p` is inside.
+            let lo = p.saturating_sub(kj).div_ceil(s).min(ow);
+            let hi = if g.w + p > kj {
+                ((g.w + p - kj - 1) / s + 1).min(ow)
+            } else {
+                0
+            }
+            .max(lo);
+            if ow == g.w {
+                shifted_rows(g, plane, row, ki, kj, lo, hi);
+                continue;
+            }
+            for y in 0..oh {
+                let out = &mut row[y * ow..(y + 1) * ow];
+                let iy = (y + ki) as isize - p as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    out.fill(0.0);
                     continue;
                 }
-                for y in 0..oh {
-                    let out = &mut row[y * ow..(y + 1) * ow];
-                    let iy = (y * s + ki) as isize - p as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    out[..lo].fill(0.0);
-                    out[hi..].fill(0.0);
-                    if hi == lo {
-                        continue;
-                    }
-                    let first = lo * s + kj - p;
-                    if s == 1 {
-                        out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
-                    } else {
-                        for (dst, src) in out[lo..hi].iter_mut().zip(src[first..].iter().step_by(s))
-                        {
-                            *dst = *src;
-                        }
-                    }
+                let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                if hi > lo {
+                    let first = lo + kj - p;
+                    out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
                 }
             }
         }
@@ -224,48 +320,246 @@ fn shifted_rows(
     }
 }
 
+/// A strided convolution's input plane split into its `s × s` phases:
+/// phase `(a, b)` holds the pixels `(r·s + a, c·s + b)` as a
+/// `⌈h/s⌉ × ⌈w/s⌉` plane, zero where that runs past the input. Output pixel
+/// `(y, x)` with kernel offset `(ki, kj)` reads input `(y·s + ki − p, x·s +
+/// kj − p)`, which is one phase's pixel `(y + qi, x + qj)` with `ki − p =
+/// qi·s + a`: so each row of `col` is, row by row, a contiguous copy out of
+/// one phase instead of a gather with stride `s`, and the plane is read with
+/// a stride once, not `kh·kw` times. The values copied are the same.
+struct Phases {
+    rows: usize,
+    cols: usize,
+}
+
+impl Phases {
+    fn of(g: &Geometry) -> Self {
+        Self {
+            rows: g.h.div_ceil(g.stride),
+            cols: g.w.div_ceil(g.stride),
+        }
+    }
+
+    /// The phase and the shift `(a, q)` along one axis for kernel offset `k`:
+    /// `k − padding = q·s + a`, `0 ≤ a < s`.
+    fn split(g: &Geometry, k: usize) -> (usize, isize) {
+        let off = k as isize - g.padding as isize;
+        let s = g.stride as isize;
+        (off.rem_euclid(s) as usize, off.div_euclid(s))
+    }
+
+    /// For output coordinate range `0..out` reading phase index `o + q`:
+    /// the outputs `lo..hi` whose read lands in `0..len`.
+    fn valid(out: usize, len: usize, q: isize) -> (usize, usize) {
+        let lo = (-q).clamp(0, out as isize) as usize;
+        let hi = (len as isize - q).clamp(lo as isize, out as isize) as usize;
+        (lo, hi)
+    }
+}
+
+/// Runs `f` with this thread's phase buffer (see [`Phases`]).
+#[inline(always)]
+fn with_phases(f: impl FnOnce(&mut Vec<f32>)) {
+    use std::cell::RefCell;
+    thread_local! {
+        static PHASES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    PHASES.with(|b| f(&mut b.borrow_mut()));
+}
+
+/// Splits one input plane `[H, W]` into its phases (see [`Phases`]).
+#[inline(always)]
+fn split_phases(g: &Geometry, plane: &[f32], phases: &mut Vec<f32>) {
+    let ph = Phases::of(g);
+    let s = g.stride;
+    let size = ph.rows * ph.cols;
+    phases.clear();
+    phases.resize(s * s * size, 0.0);
+    for a in 0..s {
+        for b in 0..s {
+            let phase = &mut phases[(a * s + b) * size..(a * s + b + 1) * size];
+            for (r, iy) in (a..g.h).step_by(s).enumerate() {
+                let src = &plane[iy * g.w..(iy + 1) * g.w];
+                let dst = &mut phase[r * ph.cols..(r + 1) * ph.cols];
+                for (d, v) in dst.iter_mut().zip(src[b.min(g.w)..].iter().step_by(s)) {
+                    *d = *v;
+                }
+            }
+        }
+    }
+}
+
+/// One row of `col` (kernel offset `(ki, kj)`) of a strided convolution,
+/// copied out of the phases.
+#[inline(always)]
+fn phase_rows(g: &Geometry, phases: &[f32], row: &mut [f32], ki: usize, kj: usize) {
+    let ph = Phases::of(g);
+    let (a, qi) = Phases::split(g, ki);
+    let (b, qj) = Phases::split(g, kj);
+    let size = ph.rows * ph.cols;
+    let phase = &phases[(a * g.stride + b) * size..(a * g.stride + b + 1) * size];
+    let (y_lo, y_hi) = Phases::valid(g.oh, ph.rows, qi);
+    let (lo, hi) = Phases::valid(g.ow, ph.cols, qj);
+    let ow = g.ow;
+    row[..y_lo * ow].fill(0.0);
+    row[y_hi * ow..].fill(0.0);
+    for y in y_lo..y_hi {
+        let out = &mut row[y * ow..(y + 1) * ow];
+        out[..lo].fill(0.0);
+        out[hi..].fill(0.0);
+        let r = (y as isize + qi) as usize;
+        let c = (lo as isize + qj) as usize;
+        out[lo..hi].copy_from_slice(&phase[r * ph.cols + c..r * ph.cols + c + hi - lo]);
+    }
+}
+
+/// The adjoint of [`phase_rows`]: adds one row of `col` into the phases.
+/// Each phase pixel gets its terms in the same order as the strided loop
+/// would add them into the plane.
+#[inline(always)]
+fn add_phase_rows(g: &Geometry, row: &[f32], ki: usize, kj: usize, phases: &mut [f32]) {
+    let ph = Phases::of(g);
+    let s = g.stride;
+    let size = ph.rows * ph.cols;
+    let (a, qi) = Phases::split(g, ki);
+    let (b, qj) = Phases::split(g, kj);
+    let phase = &mut phases[(a * s + b) * size..(a * s + b + 1) * size];
+    let (y_lo, y_hi) = Phases::valid(g.oh, ph.rows, qi);
+    let (lo, hi) = Phases::valid(g.ow, ph.cols, qj);
+    for y in y_lo..y_hi {
+        let src = &row[y * g.ow + lo..y * g.ow + hi];
+        let r = (y as isize + qi) as usize;
+        let c = (lo as isize + qj) as usize;
+        for (d, v) in phase[r * ph.cols + c..r * ph.cols + c + hi - lo]
+            .iter_mut()
+            .zip(src)
+        {
+            *d += *v;
+        }
+    }
+}
+
+/// Adds the phases back into the plane's gradient `[H, W]`; the phase
+/// pixels past the input's edge (padding) are dropped.
+#[inline(always)]
+fn merge_phases(g: &Geometry, phases: &[f32], plane: &mut [f32]) {
+    let ph = Phases::of(g);
+    let s = g.stride;
+    let size = ph.rows * ph.cols;
+    for a in 0..s {
+        for b in 0..s.min(g.w) {
+            let phase = &phases[(a * s + b) * size..(a * s + b + 1) * size];
+            for (r, iy) in (a..g.h).step_by(s).enumerate() {
+                let src = &phase[r * ph.cols..(r + 1) * ph.cols];
+                let dst = &mut plane[iy * g.w + b..(iy + 1) * g.w];
+                for (d, v) in dst.iter_mut().step_by(s).zip(src) {
+                    *d += *v;
+                }
+            }
+        }
+    }
+}
+
+/// Adds `col` (`[K, ld]`, one image's columns at offset `at`) back into
+/// that image's gradient `dx` (`[C, H, W]`): the adjoint of
+/// [`im2col_images`]. Each pixel gets its terms in the order `(ki, kj, y,
+/// x)`, whichever path runs, so into a zeroed `dx` the sums are the same
+/// to the bit.
+fn col2im(
+    g: &Geometry,
+    col: &[f32],
+    ld: usize,
+    at: usize,
+    dx: &mut [f32],
+    table: Option<&[usize]>,
+) {
+    let plane = g.h * g.w;
+    let block = g.kh * g.kw * ld;
+    for ci in 0..g.c {
+        col2im_channel(
+            g,
+            &col[ci * block..(ci + 1) * block],
+            ld,
+            at,
+            &mut dx[ci * plane..(ci + 1) * plane],
+            table,
+        );
+    }
+}
+
 simd_kernel! {
-    /// Adds `col`, a `[K, ld]` matrix read at column offset `at`, back into the
-    /// image gradient `dx` `[C, H, W]` (the adjoint of [`im2col`]).
-    fn col2im => col2im_body(g: &Geometry, col: &[f32], ld: usize, at: usize, dx: &mut [f32])
+    /// [`col2im`] for one input channel: its `kh·kw` rows into its plane.
+    fn col2im_channel => col2im_channel_body(
+        g: &Geometry,
+        rows: &[f32],
+        ld: usize,
+        at: usize,
+        dx: &mut [f32],
+        table: Option<&[usize]>,
+    )
 }
 
 #[inline(always)]
-fn col2im_body(g: &Geometry, col: &[f32], ld: usize, at: usize, dx: &mut [f32]) {
+fn col2im_channel_body(
+    g: &Geometry,
+    rows: &[f32],
+    ld: usize,
+    at: usize,
+    dx: &mut [f32],
+    table: Option<&[usize]>,
+) {
     let (oh, ow, p, s) = (g.oh, g.ow, g.padding, g.stride);
-    for ci in 0..g.c {
-        let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let r = (ci * g.kh + ki) * g.kw + kj;
-                let row = &col[r * ld + at..r * ld + at + oh * ow];
-                let lo = p.saturating_sub(kj).div_ceil(s).min(ow);
-                let hi = if g.w + p > kj {
-                    ((g.w + p - kj - 1) / s + 1).min(ow)
-                } else {
-                    0
+    let n = oh * ow;
+    if let Some(table) = table {
+        for (kk, to) in table.chunks_exact(n).enumerate() {
+            let row = &rows[kk * ld + at..kk * ld + at + n];
+            for (&v, &i) in row.iter().zip(to) {
+                if let Some(d) = dx.get_mut(i) {
+                    *d += v;
                 }
-                .max(lo);
-                for y in 0..oh {
-                    let iy = (y * s + ki) as isize - p as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
-                    }
-                    if hi == lo {
-                        continue;
-                    }
-                    let src = &row[y * ow + lo..y * ow + hi];
-                    let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    let first = lo * s + kj - p;
-                    if s == 1 {
-                        for (d, v) in dst[first..first + hi - lo].iter_mut().zip(src) {
-                            *d += *v;
-                        }
-                    } else {
-                        for (d, v) in dst[first..].iter_mut().step_by(s).zip(src) {
-                            *d += *v;
-                        }
-                    }
+            }
+        }
+        return;
+    }
+    if s > 1 {
+        return with_phases(|phases| {
+            let ph = Phases::of(g);
+            phases.clear();
+            phases.resize(s * s * ph.rows * ph.cols, 0.0);
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let r = ki * g.kw + kj;
+                    add_phase_rows(g, &rows[r * ld + at..r * ld + at + n], ki, kj, phases);
+                }
+            }
+            merge_phases(g, phases, dx);
+        });
+    }
+    for ki in 0..g.kh {
+        for kj in 0..g.kw {
+            let r = ki * g.kw + kj;
+            let row = &rows[r * ld + at..r * ld + at + n];
+            let lo = p.saturating_sub(kj).min(ow);
+            let hi = if g.w + p > kj {
+                (g.w + p - kj).min(ow)
+            } else {
+                0
+            }
+            .max(lo);
+            if hi == lo {
+                continue;
+            }
+            for y in 0..oh {
+                let iy = (y + ki) as isize - p as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    continue;
+                }
+                let src = &row[y * ow + lo..y * ow + hi];
+                let first = lo + kj - p;
+                let dst = &mut dx[iy as usize * g.w + first..iy as usize * g.w + first + hi - lo];
+                for (d, v) in dst.iter_mut().zip(src) {
+                    *d += *v;
                 }
             }
         }
@@ -376,12 +670,18 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
 
 /// `col(xs)` of one image as a `[K, P]` matrix: the image itself for a
 /// pointwise conv, else written into `col`.
-fn image_col(g: &Geometry, xs: &[f32], col: &mut Vec<f32>) -> Mat {
+fn image_col(
+    g: &Geometry,
+    xs: &[f32],
+    col: &mut Vec<f32>,
+    par: bool,
+    table: Option<&[usize]>,
+) -> Mat {
     if g.pointwise() {
         return Mat::rows(xs.as_ptr(), g.p());
     }
     col.resize(g.k() * g.p(), 0.0);
-    im2col(g, xs, col, g.p(), 0);
+    im2col_images(g, xs, 1, col, g.p(), par, table);
     Mat::rows(col.as_ptr(), g.p())
 }
 
@@ -454,13 +754,21 @@ pub(crate) fn forward(
     let len = g.n * img_out;
     let mut out = Uninit::new(len);
     let (par, threads) = plan(groups);
+    let table = gather_table(g);
+    let table = table.as_deref();
     let run = |(gi, out): (usize, &mut [MaybeUninit<f32>])| {
         with_scratch(|col, tmp| {
             let first = gi * group;
             let count = out.len() / img_out;
             let lhs = Mat::rows(kernel.as_ptr(), k);
             if count == 1 {
-                let rhs = image_col(g, &x[first * img_in..(first + 1) * img_in], col);
+                let rhs = image_col(
+                    g,
+                    &x[first * img_in..(first + 1) * img_in],
+                    col,
+                    !par,
+                    table,
+                );
                 // SAFETY: `out` is `[O, P]`, `lhs` `[O, K]`, `rhs` `[K, P]`;
                 // gemm writes every value without reading any.
                 unsafe { matmul(o, p, k, out_ptr(out), p, false, lhs, rhs, threads) };
@@ -476,10 +784,8 @@ pub(crate) fn forward(
             }
             let ld = count * p;
             col.resize(k * ld, 0.0);
-            for b in 0..count {
-                let xs = &x[(first + b) * img_in..(first + b + 1) * img_in];
-                im2col(g, xs, col, ld, b * p);
-            }
+            let xs = &x[first * img_in..(first + count) * img_in];
+            im2col_images(g, xs, count, col, ld, !par, table);
             tmp.resize(o * ld, 0.0);
             // SAFETY: `tmp` is `[O, ld]`, `col` `[K, ld]`.
             unsafe {
@@ -577,6 +883,8 @@ fn forward_exact(g: &Geometry, x: &[f32], kernel: &[f32], epilogue: Option<&Epil
     let kernel64: Vec<f64> = kernel.iter().map(|&v| f64::from(v)).collect();
     let mut out = Uninit::new(g.n * img_out);
     let (par, threads) = plan(groups);
+    let table = gather_table(g);
+    let table = table.as_deref();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -588,10 +896,8 @@ fn forward_exact(g: &Geometry, x: &[f32], kernel: &[f32], epilogue: Option<&Epil
         let ld = count * p;
         with_scratch(|col, rounded| {
             col.resize(k * ld, 0.0);
-            for b in 0..count {
-                let xs = &x[(first + b) * img_in..(first + b + 1) * img_in];
-                im2col(g, xs, col, ld, b * p);
-            }
+            let xs = &x[first * img_in..(first + count) * img_in];
+            im2col_images(g, xs, count, col, ld, !par, table);
             SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
                 let (col64, acc) = &mut *s;
@@ -643,6 +949,8 @@ pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32>
     let len = g.n * img_in;
     let mut dx = Uninit::new(len);
     let (par, threads) = plan(groups);
+    let table = gather_table(g);
+    let table = table.as_deref();
     // Wᵀ: `[K, O]`.
     let lhs = Mat::rows(kernel.as_ptr(), k).t();
     let run = |(gi, dx): (usize, &mut [MaybeUninit<f32>])| {
@@ -693,8 +1001,11 @@ pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32>
             dcol.resize(k * ld, 0.0);
             // SAFETY: `dcol` is `[K, ld]`, `lhs` `[K, O]`, `rhs` `[O, ld]`.
             unsafe { matmul(k, ld, o, dcol.as_mut_ptr(), ld, false, lhs, rhs, threads) };
-            for b in 0..count {
-                col2im(g, dcol, ld, b * p, &mut dx[b * img_in..(b + 1) * img_in]);
+            let image = |(b, dx): (usize, &mut [f32])| col2im(g, dcol, ld, b * p, dx, table);
+            if par {
+                dx.chunks_mut(img_in).enumerate().for_each(image);
+            } else {
+                dx.par_chunks_mut(img_in).enumerate().for_each(image);
             }
         })
     };
@@ -718,6 +1029,8 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let group = g.group();
     let groups = g.n.div_ceil(group);
     let (par, threads) = plan(groups);
+    let table = gather_table(g);
+    let table = table.as_deref();
     // Each task sums a contiguous range of groups into its own `[O, K]`;
     // the partial sums are added in task order. The split depends only on
     // the shapes, so the result does not depend on the thread count or on
@@ -741,14 +1054,20 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
                 let ld = count * p;
                 let (lhs, rhs) = if count == 1 {
                     let gs = &grad[first * img_out..(first + 1) * img_out];
-                    let rhs = image_col(g, &x[first * img_in..(first + 1) * img_in], col);
+                    let rhs = image_col(
+                        g,
+                        &x[first * img_in..(first + 1) * img_in],
+                        col,
+                        !par,
+                        table,
+                    );
                     (Mat::rows(gs.as_ptr(), p), rhs)
                 } else {
                     col.resize(k * ld, 0.0);
                     tmp.resize(o * ld, 0.0);
+                    let xs = &x[first * img_in..(first + count) * img_in];
+                    im2col_images(g, xs, count, col, ld, !par, table);
                     for b in 0..count {
-                        let xs = &x[(first + b) * img_in..(first + b + 1) * img_in];
-                        im2col(g, xs, col, ld, b * p);
                         let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
                         for oc in 0..o {
                             tmp[oc * ld + b * p..oc * ld + (b + 1) * p]
@@ -1195,38 +1514,151 @@ pub fn conv2d_kernel_grad(
 mod tests {
     use super::*;
 
-    /// The valid-column bounds of `im2col` agree with a direct definition.
+    /// `(h, w, kernel, padding, stride)`: strides 1 to 3, planes narrower
+    /// than the stride or the kernel, padding wider than the kernel's reach.
+    const GEOMETRIES: &[(usize, usize, usize, usize, usize)] = &[
+        (5, 7, 3, 1, 2),
+        (4, 4, 7, 3, 2),
+        (6, 5, 1, 0, 2),
+        (3, 3, 3, 0, 1),
+        (8, 8, 3, 1, 1),
+        (9, 11, 5, 2, 3),
+        (1, 1, 3, 1, 2),
+        (2, 1, 3, 2, 3),
+        (7, 6, 2, 0, 2),
+        (10, 10, 7, 3, 2),
+        (3, 8, 1, 0, 3),
+    ];
+
+    /// Values that round differently when added in another order.
+    fn noise(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `col2im` adds each term where the definition puts it, in the order
+    /// `(ki, kj, y, x)`, so the sums are the same to the bit: checked on
+    /// values that round differently in another order, into a plane that
+    /// already holds values (as the adjoint it must add, not overwrite).
+    /// Both ways of walking the plane: row by row (shifted copies, or
+    /// phases for a stride), and the gather table of small planes.
+    fn tables(g: &Geometry) -> [Option<Vec<usize>>; 2] {
+        [None, Some(table_of(g))]
+    }
+
+    /// `col2im` adds each term where the definition puts it, in the order
+    /// `(ki, kj, y, x)`, so the sums are the same to the bit: checked on
+    /// values that round differently in another order, for both paths,
+    /// read at a column offset inside a wider matrix (as for a group of
+    /// images), and into a plane that already holds values (the adjoint
+    /// must add, not overwrite).
     #[test]
-    fn im2col_matches_definition() {
-        for &(h, w, kh, p, s) in &[
-            (5, 7, 3, 1, 2),
-            (4, 4, 7, 3, 2),
-            (6, 5, 1, 0, 2),
-            (3, 3, 3, 0, 1),
-        ] {
-            let g = Geometry::new((1, 2, h, w), (1, 2, kh, kh), p, s).unwrap();
-            let x: Vec<f32> = (0..2 * h * w).map(|i| i as f32 + 1.0).collect();
-            let mut col = vec![f32::NAN; g.k() * g.p()];
-            im2col(&g, &x, &mut col, g.p(), 0);
-            for ci in 0..2 {
+    fn col2im_matches_definition() {
+        for (case, &(h, w, kh, p, s)) in GEOMETRIES.iter().enumerate() {
+            let c = 2;
+            let g = Geometry::new((1, c, h, w), (1, c, kh, kh), p, s).unwrap();
+            let col = noise(g.k() * g.p(), case as u32);
+            let mut want = vec![0.0f32; c * h * w];
+            for ci in 0..c {
                 for ki in 0..kh {
                     for kj in 0..kh {
+                        let r = (ci * kh + ki) * kh + kj;
                         for y in 0..g.oh {
                             for xo in 0..g.ow {
                                 let iy = (y * s + ki) as isize - p as isize;
                                 let ix = (xo * s + kj) as isize - p as isize;
-                                let inside =
-                                    iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize;
-                                let want = if inside {
-                                    x[ci * h * w + iy as usize * w + ix as usize]
-                                } else {
-                                    0.0
-                                };
-                                let r = (ci * kh + ki) * kh + kj;
-                                assert_eq!(col[r * g.p() + y * g.ow + xo], want);
+                                if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
+                                    want[ci * h * w + iy as usize * w + ix as usize] +=
+                                        col[r * g.p() + y * g.ow + xo];
+                                }
                             }
                         }
                     }
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let ld = g.p() + 3;
+            let mut wide = vec![f32::NAN; g.k() * ld];
+            for r in 0..g.k() {
+                wide[r * ld + 2..r * ld + 2 + g.p()]
+                    .copy_from_slice(&col[r * g.p()..(r + 1) * g.p()]);
+            }
+            for table in tables(&g) {
+                let what = format!(
+                    "case {case} {:?}, table {}",
+                    (h, w, kh, p, s),
+                    table.is_some()
+                );
+                let mut got = vec![0.0f32; c * h * w];
+                col2im(&g, &col, g.p(), 0, &mut got, table.as_deref());
+                assert_eq!(bits(&got), bits(&want), "{what}");
+                let mut twice = got.clone();
+                col2im(&g, &wide, ld, 2, &mut twice, table.as_deref());
+                for (i, (&t, &o)) in twice.iter().zip(&got).enumerate() {
+                    assert!(
+                        (t - 2.0 * o).abs() <= 1e-6 * o.abs().max(1.0),
+                        "{what}, value {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `im2col_images` agrees with a direct definition of `col` on every
+    /// path, for a group of three images side by side in a wider matrix,
+    /// serial and spread over the pool.
+    #[test]
+    fn im2col_matches_definition() {
+        for &(h, w, kh, p, s) in GEOMETRIES {
+            let (n, c) = (3, 2);
+            let g = Geometry::new((n, c, h, w), (1, c, kh, kh), p, s).unwrap();
+            let x: Vec<f32> = (0..n * c * h * w).map(|i| i as f32 + 1.0).collect();
+            let ld = n * g.p() + 1;
+            for table in tables(&g) {
+                for par in [false, true] {
+                    let mut col = vec![f32::NAN; g.k() * ld];
+                    im2col_images(&g, &x, n, &mut col, ld, par, table.as_deref());
+                    for b in 0..n {
+                        for ci in 0..c {
+                            for ki in 0..kh {
+                                for kj in 0..kh {
+                                    for y in 0..g.oh {
+                                        for xo in 0..g.ow {
+                                            let iy = (y * s + ki) as isize - p as isize;
+                                            let ix = (xo * s + kj) as isize - p as isize;
+                                            let inside = iy >= 0
+                                                && ix >= 0
+                                                && iy < h as isize
+                                                && ix < w as isize;
+                                            let want = if inside {
+                                                x[(b * c + ci) * h * w
+                                                    + iy as usize * w
+                                                    + ix as usize]
+                                            } else {
+                                                0.0
+                                            };
+                                            let r = (ci * kh + ki) * kh + kj;
+                                            let at = r * ld + b * g.p() + y * g.ow + xo;
+                                            assert_eq!(
+                                                col[at],
+                                                want,
+                                                "{:?} table {} par {par}",
+                                                (h, w, kh, p, s),
+                                                table.is_some()
+                                            );
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // The column past the group is not written.
+                    assert!((0..g.k()).all(|r| col[r * ld + n * g.p()].is_nan()));
                 }
             }
         }
