@@ -306,7 +306,7 @@ impl BatchNormGrad {
 /// small-image training step.
 #[inline(always)]
 fn relu_grad_of(y: f32, g: f32) -> f32 {
-    let keep = u32::from(!(y <= 0.0)).wrapping_neg();
+    let keep = u32::from(y > 0.0 || y.is_nan()).wrapping_neg();
     f32::from_bits(g.to_bits() & keep)
 }
 
