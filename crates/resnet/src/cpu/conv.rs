@@ -183,15 +183,11 @@ fn im2col_images(
             im2col_channel(g, x, rows, ld, b * g.p(), table);
         }
     };
-    let blocks = col[..g.c * block].chunks_mut(block);
+    let blocks = &mut col[..g.c * block];
     if par {
-        blocks
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .enumerate()
-            .for_each(run);
+        blocks.par_chunks_mut(block).enumerate().for_each(run);
     } else {
-        blocks.enumerate().for_each(run);
+        blocks.chunks_mut(block).enumerate().for_each(run);
     }
 }
 
@@ -1002,6 +998,8 @@ pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32>
             // SAFETY: `dcol` is `[K, ld]`, `lhs` `[K, O]`, `rhs` `[O, ld]`.
             unsafe { matmul(k, ld, o, dcol.as_mut_ptr(), ld, false, lhs, rhs, threads) };
             let image = |(b, dx): (usize, &mut [f32])| col2im(g, dcol, ld, b * p, dx, table);
+            // When groups already run in parallel, this one stays on its
+            // thread; a lone group spreads its images over the pool.
             if par {
                 dx.chunks_mut(img_in).enumerate().for_each(image);
             } else {
