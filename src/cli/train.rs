@@ -94,11 +94,19 @@ pub struct TrainArgs {
     #[arg(long, hide = true, value_name = "N")]
     pub stop_after_steps: Option<u64>,
     /// Which implementation runs the model's ops: `auto` (the CPU kernels
-    /// for f32 on the CPU; on CUDA the fused BatchNorm kernels and candle's
-    /// ops for the rest; candle's ops on Metal) or `generic` (candle's ops
-    /// everywhere; for checking one against the other)
+    /// for f32 on the CPU; on CUDA the fused BatchNorm and max-pool kernels,
+    /// cuDNN's convolutions in a `cudnn` build, and candle's ops for the
+    /// rest; candle's ops on Metal) or `generic` (candle's ops everywhere;
+    /// for checking one against the other)
     #[arg(long, default_value = "auto", value_parser = parse_kernels)]
     pub kernels: Kernels,
+    /// On CUDA with cuDNN, let f32 convolutions run in TF32 on the tensor
+    /// cores (compute capability 8.0 and up; PyTorch's default for
+    /// convolutions): several times faster, products rounded to a 10-bit
+    /// mantissa. Without it f32 convolutions compute in exact f32, as on the
+    /// CPU. No effect elsewhere
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 fn parse_kernels(value: &str) -> Result<Kernels, String> {
@@ -191,6 +199,7 @@ impl TrainArgs {
         let mut model = ResNetConfig::new(arch, 1);
         model.base_width = self.width;
         model.kernels = self.kernels;
+        model.tf32 = self.tf32;
         let transform = TransformConfig {
             size: self.size,
             min_scale: self.min_scale,
@@ -757,6 +766,7 @@ pub fn demo_train_args(
         resume: None,
         stop_after_steps: None,
         kernels: Kernels::Auto,
+        tf32: false,
     }
 }
 

@@ -175,6 +175,13 @@ pub struct ResNetConfig {
     /// the tests check that path).
     #[serde(default, skip_serializing_if = "Kernels::is_auto")]
     pub kernels: Kernels,
+    /// Let cuDNN run `f32` convolutions in TF32 on the tensor cores
+    /// (compute capability ≥ 8.0; PyTorch's default for convolutions):
+    /// several times faster, with a 10-bit mantissa in the products. Off,
+    /// `f32` convolutions compute in exact `f32` as on the CPU. Nothing
+    /// changes off CUDA or without the `cudnn` feature.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tf32: bool,
 }
 
 impl ResNetConfig {
@@ -185,6 +192,7 @@ impl ResNetConfig {
             base_width: default_base_width(),
             head: HeadConfig::new(n_classes),
             kernels: Kernels::Auto,
+            tf32: false,
         }
     }
 

@@ -238,18 +238,16 @@ pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     (a + b)?.relu()
 }
 
-/// Inference conv with eval BatchNorm, residual and ReLU; no graph.
-pub(crate) fn conv2d_affine(
-    x: &Tensor,
-    kernel: &Tensor,
-    (padding, stride): (usize, usize),
+/// Eval BatchNorm, residual and ReLU after an inference conv's output `y`;
+/// no graph.
+pub(crate) fn affine_after_conv(
+    y: &Tensor,
     scale: &Tensor,
     shift: &Tensor,
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<Tensor> {
-    let y = x.detach().conv2d(&kernel.detach(), padding, stride, 1, 1)?;
-    let y = scale_shift(&y, &scale.detach(), &shift.detach(), false)?;
+    let y = scale_shift(&y.detach(), &scale.detach(), &shift.detach(), false)?;
     let y = match residual {
         Some(r) => (y + r.detach())?,
         None => y,

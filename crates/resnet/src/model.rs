@@ -323,7 +323,7 @@ impl ResNet {
             stages,
             head,
             frozen_groups: 0,
-            ops: Ops::new(cfg.kernels),
+            ops: Ops::new(cfg.kernels).with_tf32(cfg.tf32),
             dropout_rng: Mutex::new(dropout_rng(init_seed)),
         })
     }

@@ -22,9 +22,10 @@ use crate::{cpu, generic};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kernels {
-    /// The fastest available: the CPU kernels for `f32` on the CPU, the
-    /// fused CUDA BatchNorm for `f32` on CUDA (with the `cuda` feature), the
-    /// generic ops for the rest.
+    /// The fastest available: the CPU kernels for `f32` on the CPU; on CUDA
+    /// (with the `cuda` feature) the fused BatchNorm and max-pool kernels for
+    /// `f32` and, with the `cudnn` feature, cuDNN's convolutions for `f32`,
+    /// `bf16` and `f16`; the generic ops for the rest.
     #[default]
     Auto,
     /// The generic candle ops everywhere, also on the CPU (what CUDA and
@@ -47,15 +48,30 @@ impl Kernels {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ops {
     kernels: Kernels,
+    tf32: bool,
 }
 
 impl Ops {
+    /// `kernels`, with `f32` convolutions in exact `f32`.
     pub fn new(kernels: Kernels) -> Self {
-        Self { kernels }
+        Self {
+            kernels,
+            tf32: false,
+        }
+    }
+
+    /// The same, letting cuDNN run `f32` convolutions in TF32 (see
+    /// [`ResNetConfig::tf32`](crate::ResNetConfig::tf32)).
+    pub fn with_tf32(self, tf32: bool) -> Self {
+        Self { tf32, ..self }
     }
 
     pub fn kernels(&self) -> Kernels {
         self.kernels
+    }
+
+    pub fn tf32(&self) -> bool {
+        self.tf32
     }
 
     /// Whether the CPU kernels take these operands.
@@ -89,10 +105,18 @@ impl Ops {
         stride: usize,
     ) -> Result<Tensor> {
         if self.cpu(&[x, kernel]) {
-            cpu::conv2d(x, kernel, padding, stride)
-        } else {
-            crate::conv::conv2d_generic(x, kernel, padding, stride)
+            return cpu::conv2d(x, kernel, padding, stride);
         }
+        #[cfg(feature = "cudnn")]
+        if self.kernels == Kernels::Auto && crate::cuda::cudnn::supported(&[x, kernel]) {
+            let math = if self.tf32 {
+                crate::cuda::cudnn::F32Math::Tf32
+            } else {
+                crate::cuda::cudnn::F32Math::Exact
+            };
+            return crate::cuda::cudnn::conv2d(x, kernel, padding, stride, math);
+        }
+        crate::conv::conv2d_generic(x, kernel, padding, stride)
     }
 
     /// Train-mode BatchNorm over `[N, C, ...]` (+ ReLU): `(y, mean, biased var)`.
@@ -196,10 +220,13 @@ impl Ops {
     /// The stem's 3×3, stride 2, padding 1 max-pool, with its backward.
     pub fn max_pool_3x3_s2(&self, x: &Tensor) -> Result<Tensor> {
         if self.cpu(&[x]) {
-            crate::max_pool::max_pool_3x3_s2(x)
-        } else {
-            crate::max_pool::max_pool_composed(x)
+            return crate::max_pool::max_pool_3x3_s2(x);
         }
+        #[cfg(feature = "cuda")]
+        if self.kernels == Kernels::Auto && crate::cuda::supported(&[x]) {
+            return crate::cuda::max_pool_3x3_s2(x);
+        }
+        crate::max_pool::max_pool_composed(x)
     }
 
     /// Inference: `relu?(conv2d(x, kernel) · scale + shift (+ residual))`
@@ -218,7 +245,10 @@ impl Ops {
         if self.cpu(&[x, kernel]) {
             cpu::conv2d_affine(x, kernel, padding, stride, scale, shift, residual, relu)
         } else {
-            generic::conv2d_affine(x, kernel, (padding, stride), scale, shift, residual, relu)
+            // The device's convolution (cuDNN where it applies) on
+            // detached operands, so no graph is built.
+            let y = self.conv2d(&x.detach(), &kernel.detach(), padding, stride)?;
+            generic::affine_after_conv(&y, scale, shift, residual, relu)
         }
     }
 

@@ -85,6 +85,89 @@ fn resnet50_training_step_fused_cuda() {
     );
 }
 
+/// The CUDA max-pool kernels (what `Kernels::Auto` runs on CUDA): the same
+/// values as the CPU kernel, and the same gradient to the bit (summed in the
+/// same order).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_max_pool() {
+    paths::max_pool_forward_and_gradient_with(&device(), multilabel_resnet::Ops::default(), 0.0);
+}
+
+/// A NaN wins every window that holds it, on the device as on the CPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_max_pool_nan_wins() {
+    use candle_core::Tensor;
+    let mut plane: Vec<f32> = (0..7 * 6).map(|i| (i % 5) as f32).collect();
+    plane[2 * 6 + 3] = f32::NAN;
+    let x = Tensor::from_vec(plane, (1, 1, 7, 6), &candle_core::Device::Cpu).unwrap();
+    let ours = multilabel_resnet::Ops::default()
+        .max_pool_3x3_s2(&x.to_device(&device()).unwrap())
+        .unwrap();
+    let cpu = multilabel_resnet::Ops::default()
+        .max_pool_3x3_s2(&x)
+        .unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_device(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+            .collect()
+    };
+    let expected = bits(&cpu);
+    assert!(expected.contains(&u32::MAX));
+    assert_eq!(bits(&ours), expected);
+}
+
+/// cuDNN's convolutions (what `Kernels::Auto` runs with the `cudnn`
+/// feature) in exact `f32`: every pass, every ResNet shape, small and larger.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_conv2d_f32() {
+    use candle_core::DType;
+    let ops = multilabel_resnet::Ops::default();
+    for (cases, batch) in [
+        (&paths::CONV_CASES[..], 2),
+        (&paths::LARGE_CONV_CASES[..], 8),
+    ] {
+        paths::conv2d_forward_and_gradients_with(&device(), ops, DType::F32, 1e-4, cases, batch);
+    }
+}
+
+/// The same in TF32 (10-bit mantissa products): within 5e-3 of exact `f32`.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_conv2d_tf32() {
+    use candle_core::DType;
+    let ops = multilabel_resnet::Ops::default().with_tf32(true);
+    for (cases, batch) in [
+        (&paths::CONV_CASES[..], 2),
+        (&paths::LARGE_CONV_CASES[..], 8),
+    ] {
+        paths::conv2d_forward_and_gradients_with(&device(), ops, DType::F32, 5e-3, cases, batch);
+    }
+}
+
+/// In `bf16` (operands rounded to bf16 on both sides; sums in `f32`, the
+/// output and gradients rounded to bf16): within 2e-2 of the CPU in `f32`.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_conv2d_bf16() {
+    use candle_core::DType;
+    let ops = multilabel_resnet::Ops::default();
+    for (cases, batch) in [
+        (&paths::CONV_CASES[..], 2),
+        (&paths::LARGE_CONV_CASES[..], 8),
+    ] {
+        paths::conv2d_forward_and_gradients_with(&device(), ops, DType::BF16, 2e-2, cases, batch);
+    }
+}
+
 #[test]
 fn generic_path_stays_in_f32() {
     paths::generic_path_stays_in_f32(&device());

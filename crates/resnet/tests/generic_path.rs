@@ -11,6 +11,34 @@ fn conv2d_forward_and_gradients() {
     paths::conv2d_forward_and_gradients(&Device::Cpu);
 }
 
+/// The larger shapes the cuDNN device tests use, and the same comparison
+/// in a half-precision dtype (`tests/device.rs` runs `bf16` through cuDNN;
+/// candle's CPU matmul has no `bf16`, so `f16` here), through candle's own
+/// convolution on the CPU: the harness itself is checked before a GPU runs
+/// it.
+#[test]
+fn conv2d_larger_shapes_and_bf16() {
+    use candle_core::DType;
+    use multilabel_resnet::{Kernels, Ops};
+    let generic = Ops::new(Kernels::Generic);
+    paths::conv2d_forward_and_gradients_with(
+        &Device::Cpu,
+        generic,
+        DType::F32,
+        1e-4,
+        &paths::LARGE_CONV_CASES,
+        8,
+    );
+    paths::conv2d_forward_and_gradients_with(
+        &Device::Cpu,
+        generic,
+        DType::F16,
+        2e-2,
+        &paths::CONV_CASES,
+        2,
+    );
+}
+
 #[test]
 fn max_pool_forward_and_gradient() {
     paths::max_pool_forward_and_gradient(&Device::Cpu);

@@ -117,6 +117,7 @@ fn build(seed: u64) -> VarMap {
         base_width: 4,
         head: HeadConfig::new(2),
         kernels: Default::default(),
+        tf32: false,
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

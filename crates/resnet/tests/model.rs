@@ -204,6 +204,7 @@ fn small_config(ps: f32) -> ResNetConfig {
             concat_pool: true,
         },
         kernels: Default::default(),
+        tf32: false,
     }
 }
 
@@ -460,6 +461,15 @@ fn arch_names_and_config_serde() {
     let minimal: ResNetConfig =
         serde_json::from_str(r#"{"arch":"resnet34","head":{"n_classes":3}}"#).unwrap();
     assert_eq!(minimal, ResNetConfig::new(Arch::ResNet34, 3));
+    // TF32 is saved only when asked for, and read back.
+    assert!(!json.contains("tf32"), "{json}");
+    let tf32 = ResNetConfig {
+        tf32: true,
+        ..cfg.clone()
+    };
+    let json = serde_json::to_string(&tf32).unwrap();
+    assert!(json.contains("\"tf32\":true"), "{json}");
+    assert_eq!(serde_json::from_str::<ResNetConfig>(&json).unwrap(), tf32);
     assert_eq!(cfg.num_features(), 2048);
     assert_eq!(cfg.head.dropouts(), vec![0.25, 0.5]);
 

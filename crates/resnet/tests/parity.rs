@@ -70,6 +70,7 @@ fn load(case: &Case) -> Loaded {
             concat_pool: true,
         },
         kernels: Default::default(),
+        tf32: false,
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);

@@ -20,6 +20,7 @@ fn config() -> ResNetConfig {
             concat_pool: true,
         },
         kernels: Default::default(),
+        tf32: false,
     }
 }
 

@@ -1421,15 +1421,8 @@ pub fn conv2d_affine(
     let (x, kernel) = (x.detach(), kernel.detach());
     let (scale, shift) = (scale.detach(), shift.detach());
     if !supported(&x) || !supported(&kernel) {
-        return crate::generic::conv2d_affine(
-            &x,
-            &kernel,
-            (padding, stride),
-            &scale,
-            &shift,
-            residual,
-            relu,
-        );
+        let y = x.conv2d(&kernel, padding, stride, 1, 1)?;
+        return crate::generic::affine_after_conv(&y, &scale, &shift, residual, relu);
     }
     let op = ConvAffine {
         padding,

@@ -130,3 +130,74 @@ extern "C" __global__ void bn_grad_input(
         dx[i] = red[2 * c + ch] * gv - red[3 * c + ch] - red[4 * c + ch] * (x[i] - stats[ch]);
     }
 }
+
+// The stem's 3×3, stride-2, padding-1 max-pool over planes [planes, h, w]
+// (planes = N·C). Like the CPU kernel (`max_pool.rs`): padding never wins,
+// the first maximum of a window in row-major order wins, and the first NaN
+// wins outright. Every window holds at least its centre row and column.
+__device__ __forceinline__ int pool_arg_max(
+    const float* plane, int h, int w, int oy, int ox) {
+    int y0 = max(2 * oy - 1, 0), y1 = min(2 * oy + 2, h);
+    int x0 = max(2 * ox - 1, 0), x1 = min(2 * ox + 2, w);
+    int best_at = y0 * w + x0;
+    float best = plane[best_at];
+    if (best != best) {
+        return best_at;
+    }
+    for (int y = y0; y < y1; ++y) {
+        for (int x = x0; x < x1; ++x) {
+            float v = plane[y * w + x];
+            if (v != v) {
+                return y * w + x;
+            }
+            if (v > best) {
+                best = v;
+                best_at = y * w + x;
+            }
+        }
+    }
+    return best_at;
+}
+
+// y[p, oy, ox] = the window's maximum, one thread per output value.
+extern "C" __global__ void max_pool_fwd(
+    const float* x, float* y, long long planes, int h, int w, int oh, int ow) {
+    long long len = planes * oh * ow;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long p = i / ((long long)oh * ow);
+        int o = (int)(i - p * oh * ow);
+        const float* plane = x + p * h * w;
+        y[i] = plane[pool_arg_max(plane, h, w, o / ow, o % ow)];
+    }
+}
+
+// dx[p, iy, ix] = the sum of g over the outputs whose window's maximum is
+// (iy, ix), one thread per input value: at most 2×2 windows cover a value,
+// gathered in row-major output order (the CPU kernel's order of
+// accumulation), so no atomics and the same sum every run.
+extern "C" __global__ void max_pool_bwd(
+    const float* x, const float* g, float* dx, long long planes, int h, int w,
+    int oh, int ow) {
+    long long len = planes * h * w;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long p = i / ((long long)h * w);
+        int at = (int)(i - p * h * w);
+        int iy = at / w, ix = at % w;
+        const float* plane = x + p * h * w;
+        const float* gp = g + p * oh * ow;
+        // Windows of output o cover inputs 2o − 1 … 2o + 1.
+        int oy0 = iy / 2, oy1 = min((iy + 1) / 2, oh - 1);
+        int ox0 = ix / 2, ox1 = min((ix + 1) / 2, ow - 1);
+        float sum = 0.0f;
+        for (int oy = oy0; oy <= oy1; ++oy) {
+            for (int ox = ox0; ox <= ox1; ++ox) {
+                if (pool_arg_max(plane, h, w, oy, ox) == at) {
+                    sum += gp[oy * ow + ox];
+                }
+            }
+        }
+        dx[i] = sum;
+    }
+}

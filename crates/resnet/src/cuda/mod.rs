@@ -1,6 +1,8 @@
 //! Fused CUDA kernels for the training ops that candle composes from many
 //! generic ops: train-mode BatchNorm (+ ReLU) forward and backward, in two
-//! launches each way instead of a dozen.
+//! launches each way instead of a dozen, and the stem's max-pool forward and
+//! backward in one launch each instead of some forty. With the `cudnn`
+//! feature, [`cudnn`] runs the convolutions.
 //!
 //! The kernels (`kernels.cu`) are CUDA C compiled once per process by NVRTC
 //! at first use, so the build needs no extra nvcc step and the PTX always
@@ -15,6 +17,9 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
 
 /// The kernels' CUDA C source.
 pub const SOURCE: &str = include_str!("kernels.cu");
@@ -52,7 +57,7 @@ fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
 
 fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v)
-        .map_err(|_| candle_core::Error::Msg(format!("cuda batch-norm: {what} {v} too large")))
+        .map_err(|_| candle_core::Error::Msg(format!("cuda kernels: {what} {v} too large")))
 }
 
 /// A launch of `len` elementwise threads, grid-stride looped past 65535 blocks.
@@ -78,7 +83,7 @@ fn per_channel(c: usize) -> LaunchConfig {
 macro_rules! cuda_slice {
     ($storage:expr, $layout:expr, $what:expr) => {{
         let Some((start, end)) = $layout.contiguous_offsets() else {
-            candle_core::bail!("cuda batch-norm: {} is not contiguous", $what)
+            candle_core::bail!("cuda kernels: {} is not contiguous", $what)
         };
         $storage.as_cuda_slice::<f32>()?.slice(start..end)
     }};
@@ -630,4 +635,132 @@ pub fn batch_norm_add_relu_train(
         },
     )?;
     Ok((y, stats.get(0)?, stats.get(1)?))
+}
+
+/// `(planes, h, w, oh, ow)` of a max-pool input `[N, C, H, W]`.
+fn pool_dims(layout: &Layout) -> Result<(usize, usize, usize, usize, usize)> {
+    let (n, c, h, w) = layout.shape().dims4()?;
+    if h == 0 || w == 0 {
+        candle_core::bail!("cuda max-pool: empty plane {h}×{w}")
+    }
+    i32_of(h * w, "H·W")?;
+    let (oh, ow) = (
+        crate::max_pool::pooled_len(h),
+        crate::max_pool::pooled_len(w),
+    );
+    Ok((n * c, h, w, oh, ow))
+}
+
+/// The stem's 3×3, stride-2, padding-1 max-pool, with [`MaxPoolBackward`].
+struct MaxPool;
+
+impl candle_core::CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "cuda-max-pool-3x3-s2"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (planes, h, w, oh, ow) = pool_dims(xl)?;
+        let (n, c, _, _) = xl.shape().dims4()?;
+        let len = planes * oh * ow;
+        let dev = xs.device().clone();
+        let x = cuda_slice!(xs, xl, "the max-pool input");
+        // SAFETY: `max_pool_fwd` writes every one of the `len` values.
+        let y = unsafe { dev.alloc::<f32>(len)? };
+        let func = dev.get_or_load_custom_func("max_pool_fwd", MODULE, ptx()?)?;
+        let planes64 = planes as i64;
+        let (h32, w32) = (i32_of(h, "H")?, i32_of(w, "W")?);
+        let (oh32, ow32) = (oh as i32, ow as i32);
+        let mut launch = func.builder();
+        launch.arg(&x);
+        launch.arg(&y);
+        launch.arg(&planes64);
+        launch.arg(&h32);
+        launch.arg(&w32);
+        launch.arg(&oh32);
+        launch.arg(&ow32);
+        // SAFETY: the arguments match `max_pool_fwd`.
+        unsafe { launch.launch(elementwise(len)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev),
+            Shape::from((n, c, oh, ow)),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(x.detach().apply_op2_no_bwd(&grad, &MaxPoolBackward)?))
+    }
+}
+
+/// The max-pool's input gradient from its input and output gradient.
+struct MaxPoolBackward;
+
+impl candle_core::CustomOp2 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "cuda-max-pool-3x3-s2-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (planes, h, w, oh, ow) = pool_dims(xl)?;
+        let (n, c, _, _) = xl.shape().dims4()?;
+        if gl.shape().dims4()? != (n, c, oh, ow) {
+            candle_core::bail!(
+                "cuda max-pool backward: gradient {:?} for an input {:?}",
+                gl.shape().dims(),
+                xl.shape().dims()
+            )
+        }
+        let len = planes * h * w;
+        let dev = xs.device().clone();
+        let (x, g) = (
+            cuda_slice!(xs, xl, "the max-pool input"),
+            cuda_slice!(gs, gl, "the output gradient"),
+        );
+        // SAFETY: `max_pool_bwd` writes every one of the `len` values.
+        let dx = unsafe { dev.alloc::<f32>(len)? };
+        let func = dev.get_or_load_custom_func("max_pool_bwd", MODULE, ptx()?)?;
+        let planes64 = planes as i64;
+        let (h32, w32) = (i32_of(h, "H")?, i32_of(w, "W")?);
+        let (oh32, ow32) = (oh as i32, ow as i32);
+        let mut launch = func.builder();
+        launch.arg(&x);
+        launch.arg(&g);
+        launch.arg(&dx);
+        launch.arg(&planes64);
+        launch.arg(&h32);
+        launch.arg(&w32);
+        launch.arg(&oh32);
+        launch.arg(&ow32);
+        // SAFETY: the arguments match `max_pool_bwd`.
+        unsafe { launch.launch(elementwise(len)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+    }
+}
+
+/// The stem's 3×3, stride-2, padding-1 max-pool of an `f32` `[N, C, H, W]`
+/// on a CUDA device, as [`crate::max_pool::max_pool_3x3_s2`] on the CPU:
+/// the same values, and the same gradient summed in the same order.
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(MaxPool)
 }

@@ -60,8 +60,15 @@ fn relative_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[track_caller]
 fn assert_close(what: &str, generic: &Tensor, cpu_result: &Tensor) {
-    let d = relative_diff(&cpu(generic), cpu_result);
-    assert!(d <= TOLERANCE, "{what}: relative difference {d:e}");
+    assert_within(what, generic, cpu_result, TOLERANCE);
+}
+
+/// `max |a − b| / max |b| ≤ tolerance`, `a` cast to `b`'s dtype.
+#[track_caller]
+fn assert_within(what: &str, a: &Tensor, b: &Tensor, tolerance: f32) {
+    let a = cpu(a).to_dtype(b.dtype()).unwrap();
+    let d = relative_diff(&a, b);
+    assert!(d <= tolerance, "{what}: relative difference {d:e}");
 }
 
 /// A weighting of the output, so every output element gets its own gradient.
@@ -75,11 +82,23 @@ fn weighted_sum(y: &Tensor, seed: u64) -> Tensor {
 /// variable must get a gradient on both paths or on neither.
 #[track_caller]
 fn assert_same_grads(what: &str, generic: &Tensor, cpu: &Tensor, vars: &[(&str, &Var, &Var)]) {
+    assert_grads_within(what, generic, cpu, vars, TOLERANCE);
+}
+
+/// [`assert_same_grads`] within `tolerance` (0: equal to the bit).
+#[track_caller]
+fn assert_grads_within(
+    what: &str,
+    generic: &Tensor,
+    cpu: &Tensor,
+    vars: &[(&str, &Var, &Var)],
+    tolerance: f32,
+) {
     let g_generic = generic.backward().unwrap();
     let g_cpu = cpu.backward().unwrap();
     for (name, var_generic, var_cpu) in vars {
         match (g_generic.get(var_generic), g_cpu.get(var_cpu)) {
-            (Some(a), Some(b)) => assert_close(&format!("{what}: d{name}"), a, b),
+            (Some(a), Some(b)) => assert_within(&format!("{what}: d{name}"), a, b, tolerance),
             (None, None) => {}
             (a, b) => panic!(
                 "{what}: d{name} present on the generic path: {}, on the CPU path: {}",
@@ -92,7 +111,7 @@ fn assert_same_grads(what: &str, generic: &Tensor, cpu: &Tensor, vars: &[(&str, 
 
 /// (c_in, c_out, kernel, stride, padding, size): every conv shape a ResNet
 /// has (7×7/2 stem, 3×3/1, 3×3/2 on even and odd sizes, 1×1/1, 1×1/2).
-const CONV_CASES: [(usize, usize, usize, usize, usize, usize); 7] = [
+pub const CONV_CASES: [(usize, usize, usize, usize, usize, usize); 7] = [
     (3, 8, 7, 2, 3, 17),
     (4, 6, 3, 1, 1, 9),
     (4, 6, 3, 2, 1, 9),
@@ -123,26 +142,71 @@ fn operands(x: &Var, w: &Var, tracking: Tracking) -> (Tensor, Tensor) {
 /// Convolution forward and both gradients, for every conv shape and
 /// tracking; the generic path also skips what it must skip.
 pub fn conv2d_forward_and_gradients(device: &Device) {
-    for (i, &(c_in, c_out, k, stride, padding, size)) in CONV_CASES.iter().enumerate() {
+    conv2d_forward_and_gradients_with(device, generic_ops(), DType::F32, TOLERANCE, &CONV_CASES, 2);
+}
+
+/// Larger convolutions, where cuDNN picks other algorithms (implicit GEMM,
+/// Winograd, FFT) than for the small [`CONV_CASES`]: ResNet's 3×3 and 1×1
+/// shapes at a few channels more (run them on 8 images).
+pub const LARGE_CONV_CASES: [(usize, usize, usize, usize, usize, usize); 4] = [
+    (3, 16, 7, 2, 3, 40),
+    (32, 32, 3, 1, 1, 16),
+    (32, 64, 3, 2, 1, 16),
+    (64, 32, 1, 1, 0, 8),
+];
+
+/// [`conv2d_forward_and_gradients`] through `device_ops` with `dtype`
+/// operands on `device`, `batch` images, within `tolerance` of the CPU
+/// kernels in `f32`.
+pub fn conv2d_forward_and_gradients_with(
+    device: &Device,
+    device_ops: Ops,
+    dtype: DType,
+    tolerance: f32,
+    cases: &[(usize, usize, usize, usize, usize, usize)],
+    batch: usize,
+) {
+    for (i, &(c_in, c_out, k, stride, padding, size)) in cases.iter().enumerate() {
         for tracking in TRACKINGS {
-            let what = format!("conv case {i} {tracking:?}");
-            let x = var(&[2, c_in, size, size], i as u64);
-            let w = var(&[c_out, c_in, k, k], 100 + i as u64);
-            let (xd, wd) = (on(device, &x), on(device, &w));
+            let what = format!("conv case {i} {tracking:?} {dtype:?}");
+            // The CPU side starts from the values the device side holds
+            // (rounded to `dtype`), so only the arithmetic differs.
+            let rounded = |shape: &[usize], seed| {
+                values(shape, seed)
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            let x = Var::from_tensor(&rounded(&[batch, c_in, size, size], i as u64)).unwrap();
+            let w = Var::from_tensor(&rounded(&[c_out, c_in, k, k], 100 + i as u64)).unwrap();
+            let in_dtype = |v: &Var| {
+                Var::from_tensor(
+                    &v.as_tensor()
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .to_device(device)
+                        .unwrap(),
+                )
+                .unwrap()
+            };
+            let (xd, wd) = (in_dtype(&x), in_dtype(&w));
             let (xt, wt) = operands(&x, &w, tracking);
             let (xdt, wdt) = operands(&xd, &wd, tracking);
-            let generic = generic_ops().conv2d(&xdt, &wdt, padding, stride).unwrap();
+            let ours = device_ops.conv2d(&xdt, &wdt, padding, stride).unwrap();
+            assert_eq!(ours.dtype(), dtype, "{what}: output dtype");
             let reference = cpu_ops().conv2d(&xt, &wt, padding, stride).unwrap();
-            assert_close(&format!("{what}: forward"), &generic, &reference);
-            assert_same_grads(
+            assert_within(&format!("{what}: forward"), &ours, &reference, tolerance);
+            assert_grads_within(
                 &what,
-                &weighted_sum(&generic, 7),
+                &weighted_sum(&ours, 7),
                 &weighted_sum(&reference, 7),
                 &[("x", &xd, &x), ("w", &wd, &w)],
+                tolerance,
             );
-            // What the generic path skips, it skips: no kernel gradient for
+            // What the device path skips, it skips: no kernel gradient for
             // a frozen kernel, none for the image.
-            let grads = weighted_sum(&generic, 7).backward().unwrap();
+            let grads = weighted_sum(&ours, 7).backward().unwrap();
             match tracking {
                 Tracking::Both => assert!(grads.get(&xd).is_some() && grads.get(&wd).is_some()),
                 Tracking::FrozenKernel => assert!(grads.get(&wd).is_none()),
@@ -154,6 +218,12 @@ pub fn conv2d_forward_and_gradients(device: &Device) {
 
 /// The stem max-pool: forward equal to the bit, gradient routed alike.
 pub fn max_pool_forward_and_gradient(device: &Device) {
+    max_pool_forward_and_gradient_with(device, generic_ops(), TOLERANCE);
+}
+
+/// [`max_pool_forward_and_gradient`] through `device_ops`, the gradient
+/// within `grad_tolerance` (0: equal to the bit).
+pub fn max_pool_forward_and_gradient_with(device: &Device, device_ops: Ops, grad_tolerance: f32) {
     // Random values, small integers (windows with ties) and a constant
     // plane (every window one tie): both paths route the gradient to the
     // first maximum in row-major order.
@@ -162,11 +232,13 @@ pub fn max_pool_forward_and_gradient(device: &Device) {
         values(&[2, 3, 8, 8], 2),
         (values(&[2, 3, 8, 8], 3) * 2.0).unwrap().round().unwrap(),
         Tensor::zeros((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+        values(&[1, 2, 1, 3], 4),
+        values(&[4, 16, 33, 32], 5),
     ];
     for (i, input) in cases.iter().enumerate() {
         let x = Var::from_tensor(input).unwrap();
         let xd = on(device, &x);
-        let generic = generic_ops().max_pool_3x3_s2(xd.as_tensor()).unwrap();
+        let generic = device_ops.max_pool_3x3_s2(xd.as_tensor()).unwrap();
         let reference = cpu_ops().max_pool_3x3_s2(x.as_tensor()).unwrap();
         assert_eq!(
             cpu(&generic)
@@ -177,11 +249,12 @@ pub fn max_pool_forward_and_gradient(device: &Device) {
             reference.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             "max-pool case {i}: forward"
         );
-        assert_same_grads(
+        assert_grads_within(
             &format!("max-pool case {i}"),
             &weighted_sum(&generic, 9),
             &weighted_sum(&reference, 9),
             &[("x", &xd, &x)],
+            grad_tolerance,
         );
     }
 }
