@@ -14,7 +14,11 @@ not depend on the weights) with fastai's head written out in plain torch,
 
 With `--device cuda` (the GPU check, bench/gpu/run.sh) the model and the
 batch live on the GPU, cuDNN picks its algorithms by benchmark (PyTorch's
-fastest setting), and every timed loop ends with a synchronize. Each
+fastest setting), and every timed loop ends with a synchronize.
+`--precision` sets the arithmetic: `f32` (TF32 off for convolutions and
+matmuls), `tf32` (TF32 on for both) or `bf16` (autocast to bfloat16 for the
+forward pass and the loss, the model and the input channels_last, the
+fused AdamW): PyTorch's fastest training setting. Each
 training step reads its loss back (as ours does), so both sides wait for
 every step.
 
@@ -101,17 +105,25 @@ def synchronize(torch, batch):
         torch.cuda.synchronize()
 
 
-def time_train(torch, model, frozen, batch, targets, warmup, iters):
+def autocast(torch, batch, precision):
+    """bf16 autocast on CUDA for `--precision bf16`, a no-op otherwise."""
+    enabled = precision == "bf16" and batch.is_cuda
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+
+
+def time_train(torch, model, frozen, batch, targets, warmup, iters, precision="f32"):
     set_frozen(model, frozen)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
+    fused = {"fused": True} if batch.is_cuda and precision == "bf16" else {}
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, **fused)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     batch = batch.clone().requires_grad_(False)
 
     def step():
         opt.zero_grad(set_to_none=False)
-        loss = loss_fn(model(batch), targets)
+        with autocast(torch, batch, precision):
+            loss = loss_fn(model(batch).float(), targets)
         loss.backward()
         opt.step()
         return loss.item()
@@ -126,9 +138,9 @@ def time_train(torch, model, frozen, batch, targets, warmup, iters):
     return iters * batch.shape[0] / (time.perf_counter() - start)
 
 
-def time_eval(torch, model, batch, warmup, iters):
+def time_eval(torch, model, batch, warmup, iters, precision="f32"):
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(torch, batch, precision):
         for _ in range(warmup):
             model(batch)
         synchronize(torch, batch)
@@ -149,6 +161,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument(
+        "--precision",
+        default="f32",
+        choices=["f32", "tf32", "bf16"],
+        help="f32 (no TF32), tf32, or bf16 autocast + channels_last (CUDA)",
+    )
+    parser.add_argument(
         "--only",
         default="train_frozen,train_unfrozen,eval",
         help="comma list of phases to measure",
@@ -165,8 +183,14 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        tf32 = args.precision != "f32"
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     model = build_model(torch, torchvision, args.arch, n_classes).to(device)
     batch = torch.randn(args.batch_size, 3, args.size, args.size).to(device)
+    if device.type == "cuda" and args.precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+        batch = batch.contiguous(memory_format=torch.channels_last)
     targets = (torch.rand(args.batch_size, n_classes) < 0.1).float().to(device)
 
     result = {
@@ -177,21 +201,25 @@ def main():
         "batch_size": args.batch_size,
         "size": args.size,
         "device": args.device,
+        "precision": args.precision,
     }
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
-        # TF32 is on by default for cuDNN convolutions (not for matmuls).
         result["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     log(f"pytorch {torch.__version__}, {torch.get_num_threads()} threads")
     if "train_frozen" in only:
         log("pytorch: train_frozen")
-        result["train_frozen"] = time_train(torch, model, True, batch, targets, args.warmup, args.iters)
+        result["train_frozen"] = time_train(
+            torch, model, True, batch, targets, args.warmup, args.iters, args.precision
+        )
     if "train_unfrozen" in only:
         log("pytorch: train_unfrozen")
-        result["train_unfrozen"] = time_train(torch, model, False, batch, targets, args.warmup, args.iters)
+        result["train_unfrozen"] = time_train(
+            torch, model, False, batch, targets, args.warmup, args.iters, args.precision
+        )
     if "eval" in only:
         log("pytorch: eval")
-        result["eval"] = time_eval(torch, model, batch, args.warmup, args.iters)
+        result["eval"] = time_eval(torch, model, batch, args.warmup, args.iters, args.precision)
     result["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

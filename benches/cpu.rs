@@ -50,7 +50,7 @@
 //! (generated images for the data measurement, default 512), `--python
 //! PATH`, `--no-pytorch`, `--only PHASES` (comma list of
 //! `train_frozen,train_unfrozen,eval,data`), `--matrix`, `--e2e`, `--seeds
-//! N`, `--e2e-images N`. Each also reads `MULTILABEL_BENCH_<FLAG>` (e.g.
+//! N`, `--e2e-images N`, `--device D`, `--precision f32|tf32|bf16`. Each also reads `MULTILABEL_BENCH_<FLAG>` (e.g.
 //! `MULTILABEL_BENCH_BATCH_SIZE=16`, `MULTILABEL_BENCH_MATRIX=1`).
 
 use std::collections::BTreeMap;
@@ -84,8 +84,9 @@ const DATA_EPOCHS: usize = 2;
 const PASCAL_SIZE: (u32, u32) = (500, 375);
 const N_CLASSES: usize = 20;
 /// The flags that take a value, each also read from `MULTILABEL_BENCH_<FLAG>`.
-const VALUE_FLAGS: [&str; 12] = [
+const VALUE_FLAGS: [&str; 13] = [
     "device",
+    "precision",
     "batch-size",
     "iters",
     "warmup",
@@ -124,6 +125,8 @@ Flags (each also read from MULTILABEL_BENCH_<FLAG>, e.g. MULTILABEL_BENCH_BATCH_
   --images N          generated JPEGs for the data measurement (default 512)
   --seeds N           --e2e seeds per side (default 1); --e2e-images N (default 1000)
   --python PATH       the Python with torch/fastai (default: .venv-bench, made on demand)
+  --precision P       f32 (default), tf32 or bf16 on CUDA: ours with ResNetConfig::tf32 or
+                      Precision::Bf16, PyTorch with TF32 or bf16 autocast + channels_last
   --device D          cpu (default), cuda, cuda:N or metal: the model phases on that device,
                       both sides (the data pipeline is CPU work and is measured only on cpu;
                       --e2e only on cpu); on a GPU use more steps, e.g. --warmup 3 --iters 20
@@ -135,6 +138,8 @@ struct Options {
     arch: Arch,
     /// `cpu`, `cuda`, `cuda:N` or `metal`.
     device: String,
+    /// `f32`, `tf32` or `bf16` (the last two on CUDA only).
+    precision: String,
     /// `--batch-size` was given (the matrix then uses it at every size).
     batch_given: bool,
     /// Measure every cell of [`MATRIX_ARCHS`] × [`MATRIX_SIZES`].
@@ -235,6 +240,16 @@ fn parse_options() -> Result<Options> {
     if !known {
         bail!("--device: expected cpu, cuda, cuda:N or metal, got {device}");
     }
+    let precision = flags
+        .get("precision")
+        .cloned()
+        .unwrap_or_else(|| "f32".into());
+    if !["f32", "tf32", "bf16"].contains(&precision.as_str()) {
+        bail!("--precision: expected f32, tf32 or bf16, got {precision}");
+    }
+    if precision != "f32" && !device.starts_with("cuda") {
+        bail!("--precision {precision} is for CUDA devices; use --device cuda");
+    }
     if !on_cpu && e2e {
         bail!(
             "--e2e runs on the CPU only (the fastai side needs fastai, which the GPU machine lacks)"
@@ -254,6 +269,7 @@ fn parse_options() -> Result<Options> {
     let options = Options {
         arch,
         device,
+        precision,
         batch_given: flags.contains_key("batch-size"),
         matrix,
         e2e,
@@ -445,7 +461,11 @@ fn ours(o: &Options, data_root: Option<&Path>) -> Result<BTreeMap<String, f64>> 
     let device = bench_device(&o.device)?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let config = ResNetConfig::new(o.arch, N_CLASSES);
+    let mut config = ResNetConfig::new(o.arch, N_CLASSES);
+    config.tf32 = o.precision == "tf32";
+    if o.precision == "bf16" {
+        config.precision = multilabel_resnet::Precision::Bf16;
+    }
     let mut model = ResNet::new(&config, vb, 0)?;
     let x = Tensor::randn(0f32, 1.0, (o.batch_size, 3, o.size, o.size), &device)?;
     let y = Tensor::rand(0f32, 1.0, (o.batch_size, N_CLASSES), &device)?
@@ -579,6 +599,8 @@ fn pytorch(
     let args = [
         "--device",
         &o.device,
+        "--precision",
+        &o.precision,
         "--arch",
         o.arch.name(),
         "--threads",
@@ -833,7 +855,7 @@ fn run_matrix(o: &Options, root: &Path, target: &Path, machine: &Value) -> Resul
     );
     let json = json!({
         "machine": machine,
-        "config": { "device": o.device, "threads": o.threads, "warmup": o.warmup, "iters": o.iters },
+        "config": { "device": o.device, "precision": o.precision, "threads": o.threads, "warmup": o.warmup, "iters": o.iters },
         "cells": cells,
     });
     write_json(&target.join("bench/cpu-matrix.json"), &json)

@@ -19,13 +19,16 @@
 #   3. ResNet-50 + fastai head at 128 px, batch 64, from random weights on a
 #      generated dataset: a frozen and an unfrozen phase through the CLI,
 #      images/s from the run's history.csv (the later epoch of each phase,
-#      so start-up is not counted), plus the first-run ("cold") times; then
-#      the same with `--kernels generic` (on CUDA: without the fused
-#      BatchNorm, so the two runs show what it gains);
+#      so start-up is not counted), plus the first-run ("cold") times: in
+#      f32, and on CUDA also with --tf32 and in --precision bf16; then
+#      f32 with `--kernels generic` (on CUDA: without the fused BatchNorm,
+#      max-pool and cuDNN convolutions, so the runs show what they gain);
 #   4. side by side with PyTorch on the same device (`bench-cpu --device`,
 #      bench/pytorch_cpu.py): training frozen and unfrozen and eval
 #      images/s on random tensors, the same model and batch, steady state
-#      after warm-up, into $OUT/bench.json.
+#      after warm-up: on CUDA in f32, TF32 and bf16 (PyTorch: autocast +
+#      channels_last + fused AdamW) at batch 64 and in bf16 at batch 256,
+#      into $OUT/bench-<precision>-<batch>.json.
 #
 # Knobs (environment): GPU_CHECK_ARCH (resnet50), GPU_CHECK_SIZE (128),
 # GPU_CHECK_BS (64), GPU_CHECK_TRAIN (images per epoch, 1280),
@@ -125,8 +128,10 @@ for test in "$bin"/test-*; do
     [ -e "$test" ] || continue
     name=$(basename "$test")
     t0=$(date +%s.%N)
+    # The half-precision tests print their errors for calibration.
     # shellcheck disable=SC2086
-    NVIDIA_TF32_OVERRIDE=0 timeout 240 "$test" --test-threads=1 $filter >"$out/$name.txt" 2>&1
+    NVIDIA_TF32_OVERRIDE=0 MULTILABEL_TEST_SHOW_ERRORS=1 timeout 240 "$test" --test-threads=1 $filter \
+        --nocapture >"$out/$name.txt" 2>&1
     status=$?
     t1=$(date +%s.%N)
     seconds=$(python3 -c "print(round($t1 - $t0, 2))")
@@ -176,30 +181,43 @@ PY
     say "train $name: exit $status in ${seconds}s"
 }
 say "training $arch at $size px, batch $bs: 2 frozen + 2 unfrozen epochs"
-train fine_tune --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3
-# The generic ops for comparison: on CUDA, what the fused BatchNorm gains
-# over candle's composite (both runs use the fused Adam); on the CPU, the
-# CPU kernels' gain.
+train fine_tune --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision f32
+if [ "$device" = cuda ]; then
+    # What TF32 convolutions and the bf16 body gain (the default on an H200
+    # is bf16: --precision auto).
+    say "the same with TF32 convolutions (--tf32)"
+    train tf32 --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision f32 --tf32
+    say "the same in bf16 (--precision bf16)"
+    train bf16 --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision bf16
+fi
+# The generic ops for comparison: on CUDA, what the fused BatchNorm,
+# max-pool and cuDNN convolutions gain over candle's composites (both runs
+# use the fused Adam); on the CPU, the CPU kernels' gain.
 say "the same with the generic ops forced (--kernels generic)"
-train generic --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --kernels generic
+train generic --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --kernels generic --precision f32
 
-# 4. Side by side with PyTorch on the same device.
-if [ -x "$bin/bench-cpu" ]; then
-    if [ "$device" = cuda ]; then iters=${GPU_CHECK_BENCH_ITERS:-20}; warmup=3; else iters=${GPU_CHECK_BENCH_ITERS:-2}; warmup=1; fi
-    say "bench: ours and PyTorch, $arch at $size px, batch $bs on $device ($warmup warm-up + $iters timed steps)"
+# 4. Side by side with PyTorch on the same device: on CUDA in f32, TF32
+# and bf16 at batch $bs, and bf16 at batch 256; one f32 run on a CPU set.
+bench() { # TAG PRECISION BATCH
+    local tag=$1 precision=$2 batch=$3
+    local t0 t1 status seconds
+    say "bench $tag: ours and PyTorch, $arch at $size px, batch $batch, $precision on $device ($warmup warm-up + $iters timed steps)"
+    rm -f "$work/target/bench/cpu.json"
     t0=$(date +%s.%N)
-    CARGO_TARGET_DIR=$work/target timeout 300 "$bin/bench-cpu" --device "$device" \
-        --python "${GPU_CHECK_PYTHON:-python3}" --arch "$arch" --size "$size" --batch-size "$bs" \
-        --only train_frozen,train_unfrozen,eval --warmup "$warmup" --iters "$iters" >"$out/bench.txt" 2>&1
+    CARGO_TARGET_DIR=$work/target timeout 150 "$bin/bench-cpu" --device "$device" \
+        --python "${GPU_CHECK_PYTHON:-python3}" --arch "$arch" --size "$size" --batch-size "$batch" \
+        --precision "$precision" --only train_frozen,train_unfrozen,eval --warmup "$warmup" \
+        --iters "$iters" >"$out/bench-$tag.txt" 2>&1
     status=$?
     t1=$(date +%s.%N)
     seconds=$(python3 -c "print(round($t1 - $t0, 2))")
-    tail -14 "$out/bench.txt"
-    [ -f "$work/target/bench/cpu.json" ] && cp "$work/target/bench/cpu.json" "$out/bench.json"
-    python3 - "$work/target/bench/cpu.json" "$status" "$seconds" >>"$results" <<'PY'
+    tail -14 "$out/bench-$tag.txt"
+    [ -f "$work/target/bench/cpu.json" ] && cp "$work/target/bench/cpu.json" "$out/bench-$tag.json"
+    python3 - "$work/target/bench/cpu.json" "$status" "$seconds" "$tag" "$precision" "$batch" >>"$results" <<'PY'
 import json, sys
-path, status, seconds = sys.argv[1:]
-entry = {"step": "bench", "status": "pass" if status == "0" else "fail", "seconds": float(seconds)}
+path, status, seconds, tag, precision, batch = sys.argv[1:]
+entry = {"step": f"bench-{tag}", "status": "pass" if status == "0" else "fail",
+         "seconds": float(seconds), "precision": precision, "batch": int(batch)}
 try:
     report = json.load(open(path))
 except (OSError, ValueError):
@@ -209,7 +227,21 @@ for side in ("ours", "reference", "ratio"):
         entry[f"{side}_{key}"] = round(value, 3)
 print(json.dumps(entry))
 PY
-    say "bench: exit $status in ${seconds}s"
+    say "bench $tag: exit $status in ${seconds}s"
+}
+if [ -x "$bin/bench-cpu" ]; then
+    if [ "$device" = cuda ]; then
+        iters=${GPU_CHECK_BENCH_ITERS:-20}
+        warmup=3
+        bench "f32-$bs" f32 "$bs"
+        bench "tf32-$bs" tf32 "$bs"
+        bench "bf16-$bs" bf16 "$bs"
+        bench bf16-256 bf16 256
+    else
+        iters=${GPU_CHECK_BENCH_ITERS:-2}
+        warmup=1
+        bench "f32-$bs" f32 "$bs"
+    fi
 fi
 
 # 5. Everything into $OUT/gpu.json.

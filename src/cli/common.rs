@@ -139,7 +139,12 @@ pub fn load_run_model(run: &RunDir, device: &Device) -> anyhow::Result<LoadedMod
     let meta = run
         .load_model_meta()
         .with_context(|| format!("reading the model bundle of run {}", run.path().display()))?;
-    let config = check_model_meta(&meta, &meta_path)?;
+    let mut config = check_model_meta(&meta, &meta_path)?;
+    if !device.is_cuda() {
+        // The weights are f32 whatever the body trained in; off CUDA (no
+        // bf16 convolutions) the model evaluates in f32.
+        config.precision = multilabel_resnet::Precision::F32;
+    }
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = ResNet::new(&config, vb, 0)

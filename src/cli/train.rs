@@ -13,7 +13,8 @@ use multilabel_data::{
     default_cache_dir, download_pascal_2007,
 };
 use multilabel_resnet::{
-    Arch, DEFAULT_HUB_REPO, Kernels, ResNet, ResNetConfig, WeightsSource, load_pretrained,
+    Arch, DEFAULT_HUB_REPO, Kernels, Precision, ResNet, ResNetConfig, WeightsSource,
+    load_pretrained,
 };
 use multilabel_train::metrics::{best_threshold, default_thresholds, threshold_sweep};
 use multilabel_train::{
@@ -107,6 +108,44 @@ pub struct TrainArgs {
     /// CPU. No effect elsewhere
     #[arg(long)]
     pub tf32: bool,
+    /// The dtype the network's body computes in: `auto` (bf16 on a CUDA GPU
+    /// of compute capability 8.0 or more, f32 elsewhere), `f32`, or `bf16`
+    /// (CUDA only): convolutions and activations in bf16, BatchNorm
+    /// statistics, the head, the loss, the metrics and the optimizer's
+    /// master weights in f32
+    #[arg(long, default_value = "auto", value_parser = parse_precision)]
+    pub precision: PrecisionArg,
+}
+
+/// `--precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrecisionArg {
+    Auto,
+    Fixed(Precision),
+}
+
+fn parse_precision(value: &str) -> Result<PrecisionArg, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(PrecisionArg::Auto),
+        "f32" | "fp32" => Ok(PrecisionArg::Fixed(Precision::F32)),
+        "bf16" | "bfloat16" => Ok(PrecisionArg::Fixed(Precision::Bf16)),
+        other => Err(format!("`{other}`: expected auto, f32 or bf16")),
+    }
+}
+
+impl PrecisionArg {
+    /// The precision to train in on `device`.
+    pub fn resolve(self, device: &Device) -> anyhow::Result<Precision> {
+        match self {
+            PrecisionArg::Auto => Ok(Precision::auto_for(device)),
+            PrecisionArg::Fixed(Precision::F32) => Ok(Precision::F32),
+            PrecisionArg::Fixed(p) if device.is_cuda() => Ok(p),
+            PrecisionArg::Fixed(p) => bail!(
+                "--precision {p} needs a CUDA device; this run is on {} (use --precision f32 or auto)",
+                device_name(device)
+            ),
+        }
+    }
 }
 
 fn parse_kernels(value: &str) -> Result<Kernels, String> {
@@ -551,7 +590,7 @@ fn check_new_run_folder(path: &Path) -> anyhow::Result<()> {
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let resuming = args.resume.is_some();
     let mut new_parent = None;
-    let (config, run, existed) = match &args.resume {
+    let (mut config, run, existed) = match &args.resume {
         Some(dir) => {
             let run = RunDir::open(dir).with_context(|| format!("--resume {}", dir.display()))?;
             let config: TrainConfig = run
@@ -582,12 +621,23 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         new_parent,
     };
     let device = parse_device(&args.device)?;
+    if !resuming {
+        config.model.precision = args.precision.resolve(&device)?;
+    } else if !config.model.precision.is_f32() && !device.is_cuda() {
+        bail!(
+            "{} trained in {} on CUDA; resume it on a CUDA device (it is on {})",
+            run.path().display(),
+            config.model.precision,
+            device_name(&device)
+        );
+    }
     let mut session = build_session(&config, &device, !resuming)?;
     let config = session.config.clone();
     eprintln!(
-        "{} on {}: {} train / {} valid images, {} classes, run {}",
+        "{} on {} ({}): {} train / {} valid images, {} classes, run {}",
         config.model.arch.name(),
         device_name(&device),
+        config.model.precision,
         session.learner.train_items(),
         session.learner.valid_items(),
         session.vocab.len(),
@@ -698,7 +748,7 @@ pub struct LrFindArgs {
 
 /// `multilabel lr-find`: fastai's learning-rate finder on the frozen model.
 pub fn lr_find(args: LrFindArgs) -> anyhow::Result<()> {
-    let config = args.train.plan()?;
+    let mut config = args.train.plan()?;
     if !(args.start_lr > 0.0 && args.end_lr > args.start_lr) {
         bail!(
             "need 0 < --start-lr < --end-lr, got {} and {}",
@@ -710,6 +760,7 @@ pub fn lr_find(args: LrFindArgs) -> anyhow::Result<()> {
         bail!("--num-it must be at least 2");
     }
     let device = parse_device(&args.train.device)?;
+    config.model.precision = args.train.precision.resolve(&device)?;
     let mut session = build_session(&config, &device, true)?;
     let learner = &mut session.learner;
     learner.freeze();
@@ -767,6 +818,7 @@ pub fn demo_train_args(
         stop_after_steps: None,
         kernels: Kernels::Auto,
         tf32: false,
+        precision: PrecisionArg::Auto,
     }
 }
 
@@ -789,6 +841,18 @@ mod tests {
         for bad in [0.0, 1.0, 2.0, -0.1, f32::NAN] {
             assert!(check_thresh(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn precision_resolves() {
+        let cpu = Device::Cpu;
+        assert_eq!(PrecisionArg::Auto.resolve(&cpu).unwrap(), Precision::F32);
+        let f32 = parse_precision("F32").unwrap();
+        assert_eq!(f32.resolve(&cpu).unwrap(), Precision::F32);
+        let bf16 = parse_precision("bf16").unwrap();
+        let err = bf16.resolve(&cpu).unwrap_err().to_string();
+        assert!(err.contains("CUDA") && err.contains("bf16"), "{err}");
+        assert!(parse_precision("f16").is_err());
     }
 
     #[test]

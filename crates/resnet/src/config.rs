@@ -18,6 +18,82 @@ pub enum Arch {
     ResNet152,
 }
 
+/// The dtype the body's activations and convolutions compute in.
+///
+/// The parameters always stay `f32` (the master weights the optimizer
+/// updates); in a half precision the body casts its input and each
+/// convolution kernel to it, BatchNorm takes its statistics in `f32` (the
+/// activations are widened for them), and the features are widened back
+/// to `f32` before the head, so the head, the loss and the metrics stay
+/// `f32`. Gradients reach the `f32` parameters through the casts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in `f32`.
+    #[default]
+    F32,
+    /// bfloat16 activations and convolutions (tensor cores; compute
+    /// capability ≥ 8.0 on CUDA).
+    Bf16,
+    /// IEEE half activations and convolutions.
+    F16,
+}
+
+impl Precision {
+    /// The half dtype the body computes in, if any.
+    pub fn half(self) -> Option<candle_core::DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(candle_core::DType::BF16),
+            Precision::F16 => Some(candle_core::DType::F16),
+        }
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+
+    /// The default for `device`: `bf16` on a CUDA GPU of compute capability
+    /// 8.0 or more (with the `cuda` feature), `f32` elsewhere.
+    pub fn auto_for(device: &candle_core::Device) -> Self {
+        #[cfg(feature = "cuda")]
+        if let Some((major, _)) = crate::cuda::compute_capability(device)
+            && major >= 8
+        {
+            return Precision::Bf16;
+        }
+        let _ = device;
+        Precision::F32
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            "f16" | "fp16" | "float16" => Ok(Precision::F16),
+            other => Err(format!("`{other}`: expected f32, bf16 or f16")),
+        }
+    }
+}
+
 /// The two kinds of residual block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {
@@ -182,6 +258,10 @@ pub struct ResNetConfig {
     /// changes off CUDA or without the `cudnn` feature.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tf32: bool,
+    /// The dtype of the body's activations and convolutions (see
+    /// [`Precision`]); the parameters stay `f32` whatever it is.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl ResNetConfig {
@@ -193,6 +273,7 @@ impl ResNetConfig {
             head: HeadConfig::new(n_classes),
             kernels: Kernels::Auto,
             tf32: false,
+            precision: Precision::F32,
         }
     }
 

@@ -79,7 +79,7 @@ mod model;
 mod ops;
 mod weights;
 
-pub use config::{Arch, BlockKind, HeadConfig, ResNetConfig};
+pub use config::{Arch, BlockKind, HeadConfig, Precision, ResNetConfig};
 pub use conv::conv2d;
 pub use error::ResNetError;
 pub use max_pool::{max_pool_3x3_s2, max_pool_composed, pooled_len};

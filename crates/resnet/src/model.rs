@@ -323,7 +323,9 @@ impl ResNet {
             stages,
             head,
             frozen_groups: 0,
-            ops: Ops::new(cfg.kernels).with_tf32(cfg.tf32),
+            ops: Ops::new(cfg.kernels)
+                .with_tf32(cfg.tf32)
+                .with_half(cfg.precision.half()),
             dropout_rng: Mutex::new(dropout_rng(init_seed)),
         })
     }
@@ -332,17 +334,18 @@ impl ResNet {
         &self.config
     }
 
-    /// Body features `[N, C, H/32, W/32]` (C = 2048 for a full ResNet-50).
+    /// Body features `[N, C, H/32, W/32]` (C = 2048 for a full ResNet-50),
+    /// in the parameters' dtype whatever the [`Precision`](crate::Precision).
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let frozen = self.frozen_groups;
         let ops = &self.ops;
         let (conv, bn) = &self.stem;
-        let x = conv.forward_bn_t(ops, bn, x, train, frozen, true)?;
+        let x = conv.forward_bn_t(ops, bn, &ops.to_compute(x)?, train, frozen, true)?;
         let mut x = ops.max_pool_3x3_s2(&x)?;
         for block in self.stages.iter().flatten() {
             x = block.forward_t(ops, &x, train, frozen)?;
         }
-        Ok(x)
+        ops.to_master(&x)
     }
 
     /// [`ResNet::features_t`] in eval mode for inference: each convolution
@@ -351,12 +354,12 @@ impl ResNet {
     pub fn features_infer(&self, x: &Tensor) -> Result<Tensor> {
         let ops = &self.ops;
         let (conv, bn) = &self.stem;
-        let x = conv.forward_infer(ops, bn, &x.detach(), None, true)?;
+        let x = conv.forward_infer(ops, bn, &ops.to_compute(&x.detach())?, None, true)?;
         let mut x = ops.max_pool_3x3_s2(&x)?;
         for block in self.stages.iter().flatten() {
             x = block.forward_infer(ops, &x)?;
         }
-        Ok(x)
+        ops.to_master(&x)
     }
 
     /// Logits `[N, n_classes]` in eval mode for inference (validation,

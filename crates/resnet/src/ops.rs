@@ -11,7 +11,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -49,6 +49,7 @@ impl Kernels {
 pub struct Ops {
     kernels: Kernels,
     tf32: bool,
+    half: Option<DType>,
 }
 
 impl Ops {
@@ -57,6 +58,35 @@ impl Ops {
         Self {
             kernels,
             tf32: false,
+            half: None,
+        }
+    }
+
+    /// The same, the body computing in the half dtype `half` (`bf16` or
+    /// `f16`; `None`: the parameters' dtype): see
+    /// [`Precision`](crate::Precision).
+    pub fn with_half(self, half: Option<DType>) -> Self {
+        Self { half, ..self }
+    }
+
+    pub fn half(&self) -> Option<DType> {
+        self.half
+    }
+
+    /// `x` in the dtype the body computes in: the half dtype if one is set.
+    pub fn to_compute(&self, x: &Tensor) -> Result<Tensor> {
+        match self.half {
+            Some(half) if x.dtype() != half => x.to_dtype(half),
+            _ => Ok(x.clone()),
+        }
+    }
+
+    /// The body's output back in `f32` for the head, if the body computed
+    /// in a half dtype.
+    pub fn to_master(&self, x: &Tensor) -> Result<Tensor> {
+        match self.half {
+            Some(half) if x.dtype() == half => x.to_dtype(DType::F32),
+            _ => Ok(x.clone()),
         }
     }
 
@@ -90,8 +120,17 @@ impl Ops {
         relu: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
-        if self.kernels == Kernels::Auto && crate::cuda::supported(&[x, weight, bias]) {
+        if self.kernels == Kernels::Auto && crate::cuda::supported(&[x], &[weight, bias]) {
             return crate::cuda::batch_norm_train(x, weight, bias, eps, relu);
+        }
+        if matches!(x.dtype(), DType::BF16 | DType::F16) && weight.dtype() == DType::F32 {
+            // Half activations, f32 parameters: the statistics in f32 (the
+            // activations widened for them), the output in the activations'
+            // dtype; the casts carry the gradients. (An f64 network keeps
+            // its f32 BatchNorm parameters and computes in f64.)
+            let wide = x.to_dtype(weight.dtype())?;
+            let (y, mean, var) = self.batch_norm_device(&wide, weight, bias, eps, relu)?;
+            return Ok((y.to_dtype(x.dtype())?, mean, var));
         }
         generic::batch_norm_train(x, weight, bias, eps, relu)
     }
@@ -104,6 +143,7 @@ impl Ops {
         padding: usize,
         stride: usize,
     ) -> Result<Tensor> {
+        let kernel = &self.to_compute(kernel)?;
         if self.cpu(&[x, kernel]) {
             return cpu::conv2d(x, kernel, padding, stride);
         }
@@ -175,7 +215,7 @@ impl Ops {
         } else {
             #[cfg(feature = "cuda")]
             if self.kernels == Kernels::Auto
-                && crate::cuda::supported(&[x, kernel, weight, bias, residual])
+                && crate::cuda::supported(&[x, residual], &[weight, bias])
             {
                 let conv = self.conv2d(x, kernel, padding, stride)?;
                 return crate::cuda::batch_norm_add_relu_train(&conv, weight, bias, eps, residual);
@@ -223,7 +263,7 @@ impl Ops {
             return crate::max_pool::max_pool_3x3_s2(x);
         }
         #[cfg(feature = "cuda")]
-        if self.kernels == Kernels::Auto && crate::cuda::supported(&[x]) {
+        if self.kernels == Kernels::Auto && crate::cuda::supported(&[x], &[]) {
             return crate::cuda::max_pool_3x3_s2(x);
         }
         crate::max_pool::max_pool_composed(x)

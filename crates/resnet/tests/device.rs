@@ -168,6 +168,41 @@ fn cudnn_conv2d_bf16() {
     }
 }
 
+/// Mixed precision on CUDA (what `--precision bf16` trains with): the body
+/// in `bf16` through cuDNN, BatchNorm statistics in `f32` on the fused
+/// kernels, the head and the master weights' gradients in `f32`; against
+/// f64 on the CPU. The tolerances are those of the `f16` run on the CPU
+/// (`generic_path.rs`: measured 1.0e-2 and 0.17), values loosened for
+/// bf16's 3 fewer mantissa bits; the errors print for calibration.
+#[cfg(feature = "cudnn")]
+#[test]
+fn resnet18_training_step_bf16() {
+    let [values, grads] = paths::whole_network_step_half(
+        &device(),
+        multilabel_resnet::Kernels::Auto,
+        multilabel_resnet::Precision::Bf16,
+        Arch::ResNet18,
+        (16, 4, 64),
+        (5e-2, 0.3),
+    );
+    eprintln!("bf16 body against f64: values {values:e}, gradients {grads:e}");
+}
+
+/// The fused BatchNorm and max-pool kernels' `bf16` versions (what the
+/// `bf16` body runs) against the CPU kernels on the same values: within
+/// 2e-2 (bf16 keeps 8 bits of mantissa: one rounding is up to 2⁻⁹ ≈ 2e-3).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_bf16_activation_ops() {
+    use candle_core::DType;
+    paths::half_activation_ops(
+        &device(),
+        multilabel_resnet::Ops::default(),
+        DType::BF16,
+        2e-2,
+    );
+}
+
 #[test]
 fn generic_path_stays_in_f32() {
     paths::generic_path_stays_in_f32(&device());

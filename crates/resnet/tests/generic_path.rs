@@ -39,6 +39,33 @@ fn conv2d_larger_shapes_and_bf16() {
     );
 }
 
+/// Mixed precision on the generic path: the body in `f16` (candle's CPU
+/// matmul has no `bf16`; CUDA runs `bf16` in `tests/device.rs`), the
+/// parameters, head and gradients in `f32`. Measured against f64: values
+/// 1.0e-2, gradients up to 0.17 (candle's CPU `f16` products also sum in
+/// `f16`); a missing or misrouted gradient is off by about 1.
+#[test]
+fn resnet18_training_step_in_f16() {
+    let [values, grads] = paths::whole_network_step_half(
+        &Device::Cpu,
+        multilabel_resnet::Kernels::Auto,
+        multilabel_resnet::Precision::F16,
+        Arch::ResNet18,
+        (16, 4, 64),
+        (2e-2, 0.3),
+    );
+    eprintln!("f16 body against f64: values {values:e}, gradients {grads:e}");
+}
+
+/// BatchNorm and max-pool on `f16` activations with `f32` parameters, on
+/// the generic path (which widens to `f32` for BatchNorm): within 5e-3 of
+/// the CPU kernels on the same values.
+#[test]
+fn half_activation_ops() {
+    let generic = multilabel_resnet::Ops::new(multilabel_resnet::Kernels::Generic);
+    paths::half_activation_ops(&Device::Cpu, generic, candle_core::DType::F16, 5e-3);
+}
+
 #[test]
 fn max_pool_forward_and_gradient() {
     paths::max_pool_forward_and_gradient(&Device::Cpu);

@@ -118,6 +118,7 @@ fn build(seed: u64) -> VarMap {
         head: HeadConfig::new(2),
         kernels: Default::default(),
         tf32: false,
+        precision: Default::default(),
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

@@ -205,6 +205,7 @@ fn small_config(ps: f32) -> ResNetConfig {
         },
         kernels: Default::default(),
         tf32: false,
+        precision: Default::default(),
     }
 }
 

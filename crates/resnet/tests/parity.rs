@@ -71,6 +71,7 @@ fn load(case: &Case) -> Loaded {
         },
         kernels: Default::default(),
         tf32: false,
+        precision: Default::default(),
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);

@@ -21,6 +21,7 @@ fn config() -> ResNetConfig {
         },
         kernels: Default::default(),
         tf32: false,
+        precision: Default::default(),
     }
 }
 

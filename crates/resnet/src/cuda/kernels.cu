@@ -1,11 +1,33 @@
 // CUDA kernels of multilabel-resnet, compiled at run time with NVRTC
-// (`cuda/mod.rs`). f32 data, f64 accumulation for the per-channel sums
-// (as the CPU kernels do), one block per channel for reductions.
+// (`cuda/mod.rs`). Activations and their gradients are f32 or bf16 (each
+// kernel has an `_bf16` twin); arithmetic is in f32, with f64 accumulation
+// for the per-channel sums (as the CPU kernels do); per-channel statistics
+// and reductions are f32. One block per channel for reductions.
 //
 // Layouts: activations are contiguous [N, C, HW]; per-channel results are
 // rows of a [rows, C] array.
 
 #define BLOCK 256
+
+// bfloat16 as its bits, so that NVRTC needs no CUDA headers.
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load(const bf16_t* p, long long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
+// Round to nearest, ties to even, as candle's (the `half` crate's) f32 →
+// bf16 conversion; a NaN stays a (quiet) NaN.
+__device__ __forceinline__ void store(bf16_t* p, long long i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        p[i] = (bf16_t)((u >> 16) | 0x40u);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    p[i] = (bf16_t)(u >> 16);
+}
 
 // Sum of `v` over the block; every thread gets the total.
 __device__ double block_sum(double v, double* shared) {
@@ -32,21 +54,22 @@ __device__ __forceinline__ long long at(long long i, int c, int hw, int ch) {
 // [5, C]: mean, biased variance, 1/sqrt(var + eps), and the affine that
 // normalises: scale = w·inv_std, shift = b − mean·scale. Two passes (mean,
 // then the mean square deviation), as the CPU kernel.
-extern "C" __global__ void bn_stats(
-    const float* x, const float* w, const float* b, float* stats,
+template <typename T>
+__device__ void bn_stats_impl(
+    const T* x, const float* w, const float* b, float* stats,
     int n, int c, int hw, double eps) {
     __shared__ double shared[BLOCK];
     int ch = blockIdx.x;
     long long count = (long long)n * hw;
     double s = 0.0;
     for (long long i = threadIdx.x; i < count; i += BLOCK) {
-        s += (double)x[at(i, c, hw, ch)];
+        s += (double)load(x, at(i, c, hw, ch));
     }
     double mean = block_sum(s, shared) / (double)count;
     float m = (float)mean;
     double q = 0.0;
     for (long long i = threadIdx.x; i < count; i += BLOCK) {
-        float d = x[at(i, c, hw, ch)] - m;
+        float d = load(x, at(i, c, hw, ch)) - m;
         q += (double)(d * d);
     }
     double var = block_sum(q, shared) / (double)count;
@@ -64,35 +87,37 @@ extern "C" __global__ void bn_stats(
 
 // y = x·scale[c] + shift[c] (+ residual, when not null), then ReLU if
 // `relu`; scale and shift are rows 3 and 4 of `stats`.
-extern "C" __global__ void bn_apply(
-    const float* x, const float* stats, const float* residual, float* y,
+template <typename T>
+__device__ void bn_apply_impl(
+    const T* x, const float* stats, const T* residual, T* y,
     long long len, int c, int hw, int relu) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
          i += (long long)gridDim.x * blockDim.x) {
         int ch = (int)((i / hw) % c);
-        float v = x[i] * stats[3 * c + ch] + stats[4 * c + ch];
+        float v = load(x, i) * stats[3 * c + ch] + stats[4 * c + ch];
         if (residual) {
-            v = v + residual[i];
+            v = v + load(residual, i);
         }
-        y[i] = relu && v < 0.0f ? 0.0f : v;
+        store(y, i, relu && v < 0.0f ? 0.0f : v);
     }
 }
 
 // out = g where y > 0, else 0: the ReLU's backward from its output (the
 // residual's gradient at the end of a block).
-extern "C" __global__ void relu_mask(
-    const float* y, const float* g, float* out, long long len) {
+template <typename T>
+__device__ void relu_mask_impl(const T* y, const T* g, T* out, long long len) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
          i += (long long)gridDim.x * blockDim.x) {
-        out[i] = y[i] > 0.0f ? g[i] : 0.0f;
+        store(out, i, load(y, i) > 0.0f ? load(g, i) : 0.0f);
     }
 }
 
 // Backward reduction of channel blockIdx.x, into `red` [5, C]: dweight,
 // dbias, and the three coefficients of dx = k1·g − k2 − k3·(x − mean).
 // With `relu`, the gradient is zero where the output `y` is not positive.
-extern "C" __global__ void bn_grad_reduce(
-    const float* x, const float* y, const float* g, const float* stats,
+template <typename T>
+__device__ void bn_grad_reduce_impl(
+    const T* x, const T* y, const T* g, const float* stats,
     const float* w, float* red, int n, int c, int hw, int relu) {
     __shared__ double shared[BLOCK];
     int ch = blockIdx.x;
@@ -101,9 +126,9 @@ extern "C" __global__ void bn_grad_reduce(
     double sg = 0.0, sgx = 0.0;
     for (long long i = threadIdx.x; i < count; i += BLOCK) {
         long long k = at(i, c, hw, ch);
-        float gv = relu && y[k] <= 0.0f ? 0.0f : g[k];
+        float gv = relu && load(y, k) <= 0.0f ? 0.0f : load(g, k);
         sg += (double)gv;
-        sgx += (double)(gv * (x[k] - m));
+        sgx += (double)(gv * (load(x, k) - m));
     }
     double db = block_sum(sg, shared);
     double sum_gx = block_sum(sgx, shared);
@@ -120,14 +145,17 @@ extern "C" __global__ void bn_grad_reduce(
 }
 
 // dx = k1·g − k2 − k3·(x − mean), with g masked by the ReLU as above.
-extern "C" __global__ void bn_grad_input(
-    const float* x, const float* y, const float* g, const float* stats,
-    const float* red, float* dx, long long len, int c, int hw, int relu) {
+template <typename T>
+__device__ void bn_grad_input_impl(
+    const T* x, const T* y, const T* g, const float* stats,
+    const float* red, T* dx, long long len, int c, int hw, int relu) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
          i += (long long)gridDim.x * blockDim.x) {
         int ch = (int)((i / hw) % c);
-        float gv = relu && y[i] <= 0.0f ? 0.0f : g[i];
-        dx[i] = red[2 * c + ch] * gv - red[3 * c + ch] - red[4 * c + ch] * (x[i] - stats[ch]);
+        float gv = relu && load(y, i) <= 0.0f ? 0.0f : load(g, i);
+        float v = red[2 * c + ch] * gv - red[3 * c + ch]
+            - red[4 * c + ch] * (load(x, i) - stats[ch]);
+        store(dx, i, v);
     }
 }
 
@@ -135,18 +163,19 @@ extern "C" __global__ void bn_grad_input(
 // (planes = N·C). Like the CPU kernel (`max_pool.rs`): padding never wins,
 // the first maximum of a window in row-major order wins, and the first NaN
 // wins outright. Every window holds at least its centre row and column.
+template <typename T>
 __device__ __forceinline__ int pool_arg_max(
-    const float* plane, int h, int w, int oy, int ox) {
+    const T* plane, int h, int w, int oy, int ox) {
     int y0 = max(2 * oy - 1, 0), y1 = min(2 * oy + 2, h);
     int x0 = max(2 * ox - 1, 0), x1 = min(2 * ox + 2, w);
     int best_at = y0 * w + x0;
-    float best = plane[best_at];
+    float best = load(plane, best_at);
     if (best != best) {
         return best_at;
     }
     for (int y = y0; y < y1; ++y) {
         for (int x = x0; x < x1; ++x) {
-            float v = plane[y * w + x];
+            float v = load(plane, y * w + x);
             if (v != v) {
                 return y * w + x;
             }
@@ -160,14 +189,15 @@ __device__ __forceinline__ int pool_arg_max(
 }
 
 // y[p, oy, ox] = the window's maximum, one thread per output value.
-extern "C" __global__ void max_pool_fwd(
-    const float* x, float* y, long long planes, int h, int w, int oh, int ow) {
+template <typename T>
+__device__ void max_pool_fwd_impl(
+    const T* x, T* y, long long planes, int h, int w, int oh, int ow) {
     long long len = planes * oh * ow;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
          i += (long long)gridDim.x * blockDim.x) {
         long long p = i / ((long long)oh * ow);
         int o = (int)(i - p * oh * ow);
-        const float* plane = x + p * h * w;
+        const T* plane = x + p * h * w;
         y[i] = plane[pool_arg_max(plane, h, w, o / ow, o % ow)];
     }
 }
@@ -176,8 +206,9 @@ extern "C" __global__ void max_pool_fwd(
 // (iy, ix), one thread per input value: at most 2×2 windows cover a value,
 // gathered in row-major output order (the CPU kernel's order of
 // accumulation), so no atomics and the same sum every run.
-extern "C" __global__ void max_pool_bwd(
-    const float* x, const float* g, float* dx, long long planes, int h, int w,
+template <typename T>
+__device__ void max_pool_bwd_impl(
+    const T* x, const T* g, T* dx, long long planes, int h, int w,
     int oh, int ow) {
     long long len = planes * h * w;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
@@ -185,8 +216,8 @@ extern "C" __global__ void max_pool_bwd(
         long long p = i / ((long long)h * w);
         int at = (int)(i - p * h * w);
         int iy = at / w, ix = at % w;
-        const float* plane = x + p * h * w;
-        const float* gp = g + p * oh * ow;
+        const T* plane = x + p * h * w;
+        const T* gp = g + p * oh * ow;
         // Windows of output o cover inputs 2o − 1 … 2o + 1.
         int oy0 = iy / 2, oy1 = min((iy + 1) / 2, oh - 1);
         int ox0 = ix / 2, ox1 = min((ix + 1) / 2, ow - 1);
@@ -194,10 +225,49 @@ extern "C" __global__ void max_pool_bwd(
         for (int oy = oy0; oy <= oy1; ++oy) {
             for (int ox = ox0; ox <= ox1; ++ox) {
                 if (pool_arg_max(plane, h, w, oy, ox) == at) {
-                    sum += gp[oy * ow + ox];
+                    sum += load(gp, oy * ow + ox);
                 }
             }
         }
-        dx[i] = sum;
+        store(dx, i, sum);
     }
 }
+
+// The entry points: each kernel for f32 (plain name) and for bf16 (`_bf16`).
+#define ENTRY_POINTS(T, SUFFIX)                                                     \
+    extern "C" __global__ void bn_stats##SUFFIX(                                    \
+        const T* x, const float* w, const float* b, float* stats, int n, int c,     \
+        int hw, double eps) {                                                       \
+        bn_stats_impl(x, w, b, stats, n, c, hw, eps);                               \
+    }                                                                               \
+    extern "C" __global__ void bn_apply##SUFFIX(                                    \
+        const T* x, const float* stats, const T* residual, T* y, long long len,     \
+        int c, int hw, int relu) {                                                  \
+        bn_apply_impl(x, stats, residual, y, len, c, hw, relu);                     \
+    }                                                                               \
+    extern "C" __global__ void relu_mask##SUFFIX(                                   \
+        const T* y, const T* g, T* out, long long len) {                            \
+        relu_mask_impl(y, g, out, len);                                             \
+    }                                                                               \
+    extern "C" __global__ void bn_grad_reduce##SUFFIX(                              \
+        const T* x, const T* y, const T* g, const float* stats, const float* w,     \
+        float* red, int n, int c, int hw, int relu) {                               \
+        bn_grad_reduce_impl(x, y, g, stats, w, red, n, c, hw, relu);                \
+    }                                                                               \
+    extern "C" __global__ void bn_grad_input##SUFFIX(                               \
+        const T* x, const T* y, const T* g, const float* stats, const float* red,   \
+        T* dx, long long len, int c, int hw, int relu) {                            \
+        bn_grad_input_impl(x, y, g, stats, red, dx, len, c, hw, relu);              \
+    }                                                                               \
+    extern "C" __global__ void max_pool_fwd##SUFFIX(                                \
+        const T* x, T* y, long long planes, int h, int w, int oh, int ow) {         \
+        max_pool_fwd_impl(x, y, planes, h, w, oh, ow);                              \
+    }                                                                               \
+    extern "C" __global__ void max_pool_bwd##SUFFIX(                                \
+        const T* x, const T* g, T* dx, long long planes, int h, int w, int oh,      \
+        int ow) {                                                                   \
+        max_pool_bwd_impl(x, g, dx, planes, h, w, oh, ow);                          \
+    }
+
+ENTRY_POINTS(float, )
+ENTRY_POINTS(bf16_t, _bf16)

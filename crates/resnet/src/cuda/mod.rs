@@ -39,11 +39,89 @@ fn ptx() -> Result<&'static str> {
     .map_err(|e| candle_core::Error::Msg(format!("NVRTC could not compile kernels.cu: {e}")))
 }
 
-/// Whether the fused kernels take these tensors: `f32` on a CUDA device.
-pub fn supported(tensors: &[&Tensor]) -> bool {
-    tensors
-        .iter()
-        .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
+/// Whether the fused kernels take these operands: `activations` all `f32`
+/// or all `bf16`, `params` (BatchNorm's weight and bias) `f32`, every one
+/// on a CUDA device.
+pub fn supported(activations: &[&Tensor], params: &[&Tensor]) -> bool {
+    let Some(first) = activations.first() else {
+        return false;
+    };
+    matches!(first.dtype(), DType::F32 | DType::BF16)
+        && activations
+            .iter()
+            .all(|t| t.device().is_cuda() && t.dtype() == first.dtype())
+        && params
+            .iter()
+            .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
+}
+
+/// The name of `kernel`'s entry point for activations of `dtype`.
+fn entry(kernel: &str, dtype: DType) -> Result<String> {
+    match dtype {
+        DType::F32 => Ok(kernel.to_string()),
+        DType::BF16 => Ok(format!("{kernel}_bf16")),
+        other => candle_core::bail!("cuda kernels: {kernel} has no {other:?} version"),
+    }
+}
+
+/// The device address of a contiguous `f32` or `bf16` operand, at its
+/// offset (kernels take activations as raw addresses of either dtype).
+fn address(storage: &CudaStorage, layout: &Layout, what: &str) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        candle_core::bail!("cuda kernels: {what} is not contiguous")
+    };
+    let stream = storage.device().cuda_stream();
+    let (base, size) = match storage.dtype() {
+        DType::F32 => (storage.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+        DType::BF16 => (
+            storage.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+            2,
+        ),
+        other => candle_core::bail!("cuda kernels: {what} is {other:?}, not f32 or bf16"),
+    };
+    Ok(base + (start * size) as u64)
+}
+
+/// `len` uninitialised values of `dtype` (`f32` or `bf16`) and their
+/// address; the kernel that fills them must write every one.
+///
+/// # Safety
+/// The caller's kernel writes all `len` values before anything reads them.
+unsafe fn alloc_as(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    dtype: DType,
+    len: usize,
+) -> Result<(CudaStorage, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = dev.cuda_stream();
+    Ok(match dtype {
+        DType::F32 => {
+            // SAFETY: forwarded to the caller.
+            let slice = unsafe { dev.alloc::<f32>(len)? };
+            let at = slice.device_ptr(&stream).0;
+            (CudaStorage::wrap_cuda_slice(slice, dev.clone()), at)
+        }
+        DType::BF16 => {
+            // SAFETY: forwarded to the caller.
+            let slice = unsafe { dev.alloc::<half::bf16>(len)? };
+            let at = slice.device_ptr(&stream).0;
+            (CudaStorage::wrap_cuda_slice(slice, dev.clone()), at)
+        }
+        other => candle_core::bail!("cuda kernels: no {other:?} output"),
+    })
+}
+
+/// Both operands of an elementwise kernel must have the same dtype.
+fn same_dtype(a: &CudaStorage, b: &CudaStorage, what: &str) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        candle_core::bail!(
+            "cuda kernels: {what}: {:?} and {:?} operands",
+            a.dtype(),
+            b.dtype()
+        )
+    }
+    Ok(())
 }
 
 /// `(N, C, HW)` of an activation `[N, C, ...]`.
@@ -136,12 +214,12 @@ impl CustomOp3 for Stats {
         }
         let dev = xs.device().clone();
         let (x, w, b) = (
-            cuda_slice!(xs, xl, "x"),
+            address(xs, xl, "x")?,
             cuda_slice!(ws, wl, "weight"),
             cuda_slice!(bs, bl, "bias"),
         );
         let out = dev.alloc_zeros::<f32>(5 * c)?;
-        let func = dev.get_or_load_custom_func("bn_stats", MODULE, ptx()?)?;
+        let func = dev.get_or_load_custom_func(&entry("bn_stats", xs.dtype())?, MODULE, ptx()?)?;
         let (n32, c32, hw32) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
         let mut launch = func.builder();
         launch.arg(&x);
@@ -278,7 +356,8 @@ fn apply(
     let (_, c, hw) = dims(xl.shape())?;
     let len = xl.shape().elem_count();
     let dev = xs.device().clone();
-    let x = cuda_slice!(xs, xl, "x");
+    let x = address(xs, xl, "x")?;
+    // A null device pointer when there is no residual.
     let residual = match residual {
         Some((rs, rl)) => {
             if rl.shape() != xl.shape() {
@@ -288,29 +367,25 @@ fn apply(
                     xl.shape().dims()
                 )
             }
-            Some(cuda_slice!(rs, rl, "the residual"))
+            same_dtype(xs, rs, "the residual")?;
+            address(rs, rl, "the residual")?
         }
-        None => None,
+        None => 0u64,
     };
     // SAFETY: `bn_apply` writes every one of the `len` values.
-    let y = unsafe { dev.alloc::<f32>(len)? };
-    let func = dev.get_or_load_custom_func("bn_apply", MODULE, ptx()?)?;
+    let (y_storage, y) = unsafe { alloc_as(&dev, xs.dtype(), len)? };
+    let func = dev.get_or_load_custom_func(&entry("bn_apply", xs.dtype())?, MODULE, ptx()?)?;
     let (len64, c32, hw32, relu) = (
         len as i64,
         i32_of(c, "C")?,
         i32_of(hw, "H·W")?,
         i32::from(relu),
     );
-    // A null device pointer when there is no residual.
-    let null = 0u64;
     with_slice(stats, |stats| {
         let mut launch = func.builder();
         launch.arg(&x);
         launch.arg(stats);
-        match &residual {
-            Some(r) => launch.arg(r),
-            None => launch.arg(&null),
-        };
+        launch.arg(&residual);
         launch.arg(&y);
         launch.arg(&len64);
         launch.arg(&c32);
@@ -320,7 +395,7 @@ fn apply(
         unsafe { launch.launch(elementwise(len)) }.w()?;
         Ok(())
     })?;
-    Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    Ok(y_storage)
 }
 
 /// `relu(BatchNorm(x) + residual)`, the end of a residual block, over
@@ -420,13 +495,14 @@ impl candle_core::CustomOp2 for ReluMask {
         }
         let len = yl.shape().elem_count();
         let dev = ys.device().clone();
+        same_dtype(ys, gs, "relu-mask")?;
         let (y, g) = (
-            cuda_slice!(ys, yl, "y"),
-            cuda_slice!(gs, gl, "the output gradient"),
+            address(ys, yl, "y")?,
+            address(gs, gl, "the output gradient")?,
         );
         // SAFETY: `relu_mask` writes every one of the `len` values.
-        let out = unsafe { dev.alloc::<f32>(len)? };
-        let func = dev.get_or_load_custom_func("relu_mask", MODULE, ptx()?)?;
+        let (out_storage, out) = unsafe { alloc_as(&dev, ys.dtype(), len)? };
+        let func = dev.get_or_load_custom_func(&entry("relu_mask", ys.dtype())?, MODULE, ptx()?)?;
         let len64 = len as i64;
         let mut launch = func.builder();
         launch.arg(&y);
@@ -435,7 +511,7 @@ impl candle_core::CustomOp2 for ReluMask {
         launch.arg(&len64);
         // SAFETY: the arguments match `relu_mask`.
         unsafe { launch.launch(elementwise(len)) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), yl.shape().clone()))
+        Ok((out_storage, yl.shape().clone()))
     }
 }
 
@@ -474,13 +550,16 @@ impl CustomOp3 for GradReduce {
     ) -> Result<(CudaStorage, Shape)> {
         let (n, c, hw) = dims(xl.shape())?;
         let dev = xs.device().clone();
+        same_dtype(xs, ys, "batch-norm backward")?;
+        same_dtype(xs, gs, "batch-norm backward")?;
         let (x, y, g) = (
-            cuda_slice!(xs, xl, "x"),
-            cuda_slice!(ys, yl, "y"),
-            cuda_slice!(gs, gl, "the output gradient"),
+            address(xs, xl, "x")?,
+            address(ys, yl, "y")?,
+            address(gs, gl, "the output gradient")?,
         );
         let red = dev.alloc_zeros::<f32>(5 * c)?;
-        let func = dev.get_or_load_custom_func("bn_grad_reduce", MODULE, ptx()?)?;
+        let func =
+            dev.get_or_load_custom_func(&entry("bn_grad_reduce", xs.dtype())?, MODULE, ptx()?)?;
         let (n32, c32, hw32, relu) = (
             i32_of(n, "N")?,
             i32_of(c, "C")?,
@@ -545,14 +624,17 @@ impl CustomOp3 for GradInput {
         let (_, c, hw) = dims(xl.shape())?;
         let len = xl.shape().elem_count();
         let dev = xs.device().clone();
+        same_dtype(xs, ys, "batch-norm backward")?;
+        same_dtype(xs, gs, "batch-norm backward")?;
         let (x, y, g) = (
-            cuda_slice!(xs, xl, "x"),
-            cuda_slice!(ys, yl, "y"),
-            cuda_slice!(gs, gl, "the output gradient"),
+            address(xs, xl, "x")?,
+            address(ys, yl, "y")?,
+            address(gs, gl, "the output gradient")?,
         );
         // SAFETY: `bn_grad_input` writes every one of the `len` values.
-        let dx = unsafe { dev.alloc::<f32>(len)? };
-        let func = dev.get_or_load_custom_func("bn_grad_input", MODULE, ptx()?)?;
+        let (dx_storage, dx) = unsafe { alloc_as(&dev, xs.dtype(), len)? };
+        let func =
+            dev.get_or_load_custom_func(&entry("bn_grad_input", xs.dtype())?, MODULE, ptx()?)?;
         let (len64, c32, hw32, relu) = (
             len as i64,
             i32_of(c, "C")?,
@@ -577,7 +659,7 @@ impl CustomOp3 for GradInput {
                 Ok(())
             })
         })?;
-        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+        Ok((dx_storage, xl.shape().clone()))
     }
 }
 
@@ -668,10 +750,11 @@ impl candle_core::CustomOp1 for MaxPool {
         let (n, c, _, _) = xl.shape().dims4()?;
         let len = planes * oh * ow;
         let dev = xs.device().clone();
-        let x = cuda_slice!(xs, xl, "the max-pool input");
+        let x = address(xs, xl, "the max-pool input")?;
         // SAFETY: `max_pool_fwd` writes every one of the `len` values.
-        let y = unsafe { dev.alloc::<f32>(len)? };
-        let func = dev.get_or_load_custom_func("max_pool_fwd", MODULE, ptx()?)?;
+        let (y_storage, y) = unsafe { alloc_as(&dev, xs.dtype(), len)? };
+        let func =
+            dev.get_or_load_custom_func(&entry("max_pool_fwd", xs.dtype())?, MODULE, ptx()?)?;
         let planes64 = planes as i64;
         let (h32, w32) = (i32_of(h, "H")?, i32_of(w, "W")?);
         let (oh32, ow32) = (oh as i32, ow as i32);
@@ -685,10 +768,7 @@ impl candle_core::CustomOp1 for MaxPool {
         launch.arg(&ow32);
         // SAFETY: the arguments match `max_pool_fwd`.
         unsafe { launch.launch(elementwise(len)) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(y, dev),
-            Shape::from((n, c, oh, ow)),
-        ))
+        Ok((y_storage, Shape::from((n, c, oh, ow))))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -733,13 +813,15 @@ impl candle_core::CustomOp2 for MaxPoolBackward {
         }
         let len = planes * h * w;
         let dev = xs.device().clone();
+        same_dtype(xs, gs, "max-pool backward")?;
         let (x, g) = (
-            cuda_slice!(xs, xl, "the max-pool input"),
-            cuda_slice!(gs, gl, "the output gradient"),
+            address(xs, xl, "the max-pool input")?,
+            address(gs, gl, "the output gradient")?,
         );
         // SAFETY: `max_pool_bwd` writes every one of the `len` values.
-        let dx = unsafe { dev.alloc::<f32>(len)? };
-        let func = dev.get_or_load_custom_func("max_pool_bwd", MODULE, ptx()?)?;
+        let (dx_storage, dx) = unsafe { alloc_as(&dev, xs.dtype(), len)? };
+        let func =
+            dev.get_or_load_custom_func(&entry("max_pool_bwd", xs.dtype())?, MODULE, ptx()?)?;
         let planes64 = planes as i64;
         let (h32, w32) = (i32_of(h, "H")?, i32_of(w, "W")?);
         let (oh32, ow32) = (oh as i32, ow as i32);
@@ -754,7 +836,7 @@ impl candle_core::CustomOp2 for MaxPoolBackward {
         launch.arg(&ow32);
         // SAFETY: the arguments match `max_pool_bwd`.
         unsafe { launch.launch(elementwise(len)) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+        Ok((dx_storage, xl.shape().clone()))
     }
 }
 
@@ -763,4 +845,13 @@ impl candle_core::CustomOp2 for MaxPoolBackward {
 /// the same values, and the same gradient summed in the same order.
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(MaxPool)
+}
+
+/// The compute capability `(major, minor)` of a CUDA device; `None` for
+/// any other device or if the driver does not say.
+pub fn compute_capability(device: &candle_core::Device) -> Option<(i32, i32)> {
+    let candle_core::Device::Cuda(dev) = device else {
+        return None;
+    };
+    dev.cuda_stream().context().compute_capability().ok()
 }

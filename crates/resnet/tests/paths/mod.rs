@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use multilabel_resnet::{Arch, HeadConfig, Kernels, Ops, ResNet, ResNetConfig};
+use multilabel_resnet::{Arch, HeadConfig, Kernels, Ops, Precision, ResNet, ResNetConfig};
 use rand::{Rng, SeedableRng};
 
 const TOLERANCE: f32 = 1e-4;
@@ -485,6 +485,18 @@ fn model(
     arch: Arch,
     width: usize,
     kernels: Kernels,
+    on: (&Device, DType),
+    ps: f32,
+) -> (ResNet, VarMap) {
+    model_in(arch, width, kernels, Precision::F32, on, ps)
+}
+
+/// [`model`] with its body computing in `precision`.
+fn model_in(
+    arch: Arch,
+    width: usize,
+    kernels: Kernels,
+    precision: Precision,
     (device, dtype): (&Device, DType),
     ps: f32,
 ) -> (ResNet, VarMap) {
@@ -492,6 +504,7 @@ fn model(
     let vb = VarBuilder::from_varmap(&varmap, dtype, device);
     let config = ResNetConfig {
         kernels,
+        precision,
         base_width: width,
         head: HeadConfig {
             hidden: vec![32],
@@ -670,4 +683,179 @@ pub fn generic_path_stays_in_f32(device: &Device) {
     for t in [&y, &mean, &var] {
         assert_eq!(t.dtype(), DType::F32);
     }
+}
+
+/// One training step of a whole network whose body computes in a half
+/// `precision` on `device`, against the same network in f64 on the CPU,
+/// with the body trainable and frozen: logits, running statistics, eval
+/// logits and `forward_infer` within `values` and every trainable
+/// parameter's gradient (in `f32`, the master weights' dtype) within
+/// `grads`, as norm-wise relative errors. Returns the largest errors seen,
+/// `[values, grads]`; `MULTILABEL_TEST_SHOW_ERRORS=1` prints each.
+///
+/// Gradients are much further off than values: they are evaluated at the
+/// half-precision forward pass, whose small differences (ReLU masks flipping
+/// near zero, batch statistics over few values) train-mode BatchNorm's
+/// backward amplifies at random initialisation; scaling the loss by 16 to
+/// 256 left the f16 errors unchanged, so it is not underflow.
+pub fn whole_network_step_half(
+    device: &Device,
+    kernels: Kernels,
+    precision: Precision,
+    arch: Arch,
+    (width, batch, size): (usize, usize, usize),
+    (value_tolerance, grad_tolerance): (f64, f64),
+) -> [f64; 2] {
+    let show = std::env::var_os("MULTILABEL_TEST_SHOW_ERRORS").is_some();
+    let ps = if device.is_cpu() { 0.5 } else { 0.0 };
+    let (mut half, _) = model_in(arch, width, kernels, precision, (device, DType::F32), ps);
+    let (mut truth, _) = model(
+        arch,
+        width,
+        Kernels::Generic,
+        (&Device::Cpu, DType::F64),
+        ps,
+    );
+    let x = values(&[batch, 3, size, size], 50);
+    let xd = to(device, &x);
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    let mut worst = [0f64; 2];
+    let mut check = |what: &str, ours: &Tensor, t: &Tensor| {
+        let error = error_against(ours, t);
+        if show {
+            eprintln!("{what}: {error:e}");
+        }
+        let (kind, tolerance) = if what.contains(": d") {
+            (1, grad_tolerance)
+        } else {
+            (0, value_tolerance)
+        };
+        worst[kind] = worst[kind].max(error);
+        assert!(
+            error <= tolerance,
+            "{what}: {precision} is off by {error:e} from f64"
+        );
+    };
+    for frozen in [false, true] {
+        if frozen {
+            half.freeze();
+            truth.freeze();
+        }
+        for model in [&half, &truth] {
+            model.set_dropout_seed(3);
+        }
+        let what = format!("{arch} {precision} frozen {frozen}");
+        let y_h = half.forward_t(&xd, true).unwrap();
+        assert_eq!(y_h.dtype(), DType::F32, "{what}: logits dtype");
+        let y_t = truth.forward_t(&x64, true).unwrap();
+        check(&format!("{what}: logits"), &y_h, &y_t);
+        let g_h = weighted_sum(&y_h, 51).backward().unwrap();
+        let g_t = weighted_sum(&y_t, 51).backward().unwrap();
+        let params_h = half.trainable_params();
+        let params_t = truth.trainable_params();
+        assert_eq!(params_h.len(), params_t.len());
+        for (p_h, p_t) in params_h.iter().zip(&params_t) {
+            let grad_h = g_h
+                .get(&p_h.var)
+                .unwrap_or_else(|| panic!("{what}: no d{}", p_h.name));
+            assert_eq!(grad_h.dtype(), DType::F32, "{what}: d{} dtype", p_h.name);
+            check(
+                &format!("{what}: d{}", p_h.name),
+                grad_h,
+                g_t.get(&p_t.var).unwrap(),
+            );
+        }
+        for (b_h, b_t) in half.buffers().into_iter().zip(truth.buffers()) {
+            check(
+                &format!("{what}: {}", b_h.name),
+                b_h.var.as_tensor(),
+                b_t.var.as_tensor(),
+            );
+        }
+        let e_t = truth.forward_t(&x64, false).unwrap();
+        check(
+            &format!("{what}: eval logits"),
+            &half.forward_t(&xd, false).unwrap(),
+            &e_t,
+        );
+        check(
+            &format!("{what}: forward_infer"),
+            &half.forward_infer(&xd).unwrap(),
+            &e_t,
+        );
+    }
+    worst
+}
+
+/// Train-mode BatchNorm (with and without ReLU) and the stem max-pool on
+/// activations of the half `dtype` on `device` through `device_ops`, with
+/// `f32` weight and bias (the mixed-precision body's ops), against the CPU
+/// kernels in `f32` on the same values (rounded to `dtype` first): outputs
+/// and gradients within `tolerance`, statistics and the weight and bias
+/// gradients in `f32`; the pool's forward equal to the bit.
+pub fn half_activation_ops(device: &Device, device_ops: Ops, dtype: DType, tolerance: f32) {
+    let rounded = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+    let in_dtype = |v: &Var| {
+        Var::from_tensor(
+            &v.as_tensor()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(device)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    for relu in [false, true] {
+        let shape = [4, 6, 5, 7];
+        let what = format!("{dtype:?} batch-norm relu {relu}");
+        let offset = values(&[6], 12).reshape((1, 6, 1, 1)).unwrap();
+        let x = rounded(values(&shape, 10).broadcast_add(&offset).unwrap());
+        let x = Var::from_tensor(&x).unwrap();
+        let (w, b) = (var(&[6], 13), var(&[6], 14));
+        let (xd, wd, bd) = (in_dtype(&x), on(device, &w), on(device, &b));
+        let (y_d, mean_d, var_d) = device_ops
+            .batch_norm_train(xd.as_tensor(), wd.as_tensor(), bd.as_tensor(), 1e-5, relu)
+            .unwrap();
+        assert_eq!(y_d.dtype(), dtype, "{what}: output dtype");
+        assert_eq!(mean_d.dtype(), DType::F32, "{what}: statistics dtype");
+        let (y_c, mean_c, var_c) = cpu_ops()
+            .batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5, relu)
+            .unwrap();
+        assert_within(&format!("{what}: forward"), &y_d, &y_c, tolerance);
+        // The statistics come from the same (rounded) values in f32.
+        assert_close(&format!("{what}: mean"), &mean_d, &mean_c);
+        assert_close(&format!("{what}: var"), &var_d, &var_c);
+        let grads = weighted_sum(&y_d, 15).backward().unwrap();
+        assert_eq!(grads.get(&xd).unwrap().dtype(), dtype, "{what}: dx dtype");
+        assert_eq!(
+            grads.get(&wd).unwrap().dtype(),
+            DType::F32,
+            "{what}: dw dtype"
+        );
+        assert_grads_within(
+            &what,
+            &weighted_sum(&y_d, 15),
+            &weighted_sum(&y_c, 15),
+            &[("x", &xd, &x), ("w", &wd, &w), ("b", &bd, &b)],
+            tolerance,
+        );
+    }
+    let x = Var::from_tensor(&rounded(values(&[2, 3, 9, 11], 1))).unwrap();
+    let xd = in_dtype(&x);
+    let pooled = device_ops.max_pool_3x3_s2(xd.as_tensor()).unwrap();
+    assert_eq!(pooled.dtype(), dtype);
+    let reference = cpu_ops().max_pool_3x3_s2(x.as_tensor()).unwrap();
+    assert_within(
+        &format!("{dtype:?} max-pool: forward"),
+        &pooled,
+        &reference,
+        0.0,
+    );
+    assert_grads_within(
+        &format!("{dtype:?} max-pool"),
+        &weighted_sum(&pooled, 9),
+        &weighted_sum(&reference, 9),
+        &[("x", &xd, &x)],
+        tolerance,
+    );
 }
