@@ -1,5 +1,10 @@
 //! Batches of augmented images as candle tensors, decoded in parallel behind
 //! a bounded prefetch queue.
+//!
+//! The producer thread also moves each batch to the device (as `u8`
+//! pixels, normalized there): on a GPU the upload of batch k+1 (which for
+//! pageable host memory can wait for the device to finish what is queued)
+//! then overlaps step k instead of stalling the training thread.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -192,6 +197,7 @@ impl Loader {
             augment: self.cfg.augment,
             seed: self.cfg.seed,
             epoch,
+            device: self.device.clone(),
         };
         let pool = self.pool.clone();
         let handle = match &self.invalid {
@@ -208,11 +214,6 @@ impl Loader {
         EpochIter {
             rx: Some(rx),
             handle,
-            device: self.device.clone(),
-            size: self.transform.size,
-            mean: self.transform.mean,
-            std: self.transform.std,
-            n_classes: self.n_classes,
             remaining: if self.invalid.is_some() { 1 } else { remaining },
         }
     }
@@ -220,13 +221,8 @@ impl Loader {
 
 /// The batches of one epoch; see [`Loader::epoch`].
 pub struct EpochIter {
-    rx: Option<Receiver<Result<RawBatch, DataError>>>,
+    rx: Option<Receiver<Result<Batch, DataError>>>,
     handle: Option<JoinHandle<()>>,
-    device: Device,
-    size: usize,
-    mean: [f32; 3],
-    std: [f32; 3],
-    n_classes: usize,
     remaining: usize,
 }
 
@@ -239,31 +235,18 @@ impl Iterator for EpochIter {
         }
         let received = self.rx.as_ref()?.recv();
         self.remaining -= 1;
-        let raw = match received {
-            Ok(Ok(raw)) => raw,
+        match received {
+            Ok(Ok(batch)) => Some(Ok(batch)),
             Ok(Err(err)) => {
                 // Nothing useful follows an error: end the epoch after it.
                 self.remaining = 0;
-                return Some(Err(err));
+                Some(Err(err))
             }
             Err(_) => {
                 self.remaining = 0;
-                return Some(Err(DataError::LoaderStopped));
+                Some(Err(DataError::LoaderStopped))
             }
-        };
-        let n = raw.indices.len();
-        let images = Tensor::from_vec(raw.images, (n, 3, self.size, self.size), &self.device)
-            .and_then(|pixels| normalize_on_device(&pixels, &self.mean, &self.std))
-            .map_err(|e| DataError::tensor("moving a batch of images to the device", e));
-        let targets = Tensor::from_vec(raw.targets, (n, self.n_classes), &self.device)
-            .map_err(|e| DataError::tensor("moving a batch of targets to the device", e));
-        Some(images.and_then(|images| {
-            Ok(Batch {
-                images,
-                targets: targets?,
-                indices: raw.indices,
-            })
-        }))
+        }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -336,24 +319,44 @@ struct Job {
     augment: Augment,
     seed: u64,
     epoch: usize,
+    device: Device,
 }
 
 fn produce(
     job: Job,
     plan: Vec<Vec<usize>>,
     pool: Option<Arc<rayon::ThreadPool>>,
-    tx: Sender<Result<RawBatch, DataError>>,
+    tx: Sender<Result<Batch, DataError>>,
 ) {
     for indices in plan {
-        let batch = match &pool {
+        let raw = match &pool {
             Some(pool) => pool.install(|| make_batch(&job, indices)),
             None => make_batch(&job, indices),
         };
+        let batch = raw.and_then(|raw| to_device(&job, raw));
         let failed = batch.is_err();
         if tx.send(batch).is_err() || failed {
             return;
         }
     }
+}
+
+/// A decoded batch on the job's device: the pixels uploaded as `u8` and
+/// normalized there, the targets as `f32`.
+fn to_device(job: &Job, raw: RawBatch) -> Result<Batch, DataError> {
+    let n = raw.indices.len();
+    let size = job.transform.size;
+    let (mean, std) = (&job.transform.mean, &job.transform.std);
+    let images = Tensor::from_vec(raw.images, (n, 3, size, size), &job.device)
+        .and_then(|pixels| normalize_on_device(&pixels, mean, std))
+        .map_err(|e| DataError::tensor("moving a batch of images to the device", e))?;
+    let targets = Tensor::from_vec(raw.targets, (n, job.n_classes), &job.device)
+        .map_err(|e| DataError::tensor("moving a batch of targets to the device", e))?;
+    Ok(Batch {
+        images,
+        targets,
+        indices: raw.indices,
+    })
 }
 
 fn make_batch(job: &Job, indices: Vec<usize>) -> Result<RawBatch, DataError> {

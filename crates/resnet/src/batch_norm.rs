@@ -106,12 +106,9 @@ impl BatchNorm {
             return Ok(y);
         }
         let (scale, shift) = self.eval_affine()?;
-        ops.scale_shift(
-            x,
-            &scale.to_dtype(x.dtype())?,
-            &shift.to_dtype(x.dtype())?,
-            relu,
-        )
+        // `ops` brings them to `x`'s dtype (or computes in f32 for half
+        // activations).
+        ops.scale_shift(x, &scale, &shift, relu)
     }
 
     /// PyTorch's BatchNorm: batch statistics (and a running-statistics

@@ -127,13 +127,12 @@ impl Conv {
         relu: bool,
     ) -> Result<Tensor> {
         let (scale, shift) = bn.eval_affine()?;
-        let dtype = x.dtype();
         ops.conv2d_affine(
             x,
             self.weight.as_tensor(),
             self.geometry(),
-            &scale.to_dtype(dtype)?,
-            &shift.to_dtype(dtype)?,
+            &scale,
+            &shift,
             residual,
             relu,
         )

@@ -18,6 +18,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{cpu, generic};
 
+/// Whether `x` holds half-precision activations and `param` is `f32`: the
+/// mixed-precision body, whose per-channel arithmetic runs in `f32`.
+fn is_half_over_f32(x: &Tensor, param: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16) && param.dtype() == DType::F32
+}
+
 /// Which implementation runs the model's ops.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -123,7 +129,7 @@ impl Ops {
         if self.kernels == Kernels::Auto && crate::cuda::supported(&[x], &[weight, bias]) {
             return crate::cuda::batch_norm_train(x, weight, bias, eps, relu);
         }
-        if matches!(x.dtype(), DType::BF16 | DType::F16) && weight.dtype() == DType::F32 {
+        if is_half_over_f32(x, weight) {
             // Half activations, f32 parameters: the statistics in f32 (the
             // activations widened for them), the output in the activations'
             // dtype; the casts carry the gradients. (An f64 network keeps
@@ -242,10 +248,16 @@ impl Ops {
         relu: bool,
     ) -> Result<Tensor> {
         if self.cpu(&[x, scale, shift]) {
-            cpu::scale_shift(x, scale, shift, relu)
-        } else {
-            generic::scale_shift(x, scale, shift, relu)
+            return cpu::scale_shift(x, scale, shift, relu);
         }
+        if is_half_over_f32(x, scale) {
+            // Half activations, f32 affine (eval BatchNorm in a bf16 body):
+            // computed in f32 and rounded once, as in train mode.
+            let y = generic::scale_shift(&x.to_dtype(scale.dtype())?, scale, shift, relu)?;
+            return y.to_dtype(x.dtype());
+        }
+        let dtype = x.dtype();
+        generic::scale_shift(x, &scale.to_dtype(dtype)?, &shift.to_dtype(dtype)?, relu)
     }
 
     /// `relu(a + b)`: a residual connection.
@@ -288,7 +300,18 @@ impl Ops {
             // The device's convolution (cuDNN where it applies) on
             // detached operands, so no graph is built.
             let y = self.conv2d(&x.detach(), &kernel.detach(), padding, stride)?;
-            generic::affine_after_conv(&y, scale, shift, residual, relu)
+            if is_half_over_f32(&y, scale) {
+                // As in `scale_shift`: the affine, residual and ReLU in
+                // f32, rounded once.
+                let wide = |t: &Tensor| t.to_dtype(scale.dtype());
+                let residual = residual.map(wide).transpose()?;
+                let out =
+                    generic::affine_after_conv(&wide(&y)?, scale, shift, residual.as_ref(), relu)?;
+                return out.to_dtype(y.dtype());
+            }
+            let dtype = y.dtype();
+            let (scale, shift) = (scale.to_dtype(dtype)?, shift.to_dtype(dtype)?);
+            generic::affine_after_conv(&y, &scale, &shift, residual, relu)
         }
     }
 

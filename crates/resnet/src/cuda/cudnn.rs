@@ -3,9 +3,14 @@
 //! the generic path's candle convolutions over dilated, padded and
 //! transposed copies.
 //!
-//! - **Algorithms** are benchmarked once per shape, pass, dtype and math mode
-//!   (cuDNN's `Find`, as PyTorch's `cudnn.benchmark = True`), falling back to
-//!   cuDNN's heuristic if benchmarking fails, and cached for the process.
+//! - **Algorithms** are benchmarked once per shape, pass, dtype, math mode
+//!   and operand alignment (cuDNN's `Find`, as PyTorch's
+//!   `cudnn.benchmark = True`), falling back to cuDNN's heuristic if
+//!   benchmarking finds nothing, and cached for the process, fastest first:
+//!   one whose workspace cannot be allocated or that cuDNN refuses is
+//!   dropped and the next one runs. As with PyTorch's benchmark mode, the
+//!   fastest algorithm may sum in a run-dependent order (atomics), so GPU
+//!   gradients are not reproducible to the bit.
 //! - **One workspace** per device and thread, grown to the largest any call
 //!   needed and reused: every call runs on candle's one stream, in order.
 //! - **Only what is needed**: the graph node holds the input and the kernel
@@ -183,6 +188,8 @@ struct Key {
     geometry: Geometry,
     dtype: DType,
     math: F32Math,
+    /// The smaller alignment of the two operands, in bytes (≤ 16).
+    align: u8,
 }
 
 /// A chosen algorithm: which one, the math it runs in, its workspace bytes.
@@ -206,9 +213,9 @@ impl Drop for Handle {
 /// Per device and thread: the handle, the algorithm caches, the workspace.
 struct State {
     handle: Handle,
-    forward: HashMap<Key, Choice<sys::cudnnConvolutionFwdAlgo_t>>,
-    input_grad: HashMap<Key, Choice<sys::cudnnConvolutionBwdDataAlgo_t>>,
-    kernel_grad: HashMap<Key, Choice<sys::cudnnConvolutionBwdFilterAlgo_t>>,
+    forward: HashMap<Key, Vec<Choice<sys::cudnnConvolutionFwdAlgo_t>>>,
+    input_grad: HashMap<Key, Vec<Choice<sys::cudnnConvolutionBwdDataAlgo_t>>>,
+    kernel_grad: HashMap<Key, Vec<Choice<sys::cudnnConvolutionBwdFilterAlgo_t>>>,
     workspace: Option<CudaSlice<u8>>,
 }
 
@@ -230,25 +237,29 @@ impl State {
             workspace: None,
         })
     }
+}
 
-    /// The shared workspace, at least `bytes` long: a device pointer (null
-    /// when nothing is needed) and its length.
-    fn workspace(&mut self, dev: &CudaDevice, bytes: usize) -> Result<(u64, usize)> {
-        if bytes == 0 {
-            return Ok((0, 0));
-        }
-        if self.workspace.as_ref().is_none_or(|w| w.len() < bytes) {
-            // The old one is freed in stream order, after the calls that used it.
-            self.workspace = None;
-            // SAFETY: a workspace is scratch memory cuDNN writes before it reads.
-            self.workspace = Some(unsafe { dev.alloc::<u8>(bytes)? });
-        }
-        let workspace = self.workspace.as_mut().expect("allocated above");
-        let len = workspace.len();
-        let stream = dev.cuda_stream();
-        let (ptr, _sync) = workspace.device_ptr_mut(&stream);
-        Ok((ptr, len))
+/// The shared workspace, at least `bytes` long: a device pointer (null
+/// when nothing is needed) and its length.
+fn grow(
+    workspace: &mut Option<CudaSlice<u8>>,
+    dev: &CudaDevice,
+    bytes: usize,
+) -> Result<(u64, usize)> {
+    if bytes == 0 {
+        return Ok((0, 0));
     }
+    if workspace.as_ref().is_none_or(|w| w.len() < bytes) {
+        // The old one is freed in stream order, after the calls that used it.
+        *workspace = None;
+        // SAFETY: a workspace is scratch memory cuDNN writes before it reads.
+        *workspace = Some(unsafe { dev.alloc::<u8>(bytes)? });
+    }
+    let workspace = workspace.as_mut().expect("allocated above");
+    let len = workspace.len();
+    let stream = dev.cuda_stream();
+    let (ptr, _sync) = workspace.device_ptr_mut(&stream);
+    Ok((ptr, len))
 }
 
 thread_local! {
@@ -393,21 +404,22 @@ perf!(
     sys::cudnnConvolutionBwdFilterAlgo_t
 );
 
-/// The first (fastest) result that succeeded and keeps to `exact`: exact
-/// `f32` never takes a tensor-op algorithm.
-fn first_usable<P: Perf>(results: &[P], exact: bool) -> Option<(P::Algo, sys::cudnnMathType_t)> {
+/// The results that succeeded, fastest first, each with the math type to
+/// run it in: exact `f32` takes no tensor-op algorithm and runs in FMA math;
+/// no algorithm that converts to FP16 internally (its small range can
+/// overflow) is taken at all.
+fn usable<P: Perf>(results: &[P], exact: bool) -> Vec<(P::Algo, sys::cudnnMathType_t)> {
     use sys::cudnnMathType_t::*;
     results
         .iter()
         .map(Perf::parts)
-        .find_map(|(algo, status, math)| {
-            let tensor_ops = matches!(
-                math,
-                CUDNN_TENSOR_OP_MATH | CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
-            );
-            (status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && !(exact && tensor_ops))
-                .then_some((algo, if exact { CUDNN_FMA_MATH } else { math }))
+        .filter(|&(_, status, math)| {
+            status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                && math != CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+                && !(exact && math == CUDNN_TENSOR_OP_MATH)
         })
+        .map(|(algo, _, math)| (algo, if exact { CUDNN_FMA_MATH } else { math }))
+        .collect()
 }
 
 type CudnnResult<T> = std::result::Result<T, dnn::CudnnError>;
@@ -415,46 +427,103 @@ type CudnnResult<T> = std::result::Result<T, dnn::CudnnError>;
 /// A query that fills cuDNN's per-algorithm results and their count.
 type Query<'a, P, const N: usize> = dyn Fn(&mut [P; N], &mut i32) -> CudnnResult<()> + 'a;
 
-/// The cached choice for `key`, or a new one: benchmarked by `find`, else
-/// from cuDNN's heuristic `guess`; `workspace` sizes it once the math type
-/// is set on `conv`.
-fn choose<P: Perf, const N: usize>(
-    cache: &mut HashMap<Key, Choice<P::Algo>>,
+/// The cached candidates for `key`, or new ones: the usable results of
+/// cuDNN's benchmark `find`, else of its heuristic `guess`, fastest first,
+/// each sized by `workspace` once its math type is set on `conv`.
+fn candidates<'c, P: Perf, const N: usize>(
+    cache: &'c mut HashMap<Key, Vec<Choice<P::Algo>>>,
     key: Key,
     conv: &ConvDesc,
     find: impl Fn(&mut [P; N], &mut i32) -> CudnnResult<()>,
     guess: impl Fn(&mut [P; N], &mut i32) -> CudnnResult<()>,
     workspace: impl Fn(P::Algo) -> CudnnResult<usize>,
-) -> Result<Choice<P::Algo>> {
-    if let Some(choice) = cache.get(&key) {
-        return Ok(*choice);
-    }
+) -> Result<&'c mut Vec<Choice<P::Algo>>> {
+    let slot = match cache.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => return Ok(e.into_mut()),
+        std::collections::hash_map::Entry::Vacant(e) => e,
+    };
     let exact = key.dtype == DType::F32 && key.math == F32Math::Exact;
     let ask = |f: &Query<'_, P, N>| {
         // SAFETY: cuDNN's result structs are plain C data; all-zero is
-        // valid (algorithm 0, success, default math) and cuDNN overwrites
-        // the first `count`.
+        // valid (algorithm 0, success, default math) and cuDNN
+        // overwrites the first `count`.
         let mut results: [P; N] = unsafe { std::mem::zeroed() };
         let mut count = 0i32;
-        f(&mut results, &mut count).ok()?;
+        if f(&mut results, &mut count).is_err() {
+            return Vec::new();
+        }
         let count = (count.max(0) as usize).min(N);
-        first_usable(&results[..count], exact)
+        usable(&results[..count], exact)
     };
-    let (algo, math) = ask(&find).or_else(|| ask(&guess)).ok_or_else(|| {
-        candle_core::Error::Msg(format!(
+    let mut found = ask(&find);
+    if found.is_empty() {
+        found = ask(&guess);
+    }
+    let mut list = Vec::with_capacity(found.len());
+    for (algo, math) in found {
+        // SAFETY: a live descriptor.
+        unsafe { dnn::set_convolution_math_type(conv.0, math) }?;
+        if let Ok(bytes) = workspace(algo) {
+            list.push(Choice {
+                algo,
+                math,
+                workspace: bytes,
+            });
+        }
+    }
+    if list.is_empty() {
+        candle_core::bail!(
             "cuDNN has no {:?} algorithm for {:?} in {:?} ({:?})",
-            key.pass, key.geometry, key.dtype, key.math
-        ))
-    })?;
-    // SAFETY: a live descriptor.
-    unsafe { dnn::set_convolution_math_type(conv.0, math) }?;
-    let choice = Choice {
-        algo,
-        math,
-        workspace: workspace(algo)?,
-    };
-    cache.insert(key, choice);
-    Ok(choice)
+            key.pass,
+            key.geometry,
+            key.dtype,
+            key.math
+        )
+    }
+    Ok(slot.insert(list))
+}
+
+/// Runs `launch(algo, workspace, workspace bytes)` with the first candidate
+/// that works (as PyTorch does): one whose workspace cannot be allocated or
+/// that cuDNN refuses is dropped from the cache and the next one tried.
+fn launch_first<A: Copy>(
+    candidates: &mut Vec<Choice<A>>,
+    workspace: &mut Option<CudaSlice<u8>>,
+    dev: &CudaDevice,
+    conv: &ConvDesc,
+    mut launch: impl FnMut(A, u64, usize) -> Result<()>,
+) -> Result<()> {
+    let mut failure = None;
+    for (i, choice) in candidates.iter().enumerate() {
+        let attempt = (|| {
+            // SAFETY: a live descriptor.
+            unsafe { dnn::set_convolution_math_type(conv.0, choice.math) }?;
+            let (ws, ws_len) = grow(workspace, dev, choice.workspace)?;
+            launch(choice.algo, ws, ws_len)
+        })();
+        match attempt {
+            Ok(()) => {
+                candidates.drain(..i);
+                return Ok(());
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    candidates.clear();
+    Err(failure.unwrap_or_else(|| candle_core::Error::Msg("cuDNN: no algorithm left".into())))
+}
+
+/// The largest power of two (up to 16) that divides the byte offset of an
+/// operand starting `start` elements of `size` bytes into its buffer
+/// (buffers themselves are aligned far more): cuDNN's choice may depend on
+/// it, so it is part of the cache key.
+fn alignment(layout: &Layout, size: usize) -> u8 {
+    let bytes = layout.start_offset() * size;
+    if bytes == 0 {
+        16
+    } else {
+        (1usize << bytes.trailing_zeros()).min(16) as u8
+    }
 }
 
 /// The device pointer of a contiguous operand of dtype `T`, at its offset.
@@ -573,12 +642,19 @@ impl CustomOp2 for Conv {
             geometry: g,
             dtype,
             math: self.math,
+            align: alignment(xl, dtype.size_in_bytes()).min(alignment(kl, dtype.size_in_bytes())),
         };
         let d = Descriptors::new(&g, dtype, self.math)?;
         let y = with_state(&dev, |state| {
-            let h = state.handle.0;
-            let choice = choose(
-                &mut state.forward,
+            let State {
+                handle,
+                forward,
+                workspace,
+                ..
+            } = state;
+            let h = handle.0;
+            let list = candidates(
+                forward,
                 key,
                 &d.conv,
                 // SAFETY (all three): live handle and descriptors, and
@@ -614,34 +690,33 @@ impl CustomOp2 for Conv {
                     )
                 },
             )?;
-            // SAFETY: a live descriptor.
-            unsafe { dnn::set_convolution_math_type(d.conv.0, choice.math) }?;
-            let (ws, ws_len) = state.workspace(&dev, choice.workspace)?;
             with_output(
                 (xs, xl, g.x_len(), "the input"),
                 (ks, kl, g.k_len(), "the kernel"),
                 g.y_len(),
                 |x, k, y| {
-                    // SAFETY: pointers to contiguous buffers of the sizes
-                    // the descriptors give, on the handle's stream.
-                    unsafe {
-                        dnn::convolution_forward(
-                            h,
-                            scaling(&ALPHA),
-                            d.x.0,
-                            x as *const c_void,
-                            d.w.0,
-                            k as *const c_void,
-                            d.conv.0,
-                            choice.algo,
-                            ws as *mut c_void,
-                            ws_len,
-                            scaling(&BETA),
-                            d.y.0,
-                            y as *mut c_void,
-                        )
-                    }?;
-                    Ok(())
+                    launch_first(list, workspace, &dev, &d.conv, |algo, ws, ws_len| {
+                        // SAFETY: pointers to contiguous buffers of the sizes
+                        // the descriptors give, on the handle's stream.
+                        unsafe {
+                            dnn::convolution_forward(
+                                h,
+                                scaling(&ALPHA),
+                                d.x.0,
+                                x as *const c_void,
+                                d.w.0,
+                                k as *const c_void,
+                                d.conv.0,
+                                algo,
+                                ws as *mut c_void,
+                                ws_len,
+                                scaling(&BETA),
+                                d.y.0,
+                                y as *mut c_void,
+                            )
+                        }?;
+                        Ok(())
+                    })
                 },
             )
         })?;
@@ -733,12 +808,19 @@ impl CustomOp2 for InputGrad {
             geometry: g,
             dtype,
             math: self.math,
+            align: alignment(gl, dtype.size_in_bytes()).min(alignment(kl, dtype.size_in_bytes())),
         };
         let d = Descriptors::new(&g, dtype, self.math)?;
         let dx = with_state(&dev, |state| {
-            let h = state.handle.0;
-            let choice = choose(
-                &mut state.input_grad,
+            let State {
+                handle,
+                input_grad,
+                workspace,
+                ..
+            } = state;
+            let h = handle.0;
+            let list = candidates(
+                input_grad,
                 key,
                 &d.conv,
                 // SAFETY (all three): live handle and descriptors, and
@@ -774,33 +856,32 @@ impl CustomOp2 for InputGrad {
                     )
                 },
             )?;
-            // SAFETY: a live descriptor.
-            unsafe { dnn::set_convolution_math_type(d.conv.0, choice.math) }?;
-            let (ws, ws_len) = state.workspace(&dev, choice.workspace)?;
             with_output(
                 (gs, gl, g.y_len(), "the output gradient"),
                 (ks, kl, g.k_len(), "the kernel"),
                 g.x_len(),
                 |dy, k, dx| {
-                    // SAFETY: as in the forward pass.
-                    unsafe {
-                        dnn::convolution_backward_data(
-                            h,
-                            scaling(&ALPHA),
-                            d.w.0,
-                            k as *const c_void,
-                            d.y.0,
-                            dy as *const c_void,
-                            d.conv.0,
-                            choice.algo,
-                            ws as *mut c_void,
-                            ws_len,
-                            scaling(&BETA),
-                            d.x.0,
-                            dx as *mut c_void,
-                        )
-                    }?;
-                    Ok(())
+                    launch_first(list, workspace, &dev, &d.conv, |algo, ws, ws_len| {
+                        // SAFETY: as in the forward pass.
+                        unsafe {
+                            dnn::convolution_backward_data(
+                                h,
+                                scaling(&ALPHA),
+                                d.w.0,
+                                k as *const c_void,
+                                d.y.0,
+                                dy as *const c_void,
+                                d.conv.0,
+                                algo,
+                                ws as *mut c_void,
+                                ws_len,
+                                scaling(&BETA),
+                                d.x.0,
+                                dx as *mut c_void,
+                            )
+                        }?;
+                        Ok(())
+                    })
                 },
             )
         })?;
@@ -847,12 +928,19 @@ impl CustomOp2 for KernelGrad {
             geometry: g,
             dtype,
             math: self.math,
+            align: alignment(xl, dtype.size_in_bytes()).min(alignment(gl, dtype.size_in_bytes())),
         };
         let d = Descriptors::new(&g, dtype, self.math)?;
         let dk = with_state(&dev, |state| {
-            let h = state.handle.0;
-            let choice = choose(
-                &mut state.kernel_grad,
+            let State {
+                handle,
+                kernel_grad,
+                workspace,
+                ..
+            } = state;
+            let h = handle.0;
+            let list = candidates(
+                kernel_grad,
                 key,
                 &d.conv,
                 // SAFETY (all three): live handle and descriptors, and
@@ -888,33 +976,32 @@ impl CustomOp2 for KernelGrad {
                     )
                 },
             )?;
-            // SAFETY: a live descriptor.
-            unsafe { dnn::set_convolution_math_type(d.conv.0, choice.math) }?;
-            let (ws, ws_len) = state.workspace(&dev, choice.workspace)?;
             with_output(
                 (xs, xl, g.x_len(), "the input"),
                 (gs, gl, g.y_len(), "the output gradient"),
                 g.k_len(),
                 |x, dy, dk| {
-                    // SAFETY: as in the forward pass.
-                    unsafe {
-                        dnn::convolution_backward_filter(
-                            h,
-                            scaling(&ALPHA),
-                            d.x.0,
-                            x as *const c_void,
-                            d.y.0,
-                            dy as *const c_void,
-                            d.conv.0,
-                            choice.algo,
-                            ws as *mut c_void,
-                            ws_len,
-                            scaling(&BETA),
-                            d.w.0,
-                            dk as *mut c_void,
-                        )
-                    }?;
-                    Ok(())
+                    launch_first(list, workspace, &dev, &d.conv, |algo, ws, ws_len| {
+                        // SAFETY: as in the forward pass.
+                        unsafe {
+                            dnn::convolution_backward_filter(
+                                h,
+                                scaling(&ALPHA),
+                                d.x.0,
+                                x as *const c_void,
+                                d.y.0,
+                                dy as *const c_void,
+                                d.conv.0,
+                                algo,
+                                ws as *mut c_void,
+                                ws_len,
+                                scaling(&BETA),
+                                d.w.0,
+                                dk as *mut c_void,
+                            )
+                        }?;
+                        Ok(())
+                    })
                 },
             )
         })?;

@@ -5,10 +5,13 @@
 //! feature, [`cudnn`] runs the convolutions.
 //!
 //! The kernels (`kernels.cu`) are CUDA C compiled once per process by NVRTC
-//! at first use, so the build needs no extra nvcc step and the PTX always
-//! matches the driver it runs on. They take contiguous `f32` tensors on a
-//! CUDA device; [`crate::Ops`] sends them nothing else. `tests/device.rs`
-//! checks each against the CPU kernels (on a GPU only).
+//! at first use, so the build needs no extra nvcc step. The PTX is that of
+//! the NVRTC library found at run time, so that library must not be newer
+//! than the driver (a CUDA 13.x NVRTC needs a 13.x-or-later driver), as for
+//! every CUDA program. They take contiguous `f32` or `bf16` activations
+//! with `f32` parameters and statistics on a CUDA device; [`crate::Ops`]
+//! sends them nothing else. `tests/device.rs` checks each against the CPU
+//! kernels (on a GPU only).
 
 use std::sync::OnceLock;
 
