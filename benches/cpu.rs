@@ -20,7 +20,9 @@
 //!   warm-up epoch (worker start-up, page cache) and then
 //!   [`DATA_EPOCHS`] timed epochs with its workers kept, counting the
 //!   images that reach a batch;
-//! - `peak_rss_mb`: the process's peak resident memory (VmHWM).
+//! - `peak_rss_mb`: the process's peak resident memory (VmHWM);
+//! - `peak_gpu_mb` (on CUDA): ours, the device memory pool's high-water mark;
+//!   PyTorch's, its allocator's `max_memory_allocated`.
 //!
 //! The reference side is `bench/pytorch_cpu.py` (training, eval, memory) and
 //! `bench/fastai_data.py` (data), run with `--python PATH`, or
@@ -70,13 +72,14 @@ use serde_json::{Value, json};
 
 const PHASES: [&str; 4] = ["train_frozen", "train_unfrozen", "eval", "data"];
 /// The table's rows: what the phases measure.
-const METRICS: [&str; 6] = [
+const METRICS: [&str; 7] = [
     "train_frozen",
     "train_unfrozen",
     "eval",
     "data_1_worker",
     "data_all_workers",
     "peak_rss_mb",
+    "peak_gpu_mb",
 ];
 /// Timed epochs of the data measurement, after one warm-up epoch.
 const DATA_EPOCHS: usize = 2;
@@ -459,6 +462,8 @@ fn time_data(root: &Path, o: &Options) -> Result<BTreeMap<String, f64>> {
 /// Our side: every phase in `o.only`.
 fn ours(o: &Options, data_root: Option<&Path>) -> Result<BTreeMap<String, f64>> {
     let device = bench_device(&o.device)?;
+    #[cfg(feature = "cuda")]
+    multilabel_resnet::cuda::reset_peak_memory(&device);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let mut config = ResNetConfig::new(o.arch, N_CLASSES);
@@ -486,6 +491,12 @@ fn ours(o: &Options, data_root: Option<&Path>) -> Result<BTreeMap<String, f64>> 
     if let Some(root) = data_root {
         out.extend(time_data(root, o)?);
     }
+    // The pool's high-water mark: every tensor and cuDNN workspace (PyTorch
+    // reports its allocator's, which counts the same things).
+    #[cfg(feature = "cuda")]
+    if let Some(bytes) = multilabel_resnet::cuda::peak_memory(&device) {
+        out.insert("peak_gpu_mb".into(), bytes as f64 / 1048576.0);
+    }
     if let Some(mb) = peak_rss_mb() {
         out.insert("peak_rss_mb".into(), mb);
     }
@@ -506,6 +517,9 @@ fn bench_device(spec: &str) -> Result<Device> {
             })?
         }
     };
+    // Freed memory stays in the pool for the next step, as in the CLI.
+    #[cfg(feature = "cuda")]
+    multilabel_resnet::cuda::keep_pool_memory(&device);
     Ok(device)
 }
 
@@ -628,10 +642,6 @@ fn pytorch(
     }
     if let Some(gpu) = value.get("gpu") {
         eprintln!("pytorch: {gpu}");
-    }
-    // Informational (no counterpart on our side): PyTorch's peak GPU memory.
-    if let Some(v) = value.get("peak_gpu_mb").and_then(Value::as_f64) {
-        out.insert("peak_gpu_mb".into(), v);
     }
     Ok(out)
 }
@@ -1168,12 +1178,9 @@ fn run_single(o: &Options, root: &Path, target: &Path, machine: &Value) -> Resul
         );
     }
     println!(
-        "(images/s except peak_rss_mb in MiB; reference: PyTorch, and fastai's DataLoaders for data_*; \
+        "(images/s except peak_*_mb in MiB; reference: PyTorch, and fastai's DataLoaders for data_*; \
          ratio = ours / reference, higher is better except for memory)"
     );
-    if let Some(mb) = theirs.as_ref().and_then(|t| t.get("peak_gpu_mb")) {
-        println!("(PyTorch's peak GPU memory, its allocator's own count: {mb:.0} MiB)");
-    }
     let json = json!({
         "machine": machine,
         "config": {

@@ -14,7 +14,15 @@ use multilabel_train::{ModelMeta, RunDir};
 pub const RUNS_DIR: &str = "runs";
 
 /// `--device`: `auto` (CUDA, then Metal, then CPU), `cpu`, `cuda`, `cuda:N`, `metal`.
+/// A CUDA device keeps freed memory in its pool for the next steps.
 pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
+    let device = open_device(spec)?;
+    #[cfg(feature = "cuda")]
+    multilabel_resnet::cuda::keep_pool_memory(&device);
+    Ok(device)
+}
+
+fn open_device(spec: &str) -> anyhow::Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     match spec.as_str() {
         "auto" => {

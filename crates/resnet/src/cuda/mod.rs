@@ -858,3 +858,86 @@ pub fn compute_capability(device: &candle_core::Device) -> Option<(i32, i32)> {
     };
     dev.cuda_stream().context().compute_capability().ok()
 }
+
+/// The default memory pool of a CUDA device: where candle's stream-ordered
+/// allocations (`cuMemAllocAsync`) come from.
+fn memory_pool(
+    device: &candle_core::Device,
+) -> Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(dev) = device else {
+        return None;
+    };
+    let stream = dev.cuda_stream();
+    let context = stream.context();
+    context.bind_to_thread().ok()?;
+    let mut pool = std::mem::MaybeUninit::uninit();
+    // SAFETY: a valid device of a live context; the driver writes the pool.
+    unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), context.cu_device()) }
+        .result()
+        .ok()?;
+    // SAFETY: written by the successful call above.
+    Some(unsafe { pool.assume_init() })
+}
+
+/// Keeps the memory that tensors free on a CUDA device in its pool for the
+/// next allocations, instead of returning it to the driver at every
+/// synchronization (the pool's default), as PyTorch's caching allocator
+/// does: a training step then allocates from memory it already holds.
+/// Whether it could (false off CUDA). Called by the CLI and the benches,
+/// never by the library itself.
+pub fn keep_pool_memory(device: &candle_core::Device) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Some(pool) = memory_pool(device) else {
+        return false;
+    };
+    let mut threshold = u64::MAX;
+    // SAFETY: a live pool and a u64 attribute value.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .is_ok()
+}
+
+/// The most memory in use on a CUDA device's pool (tensors, workspaces)
+/// since the last [`reset_peak_memory`], in bytes; `None` off CUDA.
+pub fn peak_memory(device: &candle_core::Device) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = memory_pool(device)?;
+    let mut bytes = 0u64;
+    // SAFETY: a live pool and a u64 attribute value.
+    unsafe {
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut bytes as *mut u64).cast(),
+        )
+    }
+    .result()
+    .ok()?;
+    Some(bytes)
+}
+
+/// Starts [`peak_memory`] again from what is in use now.
+pub fn reset_peak_memory(device: &candle_core::Device) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Some(pool) = memory_pool(device) else {
+        return false;
+    };
+    let mut zero = 0u64;
+    // SAFETY: a live pool; the driver allows only 0 for this attribute.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut zero as *mut u64).cast(),
+        )
+    }
+    .result()
+    .is_ok()
+}
