@@ -8,7 +8,9 @@
 # Here, as a dry run of every step on the CPU build (`just gpu-artifacts cpu`):
 #     OUT=/tmp/gpu-out bash bench/gpu/run.sh
 #
-# Steps, each timed and recorded even when an earlier one failed:
+# Steps, each timed (tests 150 s, each bench 100 s, each training 90 s at
+# most) and recorded even when an earlier one failed; $OUT/gpu.json is
+# rewritten after each, so a run cut short still reports:
 #   1. unpack the compressed binaries; on a CUDA set, point LD_LIBRARY_PATH at
 #      the CUDA 13 libraries that PyTorch's `nvidia-*` wheels ship, and
 #      record nvidia-smi's view of the GPU;
@@ -16,19 +18,19 @@
 #      gradients, and whole ResNet-18/50 training steps (with
 #      NVIDIA_TF32_OVERRIDE=0, so cuBLAS and cuDNN compute in true f32 and
 #      the 1e-4 tolerance holds); a CPU set runs the generic-path tests;
-#   3. ResNet-50 + fastai head at 128 px, batch 64, from random weights on a
+#   3. side by side with PyTorch on the same device (`bench-cpu --device`,
+#      bench/pytorch_cpu.py): training frozen and unfrozen and eval
+#      images/s and peak GPU memory on random tensors, the same model and
+#      batch, steady state after warm-up: on CUDA in bf16 (PyTorch:
+#      autocast + channels_last + fused AdamW), f32 and TF32 at batch 64 and
+#      in bf16 at batch 256, into $OUT/bench-<precision>-<batch>.json;
+#   4. ResNet-50 + fastai head at 128 px, batch 64, from random weights on a
 #      generated dataset: a frozen and an unfrozen phase through the CLI,
 #      images/s from the run's history.csv (the later epoch of each phase,
 #      so start-up is not counted), plus the first-run ("cold") times: in
 #      f32, and on CUDA also with --tf32 and in --precision bf16; then
 #      f32 with `--kernels generic` (on CUDA: without the fused BatchNorm,
-#      max-pool and cuDNN convolutions, so the runs show what they gain);
-#   4. side by side with PyTorch on the same device (`bench-cpu --device`,
-#      bench/pytorch_cpu.py): training frozen and unfrozen and eval
-#      images/s on random tensors, the same model and batch, steady state
-#      after warm-up: on CUDA in f32, TF32 and bf16 (PyTorch: autocast +
-#      channels_last + fused AdamW) at batch 64 and in bf16 at batch 256,
-#      into $OUT/bench-<precision>-<batch>.json.
+#      max-pool and cuDNN convolutions, so the runs show what they gain).
 #
 # Knobs (environment): GPU_CHECK_ARCH (resnet50), GPU_CHECK_SIZE (128),
 # GPU_CHECK_BS (64), GPU_CHECK_TRAIN (images per epoch, 1280),
@@ -72,6 +74,26 @@ for pair in rest:
     except ValueError:
         entry[key] = value
 print(json.dumps(entry))
+PY
+}
+
+# report: every step so far into $OUT/gpu.json.
+report() {
+    python3 - "$results" "$out/gpu.json" "$flavour" "$device" "$arch" "$size" "$bs" "$n_train" "$started" <<'PY'
+import json, platform, sys, time
+results, target, flavour, device, arch, size, bs, n_train, started = sys.argv[1:]
+steps = [json.loads(line) for line in open(results) if line.strip()]
+report = {
+    "flavour": flavour,
+    "device": device,
+    "host": platform.node(),
+    "config": {"arch": arch, "size": int(size), "batch": int(bs), "train_images": int(n_train)},
+    "wall_seconds": round(time.time() - int(started), 1),
+    "all_passed": all(s["status"] == "pass" for s in steps),
+    "steps": steps,
+}
+json.dump(report, open(target, "w"), indent=2)
+print(json.dumps(report, indent=2))
 PY
 }
 
@@ -130,7 +152,7 @@ for test in "$bin"/test-*; do
     t0=$(date +%s.%N)
     # The half-precision tests print their errors for calibration.
     # shellcheck disable=SC2086
-    NVIDIA_TF32_OVERRIDE=0 MULTILABEL_TEST_SHOW_ERRORS=1 timeout 240 "$test" --test-threads=1 $filter \
+    NVIDIA_TF32_OVERRIDE=0 MULTILABEL_TEST_SHOW_ERRORS=1 timeout 150 "$test" --test-threads=1 $filter \
         --nocapture >"$out/$name.txt" 2>&1
     status=$?
     t1=$(date +%s.%N)
@@ -139,9 +161,59 @@ for test in "$bin"/test-*; do
     say "$name: exit $status in ${seconds}s: $summary"
     grep -E '^test .* FAILED$|panicked at|^thread .* panicked' "$out/$name.txt" | head -20
     record "$name" "$([ $status = 0 ] && echo pass || echo fail)" "$seconds" "summary=$summary"
+    report >/dev/null
 done
 
-# 3. Training through the CLI.
+# 3. Side by side with PyTorch on the same device: on CUDA in f32, TF32
+# and bf16 at batch $bs, and bf16 at batch 256; one f32 run on a CPU set.
+bench() { # TAG PRECISION BATCH
+    local tag=$1 precision=$2 batch=$3
+    local t0 t1 status seconds
+    say "bench $tag: ours and PyTorch, $arch at $size px, batch $batch, $precision on $device ($warmup warm-up + $iters timed steps)"
+    rm -f "$work/target/bench/cpu.json"
+    t0=$(date +%s.%N)
+    CARGO_TARGET_DIR=$work/target timeout 100 "$bin/bench-cpu" --device "$device" \
+        --python "${GPU_CHECK_PYTHON:-python3}" --arch "$arch" --size "$size" --batch-size "$batch" \
+        --precision "$precision" --only train_frozen,train_unfrozen,eval --warmup "$warmup" \
+        --iters "$iters" >"$out/bench-$tag.txt" 2>&1
+    status=$?
+    t1=$(date +%s.%N)
+    seconds=$(python3 -c "print(round($t1 - $t0, 2))")
+    tail -14 "$out/bench-$tag.txt"
+    [ -f "$work/target/bench/cpu.json" ] && cp "$work/target/bench/cpu.json" "$out/bench-$tag.json"
+    python3 - "$work/target/bench/cpu.json" "$status" "$seconds" "$tag" "$precision" "$batch" >>"$results" <<'PY'
+import json, sys
+path, status, seconds, tag, precision, batch = sys.argv[1:]
+entry = {"step": f"bench-{tag}", "status": "pass" if status == "0" else "fail",
+         "seconds": float(seconds), "precision": precision, "batch": int(batch)}
+try:
+    report = json.load(open(path))
+except (OSError, ValueError):
+    report = {}
+for side in ("ours", "reference", "ratio"):
+    for key, value in (report.get(side) or {}).items():
+        entry[f"{side}_{key}"] = round(value, 3)
+print(json.dumps(entry))
+PY
+    say "bench $tag: exit $status in ${seconds}s"
+    report >/dev/null
+}
+if [ -x "$bin/bench-cpu" ]; then
+    if [ "$device" = cuda ]; then
+        iters=${GPU_CHECK_BENCH_ITERS:-20}
+        warmup=3
+        bench "bf16-$bs" bf16 "$bs"
+        bench "f32-$bs" f32 "$bs"
+        bench "tf32-$bs" tf32 "$bs"
+        bench bf16-256 bf16 256
+    else
+        iters=${GPU_CHECK_BENCH_ITERS:-2}
+        warmup=1
+        bench "f32-$bs" f32 "$bs"
+    fi
+fi
+
+# 4. Training through the CLI.
 say "generating $n_train + $n_valid images"
 data=$work/data
 "$multilabel" synth --out "$data" --n-train "$n_train" --n-valid "$n_valid" >/dev/null
@@ -151,7 +223,7 @@ train() { # NAME, extra flags...
     local run=$work/run-$name
     local t0 t1 status seconds
     t0=$(date +%s.%N)
-    "$multilabel" train --data "$data" --run "$run" --device "$device" --arch "$arch" \
+    timeout 90 "$multilabel" train --data "$data" --run "$run" --device "$device" --arch "$arch" \
         --weights none --offline --size "$size" --bs "$bs" --seed 1 "$@" >"$out/train-$name.txt" 2>&1
     status=$?
     t1=$(date +%s.%N)
@@ -179,6 +251,7 @@ for phase in ("frozen", "unfrozen"):
 print(json.dumps(entry))
 PY
     say "train $name: exit $status in ${seconds}s"
+    report >/dev/null
 }
 say "training $arch at $size px, batch $bs: 2 frozen + 2 unfrozen epochs"
 train fine_tune --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision f32
@@ -196,69 +269,7 @@ fi
 say "the same with the generic ops forced (--kernels generic)"
 train generic --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --kernels generic --precision f32
 
-# 4. Side by side with PyTorch on the same device: on CUDA in f32, TF32
-# and bf16 at batch $bs, and bf16 at batch 256; one f32 run on a CPU set.
-bench() { # TAG PRECISION BATCH
-    local tag=$1 precision=$2 batch=$3
-    local t0 t1 status seconds
-    say "bench $tag: ours and PyTorch, $arch at $size px, batch $batch, $precision on $device ($warmup warm-up + $iters timed steps)"
-    rm -f "$work/target/bench/cpu.json"
-    t0=$(date +%s.%N)
-    CARGO_TARGET_DIR=$work/target timeout 150 "$bin/bench-cpu" --device "$device" \
-        --python "${GPU_CHECK_PYTHON:-python3}" --arch "$arch" --size "$size" --batch-size "$batch" \
-        --precision "$precision" --only train_frozen,train_unfrozen,eval --warmup "$warmup" \
-        --iters "$iters" >"$out/bench-$tag.txt" 2>&1
-    status=$?
-    t1=$(date +%s.%N)
-    seconds=$(python3 -c "print(round($t1 - $t0, 2))")
-    tail -14 "$out/bench-$tag.txt"
-    [ -f "$work/target/bench/cpu.json" ] && cp "$work/target/bench/cpu.json" "$out/bench-$tag.json"
-    python3 - "$work/target/bench/cpu.json" "$status" "$seconds" "$tag" "$precision" "$batch" >>"$results" <<'PY'
-import json, sys
-path, status, seconds, tag, precision, batch = sys.argv[1:]
-entry = {"step": f"bench-{tag}", "status": "pass" if status == "0" else "fail",
-         "seconds": float(seconds), "precision": precision, "batch": int(batch)}
-try:
-    report = json.load(open(path))
-except (OSError, ValueError):
-    report = {}
-for side in ("ours", "reference", "ratio"):
-    for key, value in (report.get(side) or {}).items():
-        entry[f"{side}_{key}"] = round(value, 3)
-print(json.dumps(entry))
-PY
-    say "bench $tag: exit $status in ${seconds}s"
-}
-if [ -x "$bin/bench-cpu" ]; then
-    if [ "$device" = cuda ]; then
-        iters=${GPU_CHECK_BENCH_ITERS:-20}
-        warmup=3
-        bench "f32-$bs" f32 "$bs"
-        bench "tf32-$bs" tf32 "$bs"
-        bench "bf16-$bs" bf16 "$bs"
-        bench bf16-256 bf16 256
-    else
-        iters=${GPU_CHECK_BENCH_ITERS:-2}
-        warmup=1
-        bench "f32-$bs" f32 "$bs"
-    fi
-fi
-
-# 5. Everything into $OUT/gpu.json.
-python3 - "$results" "$out/gpu.json" "$flavour" "$device" "$arch" "$size" "$bs" "$n_train" "$started" <<'PY'
-import json, platform, sys, time
-results, target, flavour, device, arch, size, bs, n_train, started = sys.argv[1:]
-steps = [json.loads(line) for line in open(results) if line.strip()]
-report = {
-    "flavour": flavour,
-    "device": device,
-    "host": platform.node(),
-    "config": {"arch": arch, "size": int(size), "batch": int(bs), "train_images": int(n_train)},
-    "wall_seconds": round(time.time() - int(started), 1),
-    "all_passed": all(s["status"] == "pass" for s in steps),
-    "steps": steps,
-}
-json.dump(report, open(target, "w"), indent=2)
-print(json.dumps(report, indent=2))
-PY
+# 5. Everything into $OUT/gpu.json (also written after every step, so a
+# run cut short by the device's time limit still reports what it did).
+report
 rm -rf "$work"
