@@ -48,6 +48,30 @@ pub(crate) struct Hypers {
     pub(crate) step_size: f32,
 }
 
+/// One parameter's update for [`update_many`].
+pub(crate) struct Item<'a> {
+    pub(crate) param: &'a Tensor,
+    pub(crate) grad_avg: &'a Tensor,
+    pub(crate) sqr_avg: &'a Tensor,
+    pub(crate) grad: &'a Tensor,
+    pub(crate) h: Hypers,
+}
+
+/// [`update`] for every item, each [`supported`]: on the CPU one after the
+/// other (the same bits as [`update`]); on CUDA a few launches for them all
+/// (up to 32 parameters per launch, the three passes in one), as
+/// PyTorch's multi-tensor Adam.
+pub(crate) fn update_many(items: &[Item<'_>]) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if items.first().is_some_and(|i| i.param.device().is_cuda()) {
+        return cuda::update_many(items);
+    }
+    for i in items {
+        update(i.param, i.grad_avg, i.sqr_avg, i.grad, i.h)?;
+    }
+    Ok(())
+}
+
 /// `grad_avg`/`sqr_avg` and `param` updated in place from `grad`.
 pub(crate) fn update(
     param: &Tensor,
@@ -259,9 +283,12 @@ impl InplaceOp3 for Step {
 mod cuda {
     use std::sync::OnceLock;
 
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
     use candle_core::cuda_backend::cudarc::nvrtc;
-    use candle_core::{Layout, Result};
+    use candle_core::{Layout, Result, Tensor};
+
+    use super::{Hypers, Item};
 
     pub(super) const MODULE: &str = "multilabel_train_adam";
     const SOURCE: &str = include_str!("adam.cu");
@@ -283,6 +310,130 @@ mod cuda {
         layout.contiguous_offsets().ok_or_else(|| {
             candle_core::Error::Msg("fused Adam: expected a contiguous tensor".into())
         })
+    }
+
+    /// Parameters per `adam_multi` launch; `adam.cu`'s `MULTI`.
+    const MULTI: usize = 32;
+    /// Values per block of `adam_multi`.
+    const CHUNK: usize = 16 * BLOCK as usize;
+
+    /// `adam.cu`'s `AdamTable`, passed to the kernel by value.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct AdamTable {
+        p: [u64; MULTI],
+        g: [u64; MULTI],
+        grad_avg: [u64; MULTI],
+        sqr_avg: [u64; MULTI],
+        len: [i64; MULTI],
+        first_block: [i64; MULTI + 1],
+        step_size: [f32; MULTI],
+        decay: [f32; MULTI],
+        inv_debias2: [f32; MULTI],
+        decays: [i32; MULTI],
+        n: i32,
+    }
+
+    // The layout nvcc gives the C struct (2,064 bytes, 8-aligned).
+    const _: () = assert!(std::mem::size_of::<AdamTable>() == 2064);
+
+    // SAFETY: plain `repr(C)` data with the layout of `AdamTable` in adam.cu.
+    unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for AdamTable {}
+
+    /// The device address of a contiguous `f32` CUDA tensor, and its length.
+    fn address(t: &Tensor) -> Result<(u64, usize)> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(storage) = &*storage else {
+            candle_core::bail!("fused Adam: expected a CUDA tensor")
+        };
+        let (start, end) = offsets(layout)?;
+        let slice = storage.as_cuda_slice::<f32>()?;
+        let stream = storage.device().cuda_stream();
+        let base = slice.device_ptr(&stream).0;
+        Ok((base + (start * 4) as u64, end - start))
+    }
+
+    /// The scalars every parameter of one launch shares.
+    fn shared(h: &Hypers) -> [u32; 5] {
+        [
+            h.mom,
+            h.one_minus_mom,
+            h.sqr_mom,
+            h.one_minus_sqr_mom,
+            h.eps,
+        ]
+        .map(f32::to_bits)
+    }
+
+    /// [`super::update_many`] on CUDA: parameters in runs of up to
+    /// [`MULTI`] that share the step's scalars, one launch per run.
+    pub(super) fn update_many(items: &[Item<'_>]) -> Result<()> {
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let mut rest = items;
+        while let Some(first) = rest.first() {
+            let scalars = shared(&first.h);
+            let run = rest
+                .iter()
+                .take(MULTI)
+                .take_while(|i| shared(&i.h) == scalars)
+                .count();
+            let (now, later) = rest.split_at(run);
+            rest = later;
+            // SAFETY: all-zero is a valid table; the first `n` entries are
+            // filled below.
+            let mut table: AdamTable = unsafe { std::mem::zeroed() };
+            let mut blocks = 0usize;
+            for (k, item) in now.iter().enumerate() {
+                let (p, len) = address(item.param)?;
+                let (g, g_len) = address(item.grad)?;
+                let (grad_avg, a_len) = address(item.grad_avg)?;
+                let (sqr_avg, s_len) = address(item.sqr_avg)?;
+                if g_len != len || a_len != len || s_len != len {
+                    candle_core::bail!("fused Adam: parameter, gradient and moments differ in size")
+                }
+                table.p[k] = p;
+                table.g[k] = g;
+                table.grad_avg[k] = grad_avg;
+                table.sqr_avg[k] = sqr_avg;
+                table.len[k] = len as i64;
+                table.first_block[k] = blocks as i64;
+                table.step_size[k] = item.h.step_size;
+                table.decay[k] = item.h.decay.unwrap_or(1.0);
+                table.decays[k] = i32::from(item.h.decay.is_some());
+                table.inv_debias2[k] = item.h.inv_debias2;
+                // An empty tensor still gets a block, which does nothing.
+                blocks += len.div_ceil(CHUNK).max(1);
+            }
+            table.first_block[now.len()] = blocks as i64;
+            table.n = now.len() as i32;
+            let candle_core::Storage::Cuda(storage) = &*first.param.storage_and_layout().0 else {
+                candle_core::bail!("fused Adam: expected a CUDA tensor")
+            };
+            let dev = storage.device().clone();
+            let func = dev.get_or_load_custom_func("adam_multi", MODULE, ptx()?)?;
+            let h = first.h;
+            let chunk = CHUNK as i64;
+            let mut launch = func.builder();
+            launch.arg(&table);
+            launch.arg(&h.mom);
+            launch.arg(&h.one_minus_mom);
+            launch.arg(&h.sqr_mom);
+            launch.arg(&h.one_minus_sqr_mom);
+            launch.arg(&h.eps);
+            launch.arg(&chunk);
+            let config = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `adam_multi` in adam.cu; every
+            // address covers `len` f32 values of a live tensor, and nothing
+            // else touches them until the stream has run the kernel.
+            unsafe { launch.launch(config) }.w()?;
+        }
+        Ok(())
     }
 
     pub(super) fn config(len: usize) -> LaunchConfig {

@@ -171,6 +171,7 @@ impl Adam {
         }
         let AdamConfig { sqr_mom, eps, wd } = self.config;
         let mom = hypers.mom;
+        let mut fused = Vec::new();
         for (group, &lr) in self.groups.iter().zip(&hypers.lrs) {
             for param in &group.params {
                 let Some(grad) = grads.get(param.var.as_tensor()) else {
@@ -195,26 +196,27 @@ impl Adam {
                     step: entry.step + 1,
                 };
                 // One interface, two implementations: in place on f32
-                // memory (CPU, or CUDA with the `cuda` feature), or candle
-                // ops on any device and dtype.
-                let (grad_avg, sqr_avg) = if adam_fused::supported(&[
+                // memory (CPU, or CUDA with the `cuda` feature; all such
+                // parameters together below), or candle ops on any device
+                // and dtype.
+                if adam_fused::supported(&[
                     param.var.as_tensor(),
                     grad,
                     &entry.grad_avg,
                     &entry.sqr_avg,
                 ]) {
-                    adam_fused::update(
-                        param.var.as_tensor(),
-                        &entry.grad_avg,
-                        &entry.sqr_avg,
-                        grad,
-                        hypers.rounded(),
-                    )
-                    .ctx(ctx)?;
-                    (entry.grad_avg, entry.sqr_avg)
-                } else {
-                    update_composite(&param.var, grad, &entry, &hypers).ctx(ctx)?
-                };
+                    fused.push(Fused {
+                        name: param.name.clone(),
+                        param: param.var.as_tensor().clone(),
+                        grad: grad.clone(),
+                        state: entry,
+                        hypers: hypers.rounded(),
+                        step: hypers.step,
+                    });
+                    continue;
+                }
+                let (grad_avg, sqr_avg) =
+                    update_composite(&param.var, grad, &entry, &hypers).ctx(ctx)?;
                 let step = hypers.step;
                 self.state.insert(
                     param.name.clone(),
@@ -226,7 +228,24 @@ impl Adam {
                 );
             }
         }
-        Ok(())
+        let items: Vec<adam_fused::Item<'_>> = fused
+            .iter()
+            .map(|f| adam_fused::Item {
+                param: &f.param,
+                grad_avg: &f.state.grad_avg,
+                sqr_avg: &f.state.sqr_avg,
+                grad: &f.grad,
+                h: f.hypers,
+            })
+            .collect();
+        let updated = adam_fused::update_many(&items);
+        drop(items);
+        let ok = updated.is_ok();
+        for f in fused {
+            let step = if ok { f.step } else { f.state.step };
+            self.state.insert(f.name, ParamState { step, ..f.state });
+        }
+        updated.ctx(|| "Adam step (fused)".to_string())
     }
 
     /// Forgets every moment and step count, as fastai does on freeze/unfreeze.
@@ -339,6 +358,16 @@ impl UpdateHypers {
             step_size: (self.lr / self.debias1()) as f32,
         }
     }
+}
+
+/// A parameter waiting for the fused update, with its moments.
+struct Fused {
+    name: String,
+    param: Tensor,
+    grad: Tensor,
+    state: ParamState,
+    hypers: adam_fused::Hypers,
+    step: u64,
 }
 
 /// One update with candle ops (any device, any float dtype): returns the
