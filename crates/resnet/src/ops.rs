@@ -149,7 +149,10 @@ impl Ops {
         padding: usize,
         stride: usize,
     ) -> Result<Tensor> {
-        let kernel = &self.to_compute(kernel)?;
+        // In a half-precision body: the f32 master kernel (and an input not
+        // yet in the body's dtype) cast for the product; gradients flow back
+        // through the casts.
+        let (x, kernel) = (&self.to_compute(x)?, &self.to_compute(kernel)?);
         if self.cpu(&[x, kernel]) {
             return cpu::conv2d(x, kernel, padding, stride);
         }
