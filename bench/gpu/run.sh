@@ -30,14 +30,21 @@
 #      so start-up is not counted), plus the first-run ("cold") times: in
 #      f32, and on CUDA also with --tf32 and in --precision bf16; then
 #      f32 with `--kernels generic` (on CUDA: without the fused BatchNorm,
-#      max-pool and cuDNN convolutions, so the runs show what they gain).
+#      max-pool and cuDNN convolutions, so the runs show what they gain);
+#   5. the whole recipe, fine_tune(3, freeze_epochs=3) on 2,501 + 2,510
+#      generated 500×375 JPEGs, wall time to the saved model: ours through
+#      the CLI (--precision auto) against bench/gpu/pytorch_fine_tune.py, a
+#      plain PyTorch loop with the same recipe (240 s each at most).
 #
 # Knobs (environment): GPU_CHECK_ARCH (resnet50), GPU_CHECK_SIZE (128),
 # GPU_CHECK_BS (64), GPU_CHECK_TRAIN (images per epoch, 1280),
 # GPU_CHECK_VALID (128), GPU_CHECK_TEST_FILTER (a test-name filter),
 # GPU_CHECK_BENCH_ITERS (timed steps per phase: 20 on CUDA, 2 on a CPU set),
-# GPU_CHECK_PYTHON (the Python with torch: python3).
-# Whole run under 8 minutes on an H200 with the defaults.
+# GPU_CHECK_PYTHON (the Python with torch: python3), GPU_CHECK_STEPS (a
+# comma list of tests,bench,train,e2e: all by default), GPU_CHECK_E2E_TRAIN
+# and GPU_CHECK_E2E_VALID (the whole recipe's images: 2501 and 2510).
+# Expected under 10 minutes on an H200 with the defaults (never measured:
+# no GPU has been lent yet); rerun a subset with GPU_CHECK_STEPS.
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -54,6 +61,8 @@ bs=${GPU_CHECK_BS:-64}
 n_train=${GPU_CHECK_TRAIN:-1280}
 n_valid=${GPU_CHECK_VALID:-128}
 filter=${GPU_CHECK_TEST_FILTER:-}
+steps=${GPU_CHECK_STEPS:-tests,bench,train,e2e}
+wants() { [[ ",$steps," == *",$1,"* ]]; }
 
 work=$(mktemp -d /tmp/gpu-check-XXXXXX)
 results=$work/results.jsonl
@@ -92,6 +101,12 @@ report = {
     "all_passed": all(s["status"] == "pass" for s in steps),
     "steps": steps,
 }
+# The whole recipe's wall time, ours / PyTorch's (lower is better; goal ≤ 0.8).
+e2e = {s["step"]: s for s in steps if s["step"].startswith("e2e-") and s["status"] == "pass"}
+if "e2e-ours" in e2e and "e2e-pytorch" in e2e:
+    report["e2e"] = {"ours_seconds": e2e["e2e-ours"]["seconds"],
+                     "pytorch_seconds": e2e["e2e-pytorch"]["seconds"],
+                     "ratio": round(e2e["e2e-ours"]["seconds"] / e2e["e2e-pytorch"]["seconds"], 3)}
 json.dump(report, open(target, "w"), indent=2)
 print(json.dumps(report, indent=2))
 PY
@@ -147,6 +162,7 @@ fi
 # 2. The device tests (the generic-path tests on a CPU set).
 say "tests"
 for test in "$bin"/test-*; do
+    wants tests || break
     [ -e "$test" ] || continue
     name=$(basename "$test")
     t0=$(date +%s.%N)
@@ -198,7 +214,7 @@ PY
     say "bench $tag: exit $status in ${seconds}s"
     report >/dev/null
 }
-if [ -x "$bin/bench-cpu" ]; then
+if [ -x "$bin/bench-cpu" ] && wants bench; then
     if [ "$device" = cuda ]; then
         iters=${GPU_CHECK_BENCH_ITERS:-20}
         warmup=3
@@ -214,9 +230,11 @@ if [ -x "$bin/bench-cpu" ]; then
 fi
 
 # 4. Training through the CLI.
-say "generating $n_train + $n_valid images"
 data=$work/data
-"$multilabel" synth --out "$data" --n-train "$n_train" --n-valid "$n_valid" >/dev/null
+if wants train; then
+    say "generating $n_train + $n_valid images"
+    "$multilabel" synth --out "$data" --n-train "$n_train" --n-valid "$n_valid" >/dev/null
+fi
 train() { # NAME, extra flags...
     local name=$1
     shift
@@ -253,23 +271,62 @@ PY
     say "train $name: exit $status in ${seconds}s"
     report >/dev/null
 }
-say "training $arch at $size px, batch $bs: 2 frozen + 2 unfrozen epochs"
-train fine_tune --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision f32
-if [ "$device" = cuda ]; then
-    # What TF32 convolutions and the bf16 body gain (the default on an H200
-    # is bf16: --precision auto).
-    say "the same with TF32 convolutions (--tf32)"
-    train tf32 --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision f32 --tf32
-    say "the same in bf16 (--precision bf16)"
-    train bf16 --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision bf16
+if wants train; then
+    say "training $arch at $size px, batch $bs: 2 frozen + 2 unfrozen epochs"
+    train fine_tune --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision f32
+    if [ "$device" = cuda ]; then
+        # What TF32 convolutions and the bf16 body gain (the default on an H200
+        # is bf16: --precision auto).
+        say "the same with TF32 convolutions (--tf32)"
+        train tf32 --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision f32 --tf32
+        say "the same in bf16 (--precision bf16)"
+        train bf16 --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --precision bf16
+    fi
+    # The generic ops for comparison: on CUDA, what the fused BatchNorm,
+    # max-pool and cuDNN convolutions gain over candle's composites (both runs
+    # use the fused Adam); on the CPU, the CPU kernels' gain.
+    say "the same with the generic ops forced (--kernels generic)"
+    train generic --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --kernels generic --precision f32
 fi
-# The generic ops for comparison: on CUDA, what the fused BatchNorm,
-# max-pool and cuDNN convolutions gain over candle's composites (both runs
-# use the fused Adam); on the CPU, the CPU kernels' gain.
-say "the same with the generic ops forced (--kernels generic)"
-train generic --freeze-epochs 2 --epochs 2 --lr-mult 1 --base-lr 1e-3 --kernels generic --precision f32
 
-# 5. Everything into $OUT/gpu.json (also written after every step, so a
+# 5. The whole recipe on a PASCAL-sized set: `fine_tune(3, freeze_epochs=3)`
+# at 128 px, batch 64, on 2,501 + 2,510 generated 500×375 JPEGs (10
+# classes: the generator's most), wall time from start to the saved model,
+# ours (`multilabel train`, --precision auto) against a plain PyTorch loop
+# with the same recipe (bench/gpu/pytorch_fine_tune.py: DataLoader on every
+# core, bf16 autocast, channels_last, fused AdamW).
+e2e() { # NAME, command...
+    local name=$1
+    shift
+    local t0 t1 status seconds
+    t0=$(date +%s.%N)
+    timeout 240 "$@" >"$out/e2e-$name.txt" 2>&1
+    status=$?
+    t1=$(date +%s.%N)
+    seconds=$(python3 -c "print(round($t1 - $t0, 2))")
+    tail -8 "$out/e2e-$name.txt"
+    record "e2e-$name" "$([ $status = 0 ] && echo pass || echo fail)" "$seconds"
+    say "e2e $name: exit $status in ${seconds}s"
+    report >/dev/null
+}
+if wants e2e; then
+    pascal=$work/pascal
+    e2e_train=${GPU_CHECK_E2E_TRAIN:-2501}
+    e2e_valid=${GPU_CHECK_E2E_VALID:-2510}
+    say "generating $e2e_train + $e2e_valid PASCAL-sized JPEGs"
+    "$multilabel" synth --out "$pascal" --n-train "$e2e_train" --n-valid "$e2e_valid" --classes 10 \
+        --image-size 500x375 >/dev/null
+    e2e ours "$multilabel" train --data "$pascal" --run "$work/run-e2e" --device "$device" \
+        --arch "$arch" --weights none --offline --size "$size" --bs "$bs" --epochs 3 \
+        --freeze-epochs 3 --seed 1
+    [ -f "$work/run-e2e/history.csv" ] && cp "$work/run-e2e/history.csv" "$out/history-e2e.csv"
+    precision=$([ "$device" = cuda ] && echo bf16 || echo f32)
+    e2e pytorch "${GPU_CHECK_PYTHON:-python3}" "$here/pytorch_fine_tune.py" --data "$pascal" \
+        --out "$work/pytorch-e2e.pt" --device "$device" --arch "$arch" --size "$size" \
+        --bs "$bs" --epochs 3 --freeze-epochs 3 --precision "$precision"
+fi
+
+# 6. Everything into $OUT/gpu.json (also written after every step, so a
 # run cut short by the device's time limit still reports what it did).
 report
 rm -rf "$work"
