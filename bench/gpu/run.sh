@@ -23,7 +23,8 @@
 #      images/s and peak GPU memory on random tensors, the same model and
 #      batch, steady state after warm-up: on CUDA in bf16 (PyTorch:
 #      autocast + channels_last + fused AdamW), f32 and TF32 at batch 64 and
-#      in bf16 at batch 256, into $OUT/bench-<precision>-<batch>.json;
+#      in bf16 at batch 256, into $OUT/bench-<precision>-<batch>.json; and
+#      our loader's images/s on the machine's cores (bench-data.json);
 #   4. ResNet-50 + fastai head at 128 px, batch 64, from random weights on a
 #      generated dataset: a frozen and an unfrozen phase through the CLI,
 #      images/s from the run's history.csv (the later epoch of each phase,
@@ -222,6 +223,34 @@ if [ -x "$bin/bench-cpu" ] && wants bench; then
         bench "f32-$bs" f32 "$bs"
         bench "tf32-$bs" tf32 "$bs"
         bench bf16-256 bf16 256
+        # The input pipeline's own speed on this machine's cores (decode,
+        # crop, batch of 500×375 JPEGs; PyTorch/fastai's side needs fastai,
+        # which the machine lacks): to set next to the training images/s.
+        say "bench data: our loader on $(nproc) cores, $size px"
+        rm -f "$work/target/bench/cpu.json"
+        t0=$(date +%s.%N)
+        CARGO_TARGET_DIR=$work/target timeout 100 "$bin/bench-cpu" --device cpu --no-pytorch \
+            --size "$size" --batch-size "$bs" --only data --images 1024 >"$out/bench-data.txt" 2>&1
+        status=$?
+        t1=$(date +%s.%N)
+        seconds=$(python3 -c "print(round($t1 - $t0, 2))")
+        tail -6 "$out/bench-data.txt"
+        [ -f "$work/target/bench/cpu.json" ] && cp "$work/target/bench/cpu.json" "$out/bench-data.json"
+        python3 - "$work/target/bench/cpu.json" "$status" "$seconds" >>"$results" <<'PY'
+import json, sys
+path, status, seconds = sys.argv[1:]
+entry = {"step": "bench-data", "status": "pass" if status == "0" else "fail", "seconds": float(seconds)}
+try:
+    ours = json.load(open(path)).get("ours") or {}
+except (OSError, ValueError):
+    ours = {}
+for key in ("data_1_worker", "data_all_workers"):
+    if key in ours:
+        entry[key] = round(ours[key], 1)
+print(json.dumps(entry))
+PY
+        say "bench data: exit $status in ${seconds}s"
+        report >/dev/null
     else
         iters=${GPU_CHECK_BENCH_ITERS:-2}
         warmup=1
