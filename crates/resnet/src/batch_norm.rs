@@ -102,7 +102,7 @@ impl BatchNorm {
             let (y, mean, var) = ops
                 .batch_norm_train(x, w, b, EPS, relu)
                 .map_err(|e| e.context(format!("batch-norm {}", self.name)))?;
-            self.update_running(&mean, &var, count)?;
+            self.update_running(ops, &mean, &var, count)?;
             return Ok(y);
         }
         let (scale, shift) = self.eval_affine()?;
@@ -153,7 +153,7 @@ impl BatchNorm {
         }
         .map_err(|e| e.context(format!("batch-norm {}", self.name)))?;
         let count = self.train_count(&y)?;
-        self.update_running(&mean, &var, count)?;
+        self.update_running(ops, &mean, &var, count)?;
         Ok(y)
     }
 
@@ -168,15 +168,15 @@ impl BatchNorm {
         Ok((scale, shift))
     }
 
-    fn update_running(&self, mean: &Tensor, biased_var: &Tensor, count: usize) -> Result<()> {
-        let mean = mean.flatten_all()?.to_dtype(DType::F32)?;
-        let unbiased = (biased_var.flatten_all()? * (count as f64 / (count - 1) as f64))?
-            .to_dtype(DType::F32)?;
-        let blend = |old: &Var, batch: &Tensor| -> Result<()> {
-            let new = ((old.as_detached_tensor() * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?;
-            old.set(&new)
-        };
-        blend(&self.running_mean, &mean)?;
-        blend(&self.running_var, &unbiased)
+    fn update_running(
+        &self,
+        ops: &Ops,
+        mean: &Tensor,
+        biased_var: &Tensor,
+        count: usize,
+    ) -> Result<()> {
+        let unbias = count as f64 / (count - 1) as f64;
+        ops.update_running(&self.running_mean, mean, MOMENTUM, 1.0)?;
+        ops.update_running(&self.running_var, biased_var, MOMENTUM, unbias)
     }
 }

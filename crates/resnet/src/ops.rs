@@ -11,7 +11,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -261,6 +261,35 @@ impl Ops {
         }
         let dtype = x.dtype();
         generic::scale_shift(x, &scale.to_dtype(dtype)?, &shift.to_dtype(dtype)?, relu)
+    }
+
+    /// BatchNorm's running statistic in place, as `torch.nn.BatchNorm2d`
+    /// updates it: `running = running·(1 − momentum) + batch·factor·momentum`
+    /// (`factor` 1 for the mean, `n/(n−1)` for the variance). One kernel on
+    /// CUDA; candle ops elsewhere, the batch statistic scaled in its own
+    /// dtype before it is cast to the statistic's `f32`.
+    pub fn update_running(
+        &self,
+        running: &Var,
+        batch: &Tensor,
+        momentum: f64,
+        factor: f64,
+    ) -> Result<()> {
+        let batch = batch.flatten_all()?;
+        #[cfg(feature = "cuda")]
+        if self.kernels == Kernels::Auto
+            && batch.dtype() == DType::F32
+            && crate::cuda::supported(&[&batch], &[running.as_tensor()])
+        {
+            return crate::cuda::blend_running(running.as_tensor(), &batch, momentum, factor);
+        }
+        let batch = if factor == 1.0 {
+            batch.to_dtype(DType::F32)?
+        } else {
+            (batch * factor)?.to_dtype(DType::F32)?
+        };
+        let new = ((running.as_detached_tensor() * (1.0 - momentum))? + (batch * momentum)?)?;
+        running.set(&new)
     }
 
     /// `relu(a + b)`: a residual connection.

@@ -271,3 +271,13 @@ __device__ void max_pool_bwd_impl(
 
 ENTRY_POINTS(float, )
 ENTRY_POINTS(bf16_t, _bf16)
+
+// BatchNorm's running statistic in place, f32:
+// running = running·keep + (batch·factor)·take (factor: 1 for the mean,
+// n/(n−1) for the variance), in the composite path's order of operations.
+extern "C" __global__ void bn_running(
+    float* running, const float* batch, int c, float keep, float take, float factor) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < c; i += gridDim.x * blockDim.x) {
+        running[i] = running[i] * keep + (batch[i] * factor) * take;
+    }
+}

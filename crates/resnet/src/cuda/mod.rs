@@ -941,3 +941,65 @@ pub fn reset_peak_memory(device: &candle_core::Device) -> bool {
     .result()
     .is_ok()
 }
+
+/// `running = running·(1 − momentum) + batch·factor·momentum` in place.
+struct BlendRunning {
+    momentum: f64,
+    factor: f64,
+}
+
+impl candle_core::InplaceOp2 for BlendRunning {
+    fn name(&self) -> &'static str {
+        "cuda-batch-norm-running"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("{} runs on CUDA devices only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        running: &mut CudaStorage,
+        rl: &Layout,
+        batch: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<()> {
+        let c = rl.shape().elem_count();
+        if bl.shape().elem_count() != c {
+            candle_core::bail!(
+                "cuda batch-norm: {c} running values but {} batch values",
+                bl.shape().elem_count()
+            )
+        }
+        let dev = running.device().clone();
+        let batch = cuda_slice!(batch, bl, "the batch statistic");
+        let Some((start, end)) = rl.contiguous_offsets() else {
+            candle_core::bail!("cuda kernels: the running statistic is not contiguous")
+        };
+        let mut target = running.as_cuda_slice_mut::<f32>()?.slice_mut(start..end);
+        let func = dev.get_or_load_custom_func("bn_running", MODULE, ptx()?)?;
+        let c32 = i32_of(c, "C")?;
+        let (keep, take, factor) = (
+            (1.0 - self.momentum) as f32,
+            self.momentum as f32,
+            self.factor as f32,
+        );
+        let mut launch = func.builder();
+        launch.arg(&mut target);
+        launch.arg(&batch);
+        launch.arg(&c32);
+        launch.arg(&keep);
+        launch.arg(&take);
+        launch.arg(&factor);
+        // SAFETY: the arguments match `bn_running`; both cover `c` values.
+        unsafe { launch.launch(elementwise(c)) }.w()?;
+        Ok(())
+    }
+}
+
+/// BatchNorm's running statistic `running` (an `f32` variable on a CUDA
+/// device) blended in place with the batch's, `batch · factor`, in one
+/// launch: `running·(1 − momentum) + batch·factor·momentum`.
+pub fn blend_running(running: &Tensor, batch: &Tensor, momentum: f64, factor: f64) -> Result<()> {
+    running.inplace_op2(&batch.contiguous()?, &BlendRunning { momentum, factor })
+}
