@@ -242,7 +242,19 @@ fn batch_norm_reference(
 /// bias match the composition of candle ops.
 #[test]
 fn batch_norm_train_matches_candle_ops() {
-    let cases: [&[usize]; 4] = [&[4, 3, 5, 7], &[2, 6, 8, 8], &[3, 5, 1, 1], &[8, 10]];
+    // Rows of at least 16 values, short rows gathered per channel (2×2,
+    // 1×3 and 3×3 planes, and rank 2 with 40 rows: whole chunks and a
+    // tail), and channels of fewer than 16 values in all.
+    let cases: [&[usize]; 8] = [
+        &[4, 3, 5, 7],
+        &[2, 6, 8, 8],
+        &[8, 6, 2, 2],
+        &[16, 5, 1, 3],
+        &[7, 4, 3, 3],
+        &[40, 6],
+        &[3, 5, 1, 1],
+        &[8, 10],
+    ];
     for (i, dims) in cases.iter().enumerate() {
         for relu in [false, true] {
             let c = dims[1];
