@@ -62,12 +62,18 @@ fn run(device: &Device) -> Vec<Vec<f32>> {
 
 #[test]
 fn fused_adam_on_cuda_matches_the_cpu() {
+    assert_gpu_matches_cpu(run);
+}
+
+/// `run` on the GPU and on the CPU gives the same tensors up to rounding
+/// (the GPU may fuse a multiply and an add): max error ≤ 1e-5 of each
+/// tensor's largest magnitude.
+fn assert_gpu_matches_cpu(run: impl Fn(&Device) -> Vec<Vec<f32>>) {
     let gpu = Device::new_cuda(0).expect("a CUDA GPU: this test runs only where one is present");
     let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
     for (k, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
         let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
         let err = g.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        // Rounding only: the GPU may fuse a multiply and an add.
         assert!(
             err <= 1e-5 * scale,
             "tensor {k}: max error {err} (scale {scale})"
@@ -127,14 +133,5 @@ fn fused_adam_many_parameters() {
             .map(|v| v.as_tensor().to_vec1::<f32>().unwrap())
             .collect()
     };
-    let gpu = Device::new_cuda(0).expect("a CUDA GPU: this test runs only where one is present");
-    let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
-    for (k, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
-        let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = g.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            err <= 1e-5 * scale,
-            "tensor {k}: max error {err} (scale {scale})"
-        );
-    }
+    assert_gpu_matches_cpu(run);
 }

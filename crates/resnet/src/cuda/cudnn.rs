@@ -30,8 +30,8 @@ use std::ffi::c_void;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{result as dnn, sys};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtrMut};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// How cuDNN may compute a convolution of `f32` operands.
@@ -438,10 +438,12 @@ fn candidates<'c, P: Perf, const N: usize>(
     guess: impl Fn(&mut [P; N], &mut i32) -> CudnnResult<()>,
     workspace: impl Fn(P::Algo) -> CudnnResult<usize>,
 ) -> Result<&'c mut Vec<Choice<P::Algo>>> {
-    let slot = match cache.entry(key) {
-        std::collections::hash_map::Entry::Occupied(e) => return Ok(e.into_mut()),
-        std::collections::hash_map::Entry::Vacant(e) => e,
-    };
+    // An empty list is one whose every algorithm failed at launch: ask
+    // cuDNN again rather than fail for good.
+    let slot = cache.entry(key).or_default();
+    if !slot.is_empty() {
+        return Ok(slot);
+    }
     let exact = key.dtype == DType::F32 && key.math == F32Math::Exact;
     let ask = |f: &Query<'_, P, N>| {
         // SAFETY: cuDNN's result structs are plain C data; all-zero is
@@ -480,7 +482,8 @@ fn candidates<'c, P: Perf, const N: usize>(
             key.math
         )
     }
-    Ok(slot.insert(list))
+    *slot = list;
+    Ok(slot)
 }
 
 /// Runs `launch(algo, workspace, workspace bytes)` with the first candidate
@@ -526,66 +529,28 @@ fn alignment(layout: &Layout, size: usize) -> u8 {
     }
 }
 
-/// The device pointer of a contiguous operand of dtype `T`, at its offset.
-fn operand_ptr<T: CudaDType>(
-    storage: &CudaStorage,
-    layout: &Layout,
-    len: usize,
-    what: &str,
-) -> Result<u64> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("cudnn conv2d: {what} is not contiguous")
-    };
-    if end - start != len {
-        candle_core::bail!(
-            "cudnn conv2d: {what} has {} values, expected {len}",
-            end - start
-        )
-    }
-    let slice = storage.as_cuda_slice::<T>()?;
-    let stream = storage.device().cuda_stream();
-    let (base, _sync) = slice.device_ptr(&stream);
-    Ok(base + (start * std::mem::size_of::<T>()) as u64)
-}
-
-/// Runs `f` with the operands' device pointers and a fresh output of `len`
-/// values of their dtype, which cuDNN overwrites (β = 0).
+/// Runs `f` with the operands' device addresses (each `(storage, layout,
+/// expected length, name)`) and those of a fresh output of `len` values of
+/// their dtype, which cuDNN overwrites (β = 0).
 fn with_output(
     a: (&CudaStorage, &Layout, usize, &str),
     b: (&CudaStorage, &Layout, usize, &str),
     len: usize,
     f: impl FnOnce(u64, u64, u64) -> Result<()>,
 ) -> Result<CudaStorage> {
-    macro_rules! run {
-        ($t:ty) => {{
-            let dev = a.0.device().clone();
-            let pa = operand_ptr::<$t>(a.0, a.1, a.2, a.3)?;
-            let pb = operand_ptr::<$t>(b.0, b.1, b.2, b.3)?;
-            // SAFETY: cuDNN writes all `len` values (β = 0 never reads them).
-            let mut out = unsafe { dev.alloc::<$t>(len)? };
-            {
-                let stream = dev.cuda_stream();
-                let (po, _sync) = out.device_ptr_mut(&stream);
-                f(pa, pb, po)?;
-            }
-            CudaStorage::wrap_cuda_slice(out, dev)
-        }};
+    super::same_dtype(a.0, b.0, "cudnn conv2d")?;
+    for (_, layout, expected, what) in [a, b] {
+        let values = layout.shape().elem_count();
+        if values != expected {
+            candle_core::bail!("cudnn conv2d: {what} has {values} values, expected {expected}")
+        }
     }
-    if a.0.dtype() != b.0.dtype() {
-        candle_core::bail!(
-            "cudnn conv2d: {} is {:?} but {} is {:?}",
-            a.3,
-            a.0.dtype(),
-            b.3,
-            b.0.dtype()
-        )
-    }
-    Ok(match a.0.dtype() {
-        DType::F32 => run!(f32),
-        DType::BF16 => run!(half::bf16),
-        DType::F16 => run!(half::f16),
-        other => candle_core::bail!("cudnn conv2d: no cuDNN path for {other:?}"),
-    })
+    let pa = super::address(a.0, a.1, a.3)?;
+    let pb = super::address(b.0, b.1, b.3)?;
+    // SAFETY: cuDNN writes all `len` values (β = 0 never reads them).
+    let (out, po) = unsafe { super::alloc_as(a.0.device(), a.0.dtype(), len)? };
+    f(pa, pb, po)?;
+    Ok(out)
 }
 
 /// α = 1, β = 0 as cuDNN reads them for `f32` accumulation (all our types).
@@ -603,10 +568,6 @@ struct Conv {
     math: F32Math,
 }
 
-fn cpu_unsupported(name: &str) -> Result<(CpuStorage, Shape)> {
-    candle_core::bail!("{name} runs on CUDA devices only")
-}
-
 impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
         "cudnn-conv2d"
@@ -619,7 +580,7 @@ impl CustomOp2 for Conv {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
+        super::cpu_unsupported(self.name())
     }
 
     fn cuda_fwd(
@@ -789,7 +750,7 @@ impl CustomOp2 for InputGrad {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
+        super::cpu_unsupported(self.name())
     }
 
     fn cuda_fwd(
@@ -909,7 +870,7 @@ impl CustomOp2 for KernelGrad {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
+        super::cpu_unsupported(self.name())
     }
 
     fn cuda_fwd(

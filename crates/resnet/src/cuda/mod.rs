@@ -67,8 +67,8 @@ fn entry(kernel: &str, dtype: DType) -> Result<String> {
     }
 }
 
-/// The device address of a contiguous `f32` or `bf16` operand, at its
-/// offset (kernels take activations as raw addresses of either dtype).
+/// The device address of a contiguous `f32`, `bf16` or `f16` operand, at
+/// its offset (kernels and cuDNN take operands as raw addresses).
 fn address(storage: &CudaStorage, layout: &Layout, what: &str) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let Some((start, _)) = layout.contiguous_offsets() else {
@@ -81,13 +81,17 @@ fn address(storage: &CudaStorage, layout: &Layout, what: &str) -> Result<u64> {
             storage.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
             2,
         ),
-        other => candle_core::bail!("cuda kernels: {what} is {other:?}, not f32 or bf16"),
+        DType::F16 => (
+            storage.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+            2,
+        ),
+        other => candle_core::bail!("cuda kernels: {what} is {other:?}, not f32, bf16 or f16"),
     };
     Ok(base + (start * size) as u64)
 }
 
-/// `len` uninitialised values of `dtype` (`f32` or `bf16`) and their
-/// address; the kernel that fills them must write every one.
+/// `len` uninitialised values of `dtype` (`f32`, `bf16` or `f16`) and
+/// their address; the kernel that fills them must write every one.
 ///
 /// # Safety
 /// The caller's kernel writes all `len` values before anything reads them.
@@ -108,6 +112,12 @@ unsafe fn alloc_as(
         DType::BF16 => {
             // SAFETY: forwarded to the caller.
             let slice = unsafe { dev.alloc::<half::bf16>(len)? };
+            let at = slice.device_ptr(&stream).0;
+            (CudaStorage::wrap_cuda_slice(slice, dev.clone()), at)
+        }
+        DType::F16 => {
+            // SAFETY: forwarded to the caller.
+            let slice = unsafe { dev.alloc::<half::f16>(len)? };
             let at = slice.device_ptr(&stream).0;
             (CudaStorage::wrap_cuda_slice(slice, dev.clone()), at)
         }
