@@ -120,22 +120,41 @@ def time_train(torch, model, frozen, batch, targets, warmup, iters, precision="f
     model.train()
     batch = batch.clone().requires_grad_(False)
 
+    # Seconds in forward (with the loss), backward and the optimizer
+    # (zero_grad + step), printed like ours; on a GPU only the total is
+    # meaningful, as the parts are not synchronised.
+    split = [0.0, 0.0, 0.0]
+
     def step():
-        opt.zero_grad(set_to_none=False)
+        t0 = time.perf_counter()
         with autocast(torch, batch, precision):
             loss = loss_fn(model(batch).float(), targets)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
+        opt.zero_grad(set_to_none=False)
+        t3 = time.perf_counter()
+        for i, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+            split[i] += dt
         return loss.item()
 
     for _ in range(warmup):
         step()
     synchronize(torch, batch)
+    split[:] = [0.0, 0.0, 0.0]
     start = time.perf_counter()
     for _ in range(iters):
         step()
     synchronize(torch, batch)
-    return iters * batch.shape[0] / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    ms = [1000.0 * s / iters for s in split]
+    print(
+        f"pytorch: {1000.0 * elapsed / iters:.0f} ms/step = forward+loss {ms[0]:.0f}, "
+        f"backward {ms[1]:.0f}, optimizer {ms[2]:.0f}",
+        file=sys.stderr,
+    )
+    return iters * batch.shape[0] / elapsed
 
 
 def time_eval(torch, model, batch, warmup, iters, precision="f32"):
