@@ -1034,16 +1034,19 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
     // the shapes, so the result does not depend on the thread count or on
     // which thread ran what; several tasks per thread let a thread that
     // finishes early take over work instead of idling.
-    let tasks = KERNEL_GRAD_TASKS.min(groups);
-    let per_task = groups.div_ceil(tasks);
+    let per_task = groups.div_ceil(KERNEL_GRAD_TASKS.min(groups));
+    // Every task gets at least one group (e.g. 9 groups: 5 tasks of 2, not 8).
+    let tasks = groups.div_ceil(per_task);
     // With few output channels, `gemm` runs faster with them as the short
     // side of dWᵀ = col · Gᵀ than as the rows of dW = G · colᵀ (measured on
     // the ResNet-50 shapes: up to 1.4× for the stem and the 64- and
-    // 128-channel stages, a little for 256, slower for 512). dWᵀ is transposed
-    // once at the end.
+    // 128-channel stages, a little for 256, slower for 512). dWᵀ is
+    // transposed when the partial sums are added.
     let transposed = o <= 256 && o < k;
     let partial = |t: usize| -> Vec<f32> {
-        let mut dw = vec![0f32; o * k];
+        // The first product overwrites it (gemm does not read `dst` then).
+        let mut dw = Uninit::new(o * k);
+        let dw_ptr = out_ptr(dw.as_mut_slice());
         with_scratch(|col, tmp| {
             let mut accumulate = false;
             for gi in t * per_task..((t + 1) * per_task).min(groups) {
@@ -1076,68 +1079,71 @@ pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
                 };
                 if transposed {
                     // SAFETY: `dw` is `[K, O]`, `rhs` `[K, ld]`, `lhs`ᵀ `[ld, O]`.
-                    unsafe {
-                        matmul(
-                            k,
-                            o,
-                            ld,
-                            dw.as_mut_ptr(),
-                            o,
-                            accumulate,
-                            rhs,
-                            lhs.t(),
-                            threads,
-                        )
-                    };
+                    unsafe { matmul(k, o, ld, dw_ptr, o, accumulate, rhs, lhs.t(), threads) };
                 } else {
                     // SAFETY: `dw` is `[O, K]`, `lhs` `[O, ld]`, `rhs`ᵀ `[ld, K]`.
-                    unsafe {
-                        matmul(
-                            o,
-                            k,
-                            ld,
-                            dw.as_mut_ptr(),
-                            k,
-                            accumulate,
-                            lhs,
-                            rhs.t(),
-                            threads,
-                        )
-                    };
+                    unsafe { matmul(o, k, ld, dw_ptr, k, accumulate, lhs, rhs.t(), threads) };
                 }
                 accumulate = true;
             }
         });
-        dw
+        // SAFETY: the task's first product (it has at least one group)
+        // wrote every value.
+        unsafe { dw.finish() }
     };
-    let dw = if tasks == 1 {
-        partial(0)
+    let parts: Vec<Vec<f32>> = if par && tasks > 1 {
+        (0..tasks).into_par_iter().map(partial).collect()
     } else {
-        let parts: Vec<Vec<f32>> = if par {
-            (0..tasks).into_par_iter().map(partial).collect()
+        (0..tasks).map(partial).collect()
+    };
+    if parts.len() == 1 && !transposed {
+        return parts.into_iter().next().expect("one part");
+    }
+    sum_parts(&parts, o, k, transposed)
+}
+
+/// Output channels per task of [`sum_parts`]: 16 values of a `[K, O]` row
+/// are one cache line.
+const SUM_BLOCK: usize = 16;
+
+/// `Σ parts` as `[O, K]`, the parts being `[O, K]` or, `transposed`, `[K, O]`.
+/// Each value is summed in part order (`((p₀ + p₁) + p₂) + …`), so the
+/// result does not depend on how the blocks are spread over threads.
+fn sum_parts(parts: &[Vec<f32>], o: usize, k: usize, transposed: bool) -> Vec<f32> {
+    let mut out = Uninit::new(o * k);
+    let rows = out.as_mut_slice().par_chunks_mut(SUM_BLOCK * k).enumerate();
+    rows.for_each(|(blk, dst)| {
+        let oc0 = blk * SUM_BLOCK;
+        let n_oc = dst.len() / k;
+        if transposed {
+            // Row r of every part holds output channels oc0..oc0 + n_oc
+            // side by side: one cache line in, n_oc values out.
+            for r in 0..k {
+                let mut acc = [0f32; SUM_BLOCK];
+                let acc = &mut acc[..n_oc];
+                acc.copy_from_slice(&parts[0][r * o + oc0..r * o + oc0 + n_oc]);
+                for part in &parts[1..] {
+                    for (a, &v) in acc.iter_mut().zip(&part[r * o + oc0..]) {
+                        *a += v;
+                    }
+                }
+                for (j, &a) in acc.iter().enumerate() {
+                    dst[j * k + r].write(a);
+                }
+            }
         } else {
-            (0..tasks).map(partial).collect()
-        };
-        let mut parts = parts.into_iter();
-        let mut dw = parts.next().expect("at least one task");
-        for part in parts {
-            for (a, b) in dw.iter_mut().zip(&part) {
-                *a += *b;
+            let at = oc0 * k;
+            for (i, d) in dst.iter_mut().enumerate() {
+                let mut a = parts[0][at + i];
+                for part in &parts[1..] {
+                    a += part[at + i];
+                }
+                d.write(a);
             }
         }
-        dw
-    };
-    if !transposed {
-        return dw;
-    }
-    // `[K, O]` → `[O, K]`.
-    let mut out = vec![0f32; o * k];
-    for (r, row) in dw.chunks_exact(o).enumerate() {
-        for (oc, &v) in row.iter().enumerate() {
-            out[oc * k + r] = v;
-        }
-    }
-    out
+    });
+    // SAFETY: the blocks cover every row, and each block writes all of its values.
+    unsafe { out.finish() }
 }
 
 /// The contiguous `f32` data of a CPU operand.
