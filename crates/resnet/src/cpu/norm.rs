@@ -2,12 +2,16 @@
 //! `relu(a + b)`, as parallel CPU ops.
 //!
 //! Activations are `[N, C, ...]`: `C` channels of `M = N·(H·W)` values each.
-//! Train-mode BatchNorm works channel by channel, so a channel's values are
-//! read for the mean, again for the variance and once more for the output
-//! while they are still in cache; its backward needs two passes. Channels
-//! run in parallel on rayon's pool.
+//! Train-mode BatchNorm works on blocks of channels, so a block's values
+//! are read for the mean, again for the variance and once more for the
+//! output while they are still in cache; its backward needs two passes.
+//! Within a block each pass goes image by image, and an image's rows of the
+//! block are one contiguous run of memory: reading one channel's rows, one
+//! image (`C·H·W` values) apart, had every row of a large plane fall in the
+//! same cache sets. Blocks run in parallel on rayon's pool.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -59,6 +63,21 @@ impl OutPtr {
 
 const LANES: usize = 16;
 
+/// Values per channel block that the BatchNorm passes aim at: three `f32`
+/// streams of this many values (384 KiB) stay in a core's L2 cache between
+/// a block's passes.
+const BLOCK_VALUES: usize = 1 << 15;
+
+/// Channels per parallel task of the train-mode BatchNorm kernels: about
+/// [`BLOCK_VALUES`] values, but at least four tasks per thread where there
+/// are enough channels. Each channel's arithmetic is the same whatever the
+/// block, so the result does not depend on it.
+fn channel_block(n: usize, c: usize, hw: usize) -> usize {
+    let by_cache = BLOCK_VALUES / (n * hw).max(1);
+    let by_tasks = c.div_ceil(4 * rayon::current_num_threads());
+    by_cache.min(by_tasks).max(1)
+}
+
 /// `Σ f(x)` with independent lane accumulators, so the loop vectorises.
 #[inline(always)]
 fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
@@ -85,8 +104,9 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 }
 
 simd_kernel! {
-    /// One channel of [`bn_train_forward`]: its statistics, and its rows of the output.
-    fn bn_forward_channel => bn_forward_channel_body(
+    /// A block of channels of [`bn_train_forward`]: their statistics
+    /// `(mean, var, inv_std)`, and their rows of the output.
+    fn bn_forward_block => bn_forward_block_body(
         x: &[f32],
         dims: (usize, usize, usize),
         w: &[f32],
@@ -95,13 +115,13 @@ simd_kernel! {
         relu: bool,
         residual: Option<&[f32]>,
         ptr: &OutPtr,
-        ci: usize,
-    ) -> (f32, f32, f32)
+        channels: Range<usize>,
+    ) -> Vec<(f32, f32, f32)>
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn bn_forward_channel_body(
+fn bn_forward_block_body(
     x: &[f32],
     (n, c, hw): (usize, usize, usize),
     w: &[f32],
@@ -110,39 +130,61 @@ fn bn_forward_channel_body(
     relu: bool,
     residual: Option<&[f32]>,
     ptr: &OutPtr,
-    ci: usize,
-) -> (f32, f32, f32) {
-    let count = n * hw;
-    let rows = || (0..n).map(|ni| &x[(ni * c + ci) * hw..(ni * c + ci + 1) * hw]);
-    let mean = rows().map(|r| lane_sum(r, |v| v)).sum::<f64>() / count as f64;
-    let m = mean as f32;
-    let var = rows()
-        .map(|r| lane_sum(r, |v| (v - m) * (v - m)))
-        .sum::<f64>()
-        / count as f64;
-    let inv_std = 1.0 / (var + eps).sqrt();
-    let scale = (f64::from(w[ci]) * inv_std) as f32;
-    let shift = (f64::from(b[ci]) - mean * f64::from(scale)) as f32;
-    for (ni, row) in rows().enumerate() {
-        // SAFETY: row (ni, ci) belongs to this channel's task only.
-        let dst = unsafe { ptr.slice((ni * c + ci) * hw, hw) };
-        if let Some(r) = residual {
-            let r = &r[(ni * c + ci) * hw..(ni * c + ci + 1) * hw];
-            for ((d, &v), &r) in dst.iter_mut().zip(row).zip(r) {
-                let y = v * scale + shift + r;
-                d.write(if relu { y.max(0.0) } else { y });
-            }
-        } else if relu {
-            for (d, &v) in dst.iter_mut().zip(row) {
-                d.write((v * scale + shift).max(0.0));
-            }
-        } else {
-            for (d, &v) in dst.iter_mut().zip(row) {
-                d.write(v * scale + shift);
+    channels: Range<usize>,
+) -> Vec<(f32, f32, f32)> {
+    let count = (n * hw) as f64;
+    let row = |ni: usize, ci: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
+    // Image by image, the block's rows are one contiguous run of memory (see
+    // `bn_backward_block_body`); each channel adds its row sums in image
+    // order, starting from the value `Iterator::sum` starts from.
+    let zero: f64 = std::iter::empty::<f64>().sum();
+    let mut sums = vec![zero; channels.len()];
+    for ni in 0..n {
+        for (ci, sum) in channels.clone().zip(sums.iter_mut()) {
+            *sum += lane_sum(&x[row(ni, ci)], |v| v);
+        }
+    }
+    let means: Vec<f64> = sums.iter().map(|&s| s / count).collect();
+    sums.fill(zero);
+    for ni in 0..n {
+        for ((ci, sum), &mean) in channels.clone().zip(sums.iter_mut()).zip(&means) {
+            let m = mean as f32;
+            *sum += lane_sum(&x[row(ni, ci)], |v| (v - m) * (v - m));
+        }
+    }
+    let mut stats = Vec::with_capacity(channels.len());
+    let mut affine = Vec::with_capacity(channels.len());
+    for ((ci, &sum), &mean) in channels.clone().zip(&sums).zip(&means) {
+        let var = sum / count;
+        let inv_std = 1.0 / (var + eps).sqrt();
+        let scale = (f64::from(w[ci]) * inv_std) as f32;
+        let shift = (f64::from(b[ci]) - mean * f64::from(scale)) as f32;
+        stats.push((mean as f32, var as f32, inv_std as f32));
+        affine.push((scale, shift));
+    }
+    for ni in 0..n {
+        for (ci, &(scale, shift)) in channels.clone().zip(&affine) {
+            let r = row(ni, ci);
+            // SAFETY: row (ni, ci) belongs to this block's task only.
+            let dst = unsafe { ptr.slice(r.start, hw) };
+            let src = &x[r.clone()];
+            if let Some(res) = residual {
+                for ((d, &v), &r) in dst.iter_mut().zip(src).zip(&res[r]) {
+                    let y = v * scale + shift + r;
+                    d.write(if relu { y.max(0.0) } else { y });
+                }
+            } else if relu {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    d.write((v * scale + shift).max(0.0));
+                }
+            } else {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    d.write(v * scale + shift);
+                }
             }
         }
     }
-    (m, var as f32, inv_std as f32)
+    stats
 }
 
 /// Per-channel batch statistics kept for the backward pass.
@@ -170,9 +212,13 @@ pub(crate) fn bn_train_forward(
 ) -> (Vec<f32>, Stats) {
     let mut out = Uninit::new(x.len());
     let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
-    let per_channel: Vec<(f32, f32, f32)> = (0..c)
+    let block = channel_block(n, c, hw);
+    let per_channel: Vec<(f32, f32, f32)> = (0..c.div_ceil(block))
         .into_par_iter()
-        .map(|ci| bn_forward_channel(x, (n, c, hw), w, b, eps, relu, residual, &ptr, ci))
+        .flat_map_iter(|blk| {
+            let channels = blk * block..((blk + 1) * block).min(c);
+            bn_forward_block(x, (n, c, hw), w, b, eps, relu, residual, &ptr, channels)
+        })
         .collect();
     let stats = Stats {
         mean: per_channel.iter().map(|s| s.0).collect(),
@@ -291,9 +337,11 @@ impl BatchNormGrad {
         let len = 2 * c + if self.need_x { x.len() } else { 0 };
         let mut out = Uninit::new(len);
         let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
-        (0..c)
-            .into_par_iter()
-            .for_each(|ci| bn_backward_channel(self, x, y, g, (n, c, hw), &ptr, ci));
+        let block = channel_block(n, c, hw);
+        (0..c.div_ceil(block)).into_par_iter().for_each(|blk| {
+            let channels = blk * block..((blk + 1) * block).min(c);
+            bn_backward_block(self, x, y, g, (n, c, hw), &ptr, channels);
+        });
         // SAFETY: every channel's task wrote its dweight and dbias entries
         // and, with `need_x`, all of its dx rows.
         unsafe { out.finish() }
@@ -341,82 +389,105 @@ fn grad_lane_sums<const RELU: bool>(
 }
 
 simd_kernel! {
-    /// One channel of [`BatchNormGrad::run`]: its dweight, dbias and dx rows.
-    fn bn_backward_channel => bn_backward_channel_body(
+    /// A block of channels of [`BatchNormGrad::run`]: their dweight, dbias and dx rows.
+    fn bn_backward_block => bn_backward_block_body(
         op: &BatchNormGrad,
         x: &[f32],
         y: &[f32],
         g: &[f32],
         dims: (usize, usize, usize),
         ptr: &OutPtr,
-        ci: usize,
+        channels: Range<usize>,
     )
 }
 
+/// Adds one row's `Σ g'` and `Σ g'·(x − m)` to a channel's running sums:
+/// the tail values one by one, then the row's lane sums.
 #[inline(always)]
-fn bn_backward_channel_body(
+fn add_grad_row(
+    (xr, yr, gr): (&[f32], &[f32], &[f32]),
+    m: f32,
+    relu: bool,
+    (sum_g, sum_gx): (&mut f64, &mut f64),
+) {
+    // Chunks as arrays let the loop vectorise without bounds checks:
+    // indexing `xr[i + l]`, or `chunks_exact` slices indexed by lane,
+    // kept the checks and compiled to scalar code (this pass then cost
+    // several times the forward's).
+    let (xc, xt) = xr.as_chunks::<LANES>();
+    let (yc, yt) = yr.as_chunks::<LANES>();
+    let (gc, gt) = gr.as_chunks::<LANES>();
+    let (acc_g, acc_gx) = if relu {
+        grad_lane_sums::<true>(xc, yc, gc, m)
+    } else {
+        grad_lane_sums::<false>(xc, yc, gc, m)
+    };
+    for ((&xv, &yv), &gv) in xt.iter().zip(yt).zip(gt) {
+        let gv = if relu { relu_grad_of(yv, gv) } else { gv };
+        *sum_g += f64::from(gv);
+        *sum_gx += f64::from(gv * (xv - m));
+    }
+    // Rows shorter than the lanes have nothing in them (see `lane_sum`).
+    if xr.len() >= LANES {
+        *sum_g += acc_g.iter().map(|&v| f64::from(v)).sum::<f64>();
+        *sum_gx += acc_gx.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+}
+
+#[inline(always)]
+fn bn_backward_block_body(
     op: &BatchNormGrad,
     x: &[f32],
     y: &[f32],
     g: &[f32],
     (n, c, hw): (usize, usize, usize),
     ptr: &OutPtr,
-    ci: usize,
+    channels: Range<usize>,
 ) {
     let count = (n * hw) as f64;
     let relu = op.relu;
-    let row = |ni: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
-    let m = op.mean[ci];
-    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+    let row = |ni: usize, ci: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
+    // Image by image, the block's rows are one contiguous run of memory:
+    // read in that order rather than a channel's rows one image apart.
+    // Each channel still sums its rows in image order, as before.
+    let mut sums = vec![(0f64, 0f64); channels.len()];
     for ni in 0..n {
-        let (xr, yr, gr) = (&x[row(ni)], &y[row(ni)], &g[row(ni)]);
-        // Chunks as arrays let the loop vectorise without bounds checks:
-        // indexing `xr[i + l]`, or `chunks_exact` slices indexed by lane,
-        // kept the checks and compiled to scalar code (this pass then cost
-        // several times the forward's).
-        let (xc, xt) = xr.as_chunks::<LANES>();
-        let (yc, yt) = yr.as_chunks::<LANES>();
-        let (gc, gt) = gr.as_chunks::<LANES>();
-        let (acc_g, acc_gx) = if relu {
-            grad_lane_sums::<true>(xc, yc, gc, m)
-        } else {
-            grad_lane_sums::<false>(xc, yc, gc, m)
-        };
-        for ((&xv, &yv), &gv) in xt.iter().zip(yt).zip(gt) {
-            let gv = if relu { relu_grad_of(yv, gv) } else { gv };
-            sum_g += f64::from(gv);
-            sum_gx += f64::from(gv * (xv - m));
-        }
-        // Rows shorter than the lanes have nothing in them (see `lane_sum`).
-        if hw >= LANES {
-            sum_g += acc_g.iter().map(|&v| f64::from(v)).sum::<f64>();
-            sum_gx += acc_gx.iter().map(|&v| f64::from(v)).sum::<f64>();
+        for (ci, (sum_g, sum_gx)) in channels.clone().zip(sums.iter_mut()) {
+            let r = row(ni, ci);
+            let rows = (&x[r.clone()], &y[r.clone()], &g[r]);
+            add_grad_row(rows, op.mean[ci], relu, (sum_g, sum_gx));
         }
     }
-    let inv_std = f64::from(op.inv_std[ci]);
-    let dw = sum_gx * inv_std;
-    let db = sum_g;
-    // SAFETY: entries ci and c + ci belong to this task only.
-    unsafe {
-        ptr.slice(ci, 1)[0].write(dw as f32);
-        ptr.slice(c + ci, 1)[0].write(db as f32);
+    // dx = w·σ⁻¹·(g − db/M − x̂·dw/M), x̂ = (x − mean)·σ⁻¹.
+    let mut coefs = Vec::with_capacity(channels.len());
+    for (ci, &(sum_g, sum_gx)) in channels.clone().zip(&sums) {
+        let inv_std = f64::from(op.inv_std[ci]);
+        let dw = sum_gx * inv_std;
+        let db = sum_g;
+        // SAFETY: entries ci and c + ci belong to this task only.
+        unsafe {
+            ptr.slice(ci, 1)[0].write(dw as f32);
+            ptr.slice(c + ci, 1)[0].write(db as f32);
+        }
+        let k1 = f64::from(op.weight[ci]) * inv_std;
+        let k2 = (k1 * db / count) as f32;
+        let k3 = (k1 * inv_std * dw / count) as f32;
+        coefs.push((k1 as f32, k2, k3));
     }
     if !op.need_x {
         return;
     }
-    // dx = w·σ⁻¹·(g − db/M − x̂·dw/M), x̂ = (x − mean)·σ⁻¹.
-    let k1 = f64::from(op.weight[ci]) * inv_std;
-    let k2 = (k1 * db / count) as f32;
-    let k3 = (k1 * inv_std * dw / count) as f32;
-    let k1 = k1 as f32;
     for ni in 0..n {
-        let r = row(ni);
-        // SAFETY: row (ni, ci) of dx belongs to this task only.
-        let dst = unsafe { ptr.slice(2 * c + r.start, hw) };
-        let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
-        for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xr).zip(yr).zip(gr) {
-            let gv = if relu { relu_grad_of(yv, gv) } else { gv };
-            d.write(k1 * gv - k2 - k3 * (xv - m));
+        for (ci, &(k1, k2, k3)) in channels.clone().zip(&coefs) {
+            let r = row(ni, ci);
+            let m = op.mean[ci];
+            // SAFETY: row (ni, ci) of dx belongs to this task only.
+            let dst = unsafe { ptr.slice(2 * c + r.start, hw) };
+            let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
+            for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xr).zip(yr).zip(gr) {
+                let gv = if relu { relu_grad_of(yv, gv) } else { gv };
+                d.write(k1 * gv - k2 - k3 * (xv - m));
+            }
         }
     }
 }
