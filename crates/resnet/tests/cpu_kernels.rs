@@ -39,7 +39,7 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
 /// (n, c_in, c_out, h, w, k, stride, padding)
 type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CONV_CASES: [ConvCase; 16] = [
+const CONV_CASES: [ConvCase; 20] = [
     (2, 3, 5, 16, 16, 7, 2, 3), // stem
     (2, 3, 4, 17, 13, 7, 2, 3), // stem, odd and non-square
     (3, 4, 6, 8, 8, 3, 1, 1),   // 3×3
@@ -57,6 +57,12 @@ const CONV_CASES: [ConvCase; 16] = [
     // More than 4 input channels: the f32 path (the image's conv is f64).
     (5, 8, 6, 10, 10, 3, 1, 1), // 3×3 "same", images grouped
     (2, 6, 4, 9, 7, 5, 1, 2),   // 5×5 "same", non-square
+    // Stride 1 with more than 4 output channels: the input gradient is a
+    // forward convolution of the output gradient with the turned kernel.
+    (2, 3, 6, 5, 5, 5, 1, 0), // no padding, 5×5
+    (3, 5, 7, 2, 3, 3, 1, 1), // 3×3 "same" on a 2×3 plane
+    (1, 5, 6, 3, 2, 7, 1, 3), // 7×7 "same", padding wider than the plane
+    (2, 5, 6, 6, 5, 2, 1, 0), // 2×2, no padding
 ];
 
 fn check_conv_case(i: usize, case: ConvCase) {

@@ -936,7 +936,49 @@ fn forward_exact(g: &Geometry, x: &[f32], kernel: &[f32], epilogue: Option<&Epil
     unsafe { out.finish() }
 }
 
+/// For a stride-1 convolution that is not pointwise, the geometry of its
+/// input gradient as a forward convolution: `dx = conv(grad, W')` with
+/// `W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j]` and padding `kh−1−p` (square
+/// kernels only, so that one padding fits both sides).
+fn input_grad_as_forward(g: &Geometry) -> Option<Geometry> {
+    if g.stride != 1 || g.pointwise() || g.kh != g.kw || g.padding >= g.kh {
+        return None;
+    }
+    let padding = g.kh - 1 - g.padding;
+    let fwd = Geometry::new((g.n, g.o, g.oh, g.ow), (g.c, g.o, g.kh, g.kw), padding, 1).ok()?;
+    // A kernel more than twice as wide as the padding leaves output the
+    // wrong size; only the same-size case is taken.
+    ((fwd.oh, fwd.ow) == (g.h, g.w) && !fwd.exact()).then_some(fwd)
+}
+
+/// `W'` of [`input_grad_as_forward`]: `[C, O, kh, kw]`, each kernel turned
+/// by 180°.
+fn flipped_kernel(g: &Geometry, kernel: &[f32]) -> Vec<f32> {
+    let (kh, kw) = (g.kh, g.kw);
+    let taps = kh * kw;
+    let mut out = Uninit::new(kernel.len());
+    out.as_mut_slice()
+        .par_chunks_mut(g.o * taps)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (o, dst) in dst.chunks_mut(taps).enumerate() {
+                let src = &kernel[(o * g.c + c) * taps..(o * g.c + c + 1) * taps];
+                for (d, &v) in dst.iter_mut().zip(src.iter().rev()) {
+                    d.write(v);
+                }
+            }
+        });
+    // SAFETY: each of the C chunks wrote its O·kh·kw values.
+    unsafe { out.finish() }
+}
+
 pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
+    // A stride-1 gradient is a forward convolution: im2col of the output
+    // gradient and one product, instead of a product into `col` form and
+    // col2im's read-modify-write of every input pixel kh·kw times.
+    if let Some(fwd) = input_grad_as_forward(g) {
+        return forward(&fwd, grad, &flipped_kernel(g, kernel), None);
+    }
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
     let img_out = o * p;
