@@ -83,13 +83,11 @@ impl Head {
         train: bool,
         rng: &Mutex<ChaCha8Rng>,
     ) -> Result<Tensor> {
-        let flat = features.flatten_from(2)?;
-        let avg = flat.mean(2)?;
         // fastai's AdaptiveConcatPool2d puts the max first.
         let mut x = if self.concat_pool {
-            Tensor::cat(&[&flat.max(2)?, &avg], 1)?
+            ops.concat_pool(features)?
         } else {
-            avg
+            features.flatten_from(2)?.mean(2)?
         };
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {

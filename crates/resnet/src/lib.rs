@@ -65,6 +65,7 @@
 //! ```
 
 mod batch_norm;
+mod concat_pool;
 mod config;
 mod conv;
 pub mod cpu;
@@ -79,6 +80,7 @@ mod model;
 mod ops;
 mod weights;
 
+pub use concat_pool::{concat_pool, concat_pool_composed};
 pub use config::{Arch, BlockKind, HeadConfig, Precision, ResNetConfig};
 pub use conv::conv2d;
 pub use error::ResNetError;

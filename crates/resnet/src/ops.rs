@@ -313,6 +313,22 @@ impl Ops {
         crate::max_pool::max_pool_composed(x)
     }
 
+    /// fastai's concat pool: `[N, C, H, W]` → `[N, 2C]`, per-channel maxima
+    /// then means (see [`crate::concat_pool`]).
+    pub fn concat_pool(&self, x: &Tensor) -> Result<Tensor> {
+        if self.cpu(&[x]) {
+            return crate::concat_pool::concat_pool_op(x);
+        }
+        #[cfg(feature = "cuda")]
+        if self.kernels == Kernels::Auto
+            && x.dtype() == DType::F32
+            && crate::cuda::supported(&[x], &[])
+        {
+            return crate::concat_pool::concat_pool_op(x);
+        }
+        crate::concat_pool::concat_pool_composed(x)
+    }
+
     /// Inference: `relu?(conv2d(x, kernel) · scale + shift (+ residual))`
     /// with no gradient graph.
     #[allow(clippy::too_many_arguments)]

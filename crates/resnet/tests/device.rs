@@ -124,6 +124,56 @@ fn cuda_max_pool_nan_wins() {
     assert_eq!(bits(&ours), expected);
 }
 
+/// fastai's concat pool on CUDA equals the CPU kernel to the bit: values,
+/// and the gradient, on random planes, tied maxima and a NaN, at the
+/// plane sizes of 64, 128 and 224 px inputs.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_concat_pool() {
+    use candle_core::{Tensor, Var};
+    let ops = multilabel_resnet::Ops::default();
+    let cpu = candle_core::Device::Cpu;
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_device(&cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+            .collect()
+    };
+    for (n, c, side) in [(3, 40, 2), (2, 24, 4), (2, 16, 7)] {
+        let mut values: Vec<f32> = Tensor::randn(0f32, 1f32, n * c * side * side, &cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let plane = side * side;
+        // Plane 1 all equal, plane 2 with a tie, plane 3 with a NaN.
+        values[plane..2 * plane].fill(0.25);
+        values[2 * plane] = 9.0;
+        values[2 * plane + plane - 1] = 9.0;
+        values[3 * plane + plane / 2] = f32::NAN;
+        let grad = Tensor::randn(0f32, 1f32, (n, 2 * c), &cpu).unwrap();
+        let run = |device: &candle_core::Device| {
+            let x = Var::from_vec(values.clone(), (n, c, side, side), device).unwrap();
+            let y = ops.concat_pool(&x).unwrap();
+            let loss = (&y * grad.to_device(device).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let dx = loss.backward().unwrap().get(&x).unwrap().clone();
+            (bits(&y), bits(&dx))
+        };
+        let (y_cpu, dx_cpu) = run(&cpu);
+        let (y_gpu, dx_gpu) = run(&device());
+        assert!(y_cpu.contains(&u32::MAX));
+        assert_eq!(y_gpu, y_cpu, "{n}x{c}x{side}x{side} values");
+        assert_eq!(dx_gpu, dx_cpu, "{n}x{c}x{side}x{side} gradient");
+    }
+}
+
 /// cuDNN's convolutions (what `Kernels::Auto` runs with the `cudnn`
 /// feature) in exact `f32`: every pass, every ResNet shape, small and larger.
 #[cfg(feature = "cudnn")]

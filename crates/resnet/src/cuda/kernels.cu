@@ -281,3 +281,48 @@ extern "C" __global__ void bn_running(
         running[i] = running[i] * keep + (batch[i] * factor) * take;
     }
 }
+
+// fastai's concat pool, f32, one thread per plane (n, c) of H·W values:
+// y[n, c] = the plane's first maximum in row-major order (its first NaN,
+// if any), y[n, C + c] = its values summed in order, times 1/(H·W); the
+// backward gives every value 1/(H·W) of the mean's gradient and adds the
+// maximum's gradient at the first maximum. The CPU kernel's operations in
+// the CPU kernel's order, so the same bits.
+__device__ int plane_first_max(const float* p, int hw) {
+    int best = 0;
+    for (int j = 0; j < hw; ++j) {
+        float v = p[j];
+        if (v != v) return j;
+        if (v > p[best]) best = j;
+    }
+    return best;
+}
+
+extern "C" __global__ void concat_pool_fwd(
+    const float* x, float* y, long long planes, int c, int hw, float inv) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < planes;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float* p = x + i * hw;
+        long long n = i / c;
+        long long ch = i - n * c;
+        float sum = 0.0f;
+        for (int j = 0; j < hw; ++j) sum += p[j];
+        y[n * 2 * c + ch] = p[plane_first_max(p, hw)];
+        y[n * 2 * c + c + ch] = sum * inv;
+    }
+}
+
+extern "C" __global__ void concat_pool_bwd(
+    const float* x, const float* g, float* dx, long long planes, int c, int hw, float inv) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < planes;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float* p = x + i * hw;
+        long long n = i / c;
+        long long ch = i - n * c;
+        float g_max = g[n * 2 * c + ch];
+        float g_mean = g[n * 2 * c + c + ch] * inv;
+        float* d = dx + i * hw;
+        for (int j = 0; j < hw; ++j) d[j] = g_mean;
+        d[plane_first_max(p, hw)] += g_max;
+    }
+}

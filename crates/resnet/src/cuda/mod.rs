@@ -860,6 +860,82 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(MaxPool)
 }
 
+/// `(n, c, h·w)` of an `f32` concat-pool input `[N, C, H, W]`.
+fn concat_dims(storage: &CudaStorage, layout: &Layout) -> Result<(usize, usize, usize)> {
+    if storage.dtype() != DType::F32 {
+        candle_core::bail!("cuda concat-pool: expects f32, got {:?}", storage.dtype())
+    }
+    let (n, c, h, w) = layout.shape().dims4()?;
+    if h * w == 0 {
+        candle_core::bail!("cuda concat-pool: empty plane {h}×{w}")
+    }
+    i32_of(h * w, "H·W")?;
+    i32_of(c, "C")?;
+    Ok((n, c, h * w))
+}
+
+/// The CUDA body of [`crate::concat_pool`]'s forward op: `[N, 2C]`.
+pub(crate) fn concat_pool_fwd(xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+    let (n, c, hw) = concat_dims(xs, xl)?;
+    let dev = xs.device().clone();
+    let x = address(xs, xl, "the concat-pool input")?;
+    // SAFETY: `concat_pool_fwd` writes both values of every plane.
+    let (y_storage, y) = unsafe { alloc_as(&dev, DType::F32, n * 2 * c)? };
+    let func = dev.get_or_load_custom_func("concat_pool_fwd", MODULE, ptx()?)?;
+    let planes = (n * c) as i64;
+    let (c32, hw32, inv) = (c as i32, hw as i32, 1.0 / hw as f32);
+    let mut launch = func.builder();
+    launch.arg(&x);
+    launch.arg(&y);
+    launch.arg(&planes);
+    launch.arg(&c32);
+    launch.arg(&hw32);
+    launch.arg(&inv);
+    // SAFETY: the arguments match `concat_pool_fwd`.
+    unsafe { launch.launch(elementwise(n * c)) }.w()?;
+    Ok((y_storage, Shape::from((n, 2 * c))))
+}
+
+/// The CUDA body of [`crate::concat_pool`]'s backward op: `dx` from the
+/// input and the `[N, 2C]` output gradient.
+pub(crate) fn concat_pool_bwd(
+    xs: &CudaStorage,
+    xl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (n, c, hw) = concat_dims(xs, xl)?;
+    same_dtype(xs, gs, "concat-pool backward")?;
+    if gl.shape().dims() != [n, 2 * c] {
+        candle_core::bail!(
+            "cuda concat-pool backward: gradient {:?} for an input {:?}",
+            gl.shape().dims(),
+            xl.shape().dims()
+        )
+    }
+    let dev = xs.device().clone();
+    let (x, g) = (
+        address(xs, xl, "the concat-pool input")?,
+        address(gs, gl, "the output gradient")?,
+    );
+    // SAFETY: `concat_pool_bwd` writes every value of every plane.
+    let (dx_storage, dx) = unsafe { alloc_as(&dev, DType::F32, n * c * hw)? };
+    let func = dev.get_or_load_custom_func("concat_pool_bwd", MODULE, ptx()?)?;
+    let planes = (n * c) as i64;
+    let (c32, hw32, inv) = (c as i32, hw as i32, 1.0 / hw as f32);
+    let mut launch = func.builder();
+    launch.arg(&x);
+    launch.arg(&g);
+    launch.arg(&dx);
+    launch.arg(&planes);
+    launch.arg(&c32);
+    launch.arg(&hw32);
+    launch.arg(&inv);
+    // SAFETY: the arguments match `concat_pool_bwd`.
+    unsafe { launch.launch(elementwise(n * c)) }.w()?;
+    Ok((dx_storage, xl.shape().clone()))
+}
+
 /// The compute capability `(major, minor)` of a CUDA device; `None` for
 /// any other device or if the driver does not say.
 pub fn compute_capability(device: &candle_core::Device) -> Option<(i32, i32)> {
