@@ -946,8 +946,9 @@ fn input_grad_as_forward(g: &Geometry) -> Option<Geometry> {
     }
     let padding = g.kh - 1 - g.padding;
     let fwd = Geometry::new((g.n, g.o, g.oh, g.ow), (g.c, g.o, g.kh, g.kw), padding, 1).ok()?;
-    // A kernel more than twice as wide as the padding leaves output the
-    // wrong size; only the same-size case is taken.
+    // With stride 1 the result is the input's size (checked all the same);
+    // with at most 4 output channels the forward would take its f64 path,
+    // so those keep col2im.
     ((fwd.oh, fwd.ow) == (g.h, g.w) && !fwd.exact()).then_some(fwd)
 }
 
