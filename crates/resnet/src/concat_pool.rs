@@ -172,19 +172,7 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::{concat_pool, concat_pool_composed};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff;
 
     /// Without ties the op is candle's composition: the same maxima, means
     /// within rounding, and the same gradients.

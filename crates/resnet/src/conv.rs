@@ -231,6 +231,7 @@ fn pad_to(t: Tensor, dim: usize, left: usize, total: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::{Device, Var};
 
     fn values(shape: &[usize], seed: u64) -> Tensor {
@@ -238,19 +239,6 @@ mod tests {
         let mut rng = crate::init::rng_for(seed, "conv-test");
         let v = crate::init::normal_values(&mut rng, n, 1.0);
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Our gradients equal candle's own Conv2D backward for every conv shape a ResNet uses.

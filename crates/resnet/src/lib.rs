@@ -91,3 +91,23 @@ pub use weights::{
     DEFAULT_HUB_REPO, HUB_WEIGHTS_FILE, LoadReport, WeightsSource, hub_file, load_pretrained,
     load_pretrained_at, transformers_to_torchvision,
 };
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    /// The largest `|a − b|` over all values.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}

@@ -94,6 +94,20 @@ fn cuda_max_pool() {
     paths::max_pool_forward_and_gradient_with(&device(), multilabel_resnet::Ops::default(), 0.0);
 }
 
+/// The bits of every value of `t` (copied to the CPU), every NaN as `u32::MAX`.
+#[cfg(feature = "cuda")]
+fn nan_bits(t: &candle_core::Tensor) -> Vec<u32> {
+    t.to_device(&candle_core::Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+        .collect()
+}
+
 /// A NaN wins every window that holds it, on the device as on the CPU.
 #[cfg(feature = "cuda")]
 #[test]
@@ -108,20 +122,9 @@ fn cuda_max_pool_nan_wins() {
     let cpu = multilabel_resnet::Ops::default()
         .max_pool_3x3_s2(&x)
         .unwrap();
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.to_device(&candle_core::Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
-            .collect()
-    };
-    let expected = bits(&cpu);
+    let expected = nan_bits(&cpu);
     assert!(expected.contains(&u32::MAX));
-    assert_eq!(bits(&ours), expected);
+    assert_eq!(nan_bits(&ours), expected);
 }
 
 /// fastai's concat pool on CUDA equals the CPU kernel to the bit: values,
@@ -133,17 +136,6 @@ fn cuda_concat_pool() {
     use candle_core::{Tensor, Var};
     let ops = multilabel_resnet::Ops::default();
     let cpu = candle_core::Device::Cpu;
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.to_device(&cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
-            .collect()
-    };
     for (n, c, side) in [(3, 40, 2), (2, 24, 4), (2, 16, 7)] {
         let mut values: Vec<f32> = Tensor::randn(0f32, 1f32, n * c * side * side, &cpu)
             .unwrap()
@@ -164,7 +156,7 @@ fn cuda_concat_pool() {
                 .sum_all()
                 .unwrap();
             let dx = loss.backward().unwrap().get(&x).unwrap().clone();
-            (bits(&y), bits(&dx))
+            (nan_bits(&y), nan_bits(&dx))
         };
         let (y_cpu, dx_cpu) = run(&cpu);
         let (y_gpu, dx_gpu) = run(&device());
