@@ -23,6 +23,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::Uninit;
+use super::direct;
 use super::simd::simd_kernel;
 
 /// Shapes of one convolution.
@@ -111,6 +112,17 @@ impl Geometry {
     /// ResNet of the usual widths, only the stem, which reads the image).
     fn exact(&self) -> bool {
         self.c <= EXACT_MAX_CHANNELS
+    }
+
+    /// The direct kernel for this convolution, where it applies (see
+    /// [`direct::Direct::plan`]).
+    fn direct(&self) -> Option<direct::Direct> {
+        direct::Direct::plan(
+            (self.n, self.c, self.h, self.w),
+            (self.o, self.kh, self.kw),
+            self.padding,
+            self.stride,
+        )
     }
 
     /// Images per matrix product.
@@ -741,6 +753,22 @@ pub(crate) fn forward(
 ) -> Vec<f32> {
     if g.exact() {
         return forward_exact(g, x, kernel, epilogue);
+    }
+    if let Some(d) = g.direct() {
+        let mut out = Uninit::new(g.n * g.o * g.p());
+        let p = g.p();
+        direct::forward(&d, x, kernel, out.as_mut_slice(), |first, planes| {
+            if let Some(e) = epilogue {
+                for (i, row) in planes.chunks_mut(p).enumerate() {
+                    // SAFETY: the direct kernel wrote the plane; the
+                    // epilogue rewrites it in place, value by value.
+                    let src = unsafe { std::slice::from_raw_parts(row.as_ptr().cast(), p) };
+                    e.apply(first + i, g.o, src, row);
+                }
+            }
+        });
+        // SAFETY: the direct kernel writes every output value.
+        return unsafe { out.finish() };
     }
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
@@ -1506,6 +1534,31 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
     }
     x.contiguous()?
         .apply_op2(&kernel.contiguous()?, Conv2d { padding, stride })
+}
+
+/// Which CPU kernel [`conv2d`] runs for an input `[N, C, H, W]` and a kernel
+/// `[O, C, kh, kw]` at the current SIMD level: `"exact"` (at most four input
+/// channels: im2col + an `f64` product), `"direct avx512"` or `"direct
+/// avx2"` (stride-1 convolutions with output channels in blocks of 64 or
+/// 16 and planes of at least 256 pixels, see `cpu/direct.rs`), or
+/// `"im2col"` (im2col + `gemm`; no im2col for 1×1 stride 1). For tests and
+/// benchmarks; an error for shapes [`conv2d`] refuses.
+pub fn conv2d_path(
+    x_dims: (usize, usize, usize, usize),
+    k_dims: (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<&'static str> {
+    let g = Geometry::new(x_dims, k_dims, padding, stride)?;
+    Ok(if g.exact() {
+        "exact"
+    } else {
+        match g.direct().map(|d| d.level()) {
+            Some(super::SimdLevel::Avx512) => "direct avx512",
+            Some(_) => "direct avx2",
+            None => "im2col",
+        }
+    })
 }
 
 /// The gradient of [`conv2d`] with respect to an input of shape `x_dims`,

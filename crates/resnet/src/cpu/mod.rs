@@ -27,10 +27,13 @@
 
 mod conv;
 mod conv_bn;
+mod direct;
 mod norm;
 pub(crate) mod simd;
 
-pub use conv::{conv2d, conv2d_affine, conv2d_input_grad, conv2d_kernel_grad, supported};
+pub use conv::{
+    conv2d, conv2d_affine, conv2d_input_grad, conv2d_kernel_grad, conv2d_path, supported,
+};
 pub use conv_bn::{conv2d_batch_norm_add_relu_train, conv2d_batch_norm_train};
 pub use norm::{add_relu, batch_norm_train, scale_shift};
 pub use simd::{SimdLevel, detected_simd_level, set_simd_level, simd_level};
