@@ -211,6 +211,54 @@ fn pool_plane_f32_body(plane: &[f32], height: usize, width: usize, out: &mut [f3
     }
 }
 
+crate::cpu::simd::simd_kernel! {
+    /// [`unpool_plane_f32_body`] built for the CPU's SIMD level.
+    fn unpool_plane_f32 => unpool_plane_f32_body(
+        plane: &[f32],
+        height: usize,
+        width: usize,
+        grad: &[f32],
+        out_w: usize,
+        out: &mut [f32],
+    )
+}
+
+/// The backward pool of one `f32` plane without NaN: each output's gradient
+/// added to its window's first maximum, found by the same row-major scan
+/// as [`arg_max`] and added in the same output order, so the sums are
+/// identical, without its per-value NaN and `Option` handling (which made
+/// the backward several times slower than the forward). `out` starts at zero.
+#[inline(always)]
+fn unpool_plane_f32_body(
+    plane: &[f32],
+    height: usize,
+    width: usize,
+    grad: &[f32],
+    out_w: usize,
+    out: &mut [f32],
+) {
+    for (oy, grad_row) in grad.chunks_exact(out_w).enumerate() {
+        let y0 = (oy * STRIDE).saturating_sub(PADDING);
+        let y1 = (oy * STRIDE + KERNEL - PADDING).min(height);
+        for (ox, &g) in grad_row.iter().enumerate() {
+            let x0 = (ox * STRIDE).saturating_sub(PADDING);
+            let x1 = (ox * STRIDE + KERNEL - PADDING).min(width);
+            let mut at = y0 * width + x0;
+            let mut best = plane[at];
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    let v = plane[y * width + x];
+                    if v > best {
+                        best = v;
+                        at = y * width + x;
+                    }
+                }
+            }
+            out[at] += g;
+        }
+    }
+}
+
 fn pool_forward<T: WithDType>(
     storage: &CpuStorage,
     layout: &Layout,
@@ -261,6 +309,13 @@ fn pool_backward<T: WithDType>(
         .zip(input.par_chunks(height * width))
         .zip(grad.par_chunks(out_h * out_w))
         .for_each(|((out_plane, plane), grad_plane)| {
+            if let (Some(plane), Some(grad_plane), Some(out_plane)) =
+                (as_f32(plane), as_f32(grad_plane), as_f32_mut(out_plane))
+                && !plane.iter().any(|v| v.is_nan())
+            {
+                unpool_plane_f32(plane, height, width, grad_plane, out_w, out_plane);
+                return;
+            }
             for oy in 0..out_h {
                 for ox in 0..out_w {
                     out_plane[arg_max(plane, height, width, oy, ox)] += grad_plane[oy * out_w + ox];
@@ -319,7 +374,7 @@ mod tests {
     /// The `f32` fast path gives the values of the generic first-maximum
     /// scan (odd and even sides, many ties), and a NaN still wins its windows.
     #[test]
-    fn fast_path_equals_generic_scan_and_nan_wins() {
+    fn fast_paths_equal_generic_scan_and_nan_wins() {
         for (h, w) in [(7, 9), (8, 8), (5, 4), (1, 3)] {
             // Values from a small set, so windows are full of ties.
             let plane: Vec<f32> = (0..h * w).map(|i| ((i * 7919) % 5) as f32 - 2.0).collect();
@@ -330,6 +385,25 @@ mod tests {
                 .map(|i| plane[arg_max(&plane, h, w, i / ow, i % ow)])
                 .collect();
             assert_eq!(fast, generic, "{h}x{w}");
+        }
+        // The backward: the same window maxima take the same gradients, added
+        // in the same order (gradients that round differently when summed in
+        // another order).
+        for (h, w) in [(7, 9), (8, 8), (5, 4), (1, 3), (12, 10)] {
+            let plane: Vec<f32> = (0..h * w).map(|i| ((i * 7919) % 5) as f32 - 2.0).collect();
+            let (oh, ow) = (pooled_len(h), pooled_len(w));
+            let grad: Vec<f32> = (0..oh * ow)
+                .map(|i| 1.0 + (i as f32) * 1e-7 + 1e-3 / (i as f32 + 1.0))
+                .collect();
+            let mut fast = vec![0f32; h * w];
+            unpool_plane_f32(&plane, h, w, &grad, ow, &mut fast);
+            let mut generic = vec![0f32; h * w];
+            for (i, &g) in grad.iter().enumerate() {
+                generic[arg_max(&plane, h, w, i / ow, i % ow)] += g;
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&generic), "backward {h}x{w}");
+            assert!(fast.iter().filter(|&&v| v != 0.0).count() > 0);
         }
         let mut plane = vec![1f32; 6 * 6];
         plane[2 * 6 + 2] = f32::NAN;
