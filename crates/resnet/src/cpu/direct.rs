@@ -40,6 +40,7 @@ const NP: usize = 6;
 /// in L1 while every tile of the plane goes by. Partial sums wait in the
 /// scratch buffer between passes, stored and reloaded exactly, so the sums
 /// are the same as in one pass.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const CHANNEL_CHUNK: usize = 16;
 
 /// Input channels below which the direct path is not taken (the image's
@@ -172,7 +173,8 @@ pub(super) fn forward(
 ) {
     let plane = d.plane();
     let padded = pad_input(d, x, plane);
-    let weights = pack_kernel(d, kernel);
+    let (weights, offset) = pack_kernel(d, kernel);
+    let weights = &weights[offset..offset + kernel.len()];
     let taps: Vec<usize> = (0..d.kh)
         .flat_map(|i| (0..d.kw).map(move |j| i * d.wp() + j))
         .collect();
@@ -183,7 +185,7 @@ pub(super) fn forward(
         .for_each(|(b, dst)| {
             let image = &padded[b * d.c * plane..(b + 1) * d.c * plane];
             with_tile_scratch(d.p_tiles() * d.o, |tmp| {
-                tiles(d, image, &weights, &taps, &pixels, tmp);
+                tiles(d, image, weights, &taps, &pixels, tmp);
                 transpose(tmp, d.o, p, dst);
             });
             finish(b * d.o, dst);
@@ -250,23 +252,39 @@ fn pad_input(d: &Direct, x: &[f32], plane: usize) -> Vec<f32> {
     unsafe { out.finish() }
 }
 
-/// The kernel `[O, C, kh, kw]` as `[O/B, C, kh·kw, B]`.
-fn pack_kernel(d: &Direct, kernel: &[f32]) -> Vec<f32> {
+/// Floats per 64-byte cache line.
+const LINE: usize = 16;
+
+/// `len` floats starting on a cache line: a buffer and the offset of the
+/// aligned start in it. With `B` a multiple of 16, every weight vector the
+/// microkernel loads is then one line, never two.
+fn aligned(len: usize) -> (Vec<f32>, usize) {
+    let buf = vec![0f32; len + LINE];
+    let offset = buf.as_ptr().align_offset(LINE * std::mem::size_of::<f32>());
+    assert!(
+        offset < LINE,
+        "an f32 buffer can be aligned to a cache line"
+    );
+    (buf, offset)
+}
+
+/// The kernel `[O, C, kh, kw]` as `[O/B, C, kh·kw, B]`, in an aligned buffer
+/// (see [`aligned`]).
+fn pack_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
     let taps = d.kh * d.kw;
     let bc = block_channels(d.level);
-    let mut out = Uninit::new(kernel.len());
-    out.as_mut_slice()
+    let (mut buf, offset) = aligned(kernel.len());
+    buf[offset..offset + kernel.len()]
         .par_chunks_mut(d.c * taps * bc)
         .enumerate()
         .for_each(|(block, dst)| {
             for (i, v) in dst.iter_mut().enumerate() {
                 let (ct, co) = (i / bc, i % bc);
                 let o = block * bc + co;
-                v.write(kernel[o * d.c * taps + ct]);
+                *v = kernel[o * d.c * taps + ct];
             }
         });
-    // SAFETY: each block wrote its `C·taps·B` values.
-    unsafe { out.finish() }
+    (buf, offset)
 }
 
 /// One image: every tile of [`NP`] output pixels for every block of output
@@ -299,6 +317,7 @@ fn tiles(d: &Direct, image: &[f32], w: &[f32], taps: &[usize], pixels: &[usize],
 
 /// `(input channels, padded plane, output channels, image, packed weights,
 /// tap offsets, pixel offsets)`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 type TileArgs<'a> = (
     usize,
     usize,
