@@ -162,8 +162,9 @@ impl Direct {
 
 /// `out[n, o, :, :] = Σ_c,i,j kernel[o, c, i, j] · x[n, c, y+i-pad, x+j-pad]`
 /// with zero padding, written in full; `finish(row, planes)` then runs on
-/// each image's `O` output planes (`row` = `image·O`) while they are in
-/// cache.
+/// each task's output planes (`row` = `image·O + first channel`: all of an
+/// image's, or a share of them when there are fewer images than threads)
+/// while they are in cache.
 pub(super) fn forward(
     d: &Direct,
     x: &[f32],
@@ -180,15 +181,26 @@ pub(super) fn forward(
         .collect();
     let pixels = d.pixels();
     let p = d.p();
-    out.par_chunks_mut(d.o * p)
+    // One task per image, or, with fewer images than threads (inference
+    // on a few images), each image's blocks of output channels shared out.
+    let bc = block_channels(d.level);
+    let blocks = d.o / bc;
+    let per_image = rayon::current_num_threads().div_ceil(d.n).clamp(1, blocks);
+    let task_blocks = blocks.div_ceil(per_image);
+    let per_block = d.c * taps.len() * bc;
+    out.par_chunks_mut(task_blocks * bc * p)
         .enumerate()
-        .for_each(|(b, dst)| {
+        .for_each(|(task, dst)| {
+            let tasks_per_image = blocks.div_ceil(task_blocks);
+            let (b, first) = (task / tasks_per_image, task % tasks_per_image * task_blocks);
+            let channels = dst.len() / p;
             let image = &padded[b * d.c * plane..(b + 1) * d.c * plane];
-            with_tile_scratch(d.p_tiles() * d.o, |tmp| {
-                tiles(d, image, weights, &taps, &pixels, tmp);
-                transpose(tmp, d.o, p, dst);
+            let w = &weights[first * per_block..first * per_block + channels / bc * per_block];
+            with_tile_scratch(d.p_tiles() * channels, |tmp| {
+                tiles(d, image, channels, w, &taps, &pixels, tmp);
+                transpose(tmp, channels, p, dst);
             });
-            finish(b * d.o, dst);
+            finish(b * d.o + first * bc, dst);
         });
 }
 
@@ -287,22 +299,32 @@ fn pack_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
     (buf, offset)
 }
 
-/// One image: every tile of [`NP`] output pixels for every block of output
-/// channels, into `tmp` (`[P rounded up to tiles, O]`, pixel-major).
-fn tiles(d: &Direct, image: &[f32], w: &[f32], taps: &[usize], pixels: &[usize], tmp: &mut [f32]) {
+/// One image: every tile of [`NP`] output pixels for each block of the
+/// `channels` output channels whose weights `w` holds, into `tmp` (`[P
+/// rounded up to tiles, channels]`, pixel-major).
+fn tiles(
+    d: &Direct,
+    image: &[f32],
+    channels: usize,
+    w: &[f32],
+    taps: &[usize],
+    pixels: &[usize],
+    tmp: &mut [f32],
+) {
     let plane = d.plane();
     assert_eq!(image.len(), d.c * plane);
-    assert_eq!(w.len(), d.o * d.c * taps.len());
+    assert_eq!(channels % block_channels(d.level), 0);
+    assert_eq!(w.len(), channels * d.c * taps.len());
     assert_eq!(pixels.len() % NP, 0);
-    assert_eq!(tmp.len(), pixels.len() * d.o);
+    assert_eq!(tmp.len(), pixels.len() * channels);
     let tap_max = taps.iter().max().copied().unwrap_or(0);
     // Every pixel's reads stay inside its padded plane.
     assert!(pixels.iter().all(|&q| q + tap_max < plane));
-    let args = (d.c, plane, d.o, image, w, taps, pixels);
+    let args = (d.c, plane, channels, image, w, taps, pixels);
     #[cfg(target_arch = "x86_64")]
     match d.level {
         // SAFETY: the level was detected on this CPU; the asserts above
-        // bound every read, and `tmp` has a row of O values per pixel.
+        // bound every read, and `tmp` has a row of `channels` values per pixel.
         SimdLevel::Avx512 => unsafe { x86::tiles_avx512(args, tmp) },
         // SAFETY: as above.
         SimdLevel::Avx2 => unsafe { x86::tiles_avx2(args, tmp) },
@@ -315,8 +337,8 @@ fn tiles(d: &Direct, image: &[f32], w: &[f32], taps: &[usize], pixels: &[usize],
     }
 }
 
-/// `(input channels, padded plane, output channels, image, packed weights,
-/// tap offsets, pixel offsets)`.
+/// `(input channels, padded plane, output channels (a multiple of the
+/// block), image, their packed weights, tap offsets, pixel offsets)`.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 type TileArgs<'a> = (
     usize,
