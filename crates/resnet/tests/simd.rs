@@ -3,6 +3,9 @@
 //! same operations in the same order. One test (the level is process-wide):
 //! a narrow ResNet-18's training step (outputs and every gradient), its
 //! eval-mode and inference forwards, at each level against the baseline.
+//! The direct convolution (`cpu/direct.rs`) needs FMA and has no baseline
+//! build; this model's 8-channel layers and small planes never take it
+//! (`tests/direct_conv.rs` checks that its AVX2 and AVX-512 builds agree).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
