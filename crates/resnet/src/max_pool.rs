@@ -123,13 +123,22 @@ struct MaxPool;
 
 struct MaxPoolBackward;
 
+/// The input rows (or columns) `start..end` that output row (or column)
+/// `o` pools, on a side of `len`: the window clipped to the plane, since
+/// padding never wins.
+#[inline(always)]
+fn span(o: usize, len: usize) -> (usize, usize) {
+    (
+        (o * STRIDE).saturating_sub(PADDING),
+        (o * STRIDE + KERNEL - PADDING).min(len),
+    )
+}
+
 /// Index (within the plane) of the first maximum of output cell (oy, ox).
 #[inline]
 fn arg_max<T: WithDType>(plane: &[T], height: usize, width: usize, oy: usize, ox: usize) -> usize {
-    let y0 = (oy * STRIDE).saturating_sub(PADDING);
-    let y1 = (oy * STRIDE + KERNEL - PADDING).min(height);
-    let x0 = (ox * STRIDE).saturating_sub(PADDING);
-    let x1 = (ox * STRIDE + KERNEL - PADDING).min(width);
+    let (y0, y1) = span(oy, height);
+    let (x0, x1) = span(ox, width);
     let mut best_idx = y0 * width + x0;
     let mut best: Option<T> = None;
     for y in y0..y1 {
@@ -195,11 +204,9 @@ crate::cpu::simd::simd_kernel! {
 #[inline(always)]
 fn pool_plane_f32_body(plane: &[f32], height: usize, width: usize, out: &mut [f32], out_w: usize) {
     for (oy, out_row) in out.chunks_exact_mut(out_w).enumerate() {
-        let y0 = (oy * STRIDE).saturating_sub(PADDING);
-        let y1 = (oy * STRIDE + KERNEL - PADDING).min(height);
+        let (y0, y1) = span(oy, height);
         for (ox, dst) in out_row.iter_mut().enumerate() {
-            let x0 = (ox * STRIDE).saturating_sub(PADDING);
-            let x1 = (ox * STRIDE + KERNEL - PADDING).min(width);
+            let (x0, x1) = span(ox, width);
             let mut best = plane[y0 * width + x0];
             for y in y0..y1 {
                 for &v in &plane[y * width + x0..y * width + x1] {
@@ -238,11 +245,9 @@ fn unpool_plane_f32_body(
     out: &mut [f32],
 ) {
     for (oy, grad_row) in grad.chunks_exact(out_w).enumerate() {
-        let y0 = (oy * STRIDE).saturating_sub(PADDING);
-        let y1 = (oy * STRIDE + KERNEL - PADDING).min(height);
+        let (y0, y1) = span(oy, height);
         for (ox, &g) in grad_row.iter().enumerate() {
-            let x0 = (ox * STRIDE).saturating_sub(PADDING);
-            let x1 = (ox * STRIDE + KERNEL - PADDING).min(width);
+            let (x0, x1) = span(ox, width);
             let mut at = y0 * width + x0;
             let mut best = plane[at];
             for y in y0..y1 {

@@ -44,69 +44,54 @@ const CASES: [Case; 7] = [
     (1, 64, 16, 16, 16, 3, 1),
 ];
 
-/// `Σ_c,i,j k[o,c,i,j] · x[n,c,y+i-pad,x+j-pad]` in `f64`.
-fn reference(x: &[f32], k: &[f32], case: Case) -> Vec<f64> {
+/// Calls `term(output index, input index, kernel index)` for every product
+/// of the convolution's definition, each output's terms in `(c, i, j)` order;
+/// taps that fall on the padding have no term.
+fn for_each_term(case: Case, mut term: impl FnMut(usize, usize, usize)) {
     let (n, c, o, h, w, kk, pad) = case;
     let (oh, ow) = (h + 2 * pad - kk + 1, w + 2 * pad - kk + 1);
-    let mut out = vec![0f64; n * o * oh * ow];
     for b in 0..n {
         for oc in 0..o {
-            for y in 0..oh {
-                for xx in 0..ow {
-                    let mut sum = 0f64;
-                    for ic in 0..c {
-                        for i in 0..kk {
-                            for j in 0..kk {
-                                let (iy, ix) = (
-                                    (y + i) as isize - pad as isize,
-                                    (xx + j) as isize - pad as isize,
-                                );
-                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                    continue;
-                                }
-                                let xv = x[((b * c + ic) * h + iy as usize) * w + ix as usize];
-                                let kv = k[((oc * c + ic) * kk + i) * kk + j];
-                                sum += f64::from(xv) * f64::from(kv);
-                            }
+            for (y, xx) in (0..oh).flat_map(|y| (0..ow).map(move |xx| (y, xx))) {
+                let out = ((b * o + oc) * oh + y) * ow + xx;
+                for ic in 0..c {
+                    for (i, j) in (0..kk).flat_map(|i| (0..kk).map(move |j| (i, j))) {
+                        let (iy, ix) = ((y + i).checked_sub(pad), (xx + j).checked_sub(pad));
+                        let (Some(iy), Some(ix)) = (iy, ix) else {
+                            continue;
+                        };
+                        if iy >= h || ix >= w {
+                            continue;
                         }
+                        term(
+                            out,
+                            ((b * c + ic) * h + iy) * w + ix,
+                            ((oc * c + ic) * kk + i) * kk + j,
+                        );
                     }
-                    out[((b * o + oc) * oh + y) * ow + xx] = sum;
                 }
             }
         }
     }
+}
+
+/// `Σ_c,i,j k[o,c,i,j] · x[n,c,y+i-pad,x+j-pad]` in `f64`.
+fn reference(x: &[f32], k: &[f32], case: Case) -> Vec<f64> {
+    let (n, _, o, h, w, kk, pad) = case;
+    let mut out = vec![0f64; n * o * (h + 2 * pad - kk + 1) * (w + 2 * pad - kk + 1)];
+    for_each_term(case, |oi, xi, ki| {
+        out[oi] += f64::from(x[xi]) * f64::from(k[ki])
+    });
     out
 }
 
 /// The input gradient of the case's convolution for output gradient `g`, in `f64`.
 fn reference_input_grad(g: &[f32], k: &[f32], case: Case) -> Vec<f64> {
-    let (n, c, o, h, w, kk, pad) = case;
-    let (oh, ow) = (h + 2 * pad - kk + 1, w + 2 * pad - kk + 1);
+    let (n, c, _, h, w, _, _) = case;
     let mut dx = vec![0f64; n * c * h * w];
-    for b in 0..n {
-        for oc in 0..o {
-            for y in 0..oh {
-                for xx in 0..ow {
-                    let gv = f64::from(g[((b * o + oc) * oh + y) * ow + xx]);
-                    for ic in 0..c {
-                        for i in 0..kk {
-                            for j in 0..kk {
-                                let (iy, ix) = (
-                                    (y + i) as isize - pad as isize,
-                                    (xx + j) as isize - pad as isize,
-                                );
-                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                    continue;
-                                }
-                                let kv = f64::from(k[((oc * c + ic) * kk + i) * kk + j]);
-                                dx[((b * c + ic) * h + iy as usize) * w + ix as usize] += gv * kv;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    for_each_term(case, |oi, xi, ki| {
+        dx[xi] += f64::from(g[oi]) * f64::from(k[ki])
+    });
     dx
 }
 

@@ -29,17 +29,17 @@ use super::simd::simd_kernel;
 /// Shapes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Geometry {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    padding: usize,
-    stride: usize,
-    oh: usize,
-    ow: usize,
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) padding: usize,
+    pub(super) stride: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
 }
 
 /// Partial sums of a kernel gradient (see [`kernel_grad`]).
@@ -98,7 +98,7 @@ impl Geometry {
     }
 
     /// Output pixels per image.
-    fn p(&self) -> usize {
+    pub(super) fn p(&self) -> usize {
         self.oh * self.ow
     }
 
@@ -117,12 +117,7 @@ impl Geometry {
     /// The direct kernel for this convolution, where it applies (see
     /// [`direct::Direct::plan`]).
     fn direct(&self) -> Option<direct::Direct> {
-        direct::Direct::plan(
-            (self.n, self.c, self.h, self.w),
-            (self.o, self.kh, self.kw),
-            self.padding,
-            self.stride,
-        )
+        direct::Direct::plan(self)
     }
 
     /// Images per matrix product.

@@ -30,6 +30,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::Uninit;
+use super::conv::Geometry;
 use super::simd::{SimdLevel, simd_level};
 
 /// Output pixels per microkernel tile.
@@ -64,16 +65,7 @@ fn block_channels(level: SimdLevel) -> usize {
 /// A stride-1 convolution the direct path computes.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Direct {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    pad: usize,
-    oh: usize,
-    ow: usize,
+    g: Geometry,
     level: SimdLevel,
 }
 
@@ -83,77 +75,51 @@ impl Direct {
         self.level
     }
 
-    /// The direct path for these shapes (input `[N, C, H, W]`, kernel
-    /// `[O, C, kh, kw]`), or `None` where im2col + `gemm` is used: a stride
-    /// above 1, a 1×1 kernel without padding (which needs no im2col), no
-    /// FMA at this SIMD level, output channels not a multiple of 16, an
-    /// image's few channels or a small plane.
-    pub(super) fn plan(
-        (n, c, h, w): (usize, usize, usize, usize),
-        (o, kh, kw): (usize, usize, usize),
-        pad: usize,
-        stride: usize,
-    ) -> Option<Self> {
+    /// The direct path for this convolution, or `None` where im2col +
+    /// `gemm` is used: a stride above 1, a 1×1 kernel without padding
+    /// (which needs no im2col), no FMA at this SIMD level, output channels
+    /// not a multiple of 16, an image's few channels or a small plane.
+    pub(super) fn plan(g: &Geometry) -> Option<Self> {
         // AVX-512's kernel needs 64 output channels per block; where they
         // do not divide, AVX2's (16 per block) runs on the same CPU, with
         // the same bits.
         let level = match simd_level() {
-            SimdLevel::Avx512 if o % block_channels(SimdLevel::Avx512) == 0 => SimdLevel::Avx512,
+            SimdLevel::Avx512 if g.o.is_multiple_of(block_channels(SimdLevel::Avx512)) => {
+                SimdLevel::Avx512
+            }
             SimdLevel::Avx512 | SimdLevel::Avx2 => SimdLevel::Avx2,
             SimdLevel::Baseline => return None,
         };
-        if stride != 1
-            || (kh == 1 && kw == 1 && pad == 0)
-            || o % block_channels(level) != 0
-            || c < MIN_CHANNELS
-            || h + 2 * pad < kh
-            || w + 2 * pad < kw
-        {
-            return None;
-        }
-        let oh = h + 2 * pad - kh + 1;
-        let ow = w + 2 * pad - kw + 1;
-        (oh * ow >= MIN_PIXELS).then_some(Self {
-            n,
-            c,
-            h,
-            w,
-            o,
-            kh,
-            kw,
-            pad,
-            oh,
-            ow,
-            level,
-        })
+        let pointwise = g.kh == 1 && g.kw == 1 && g.padding == 0;
+        let takes = g.stride == 1
+            && !pointwise
+            && g.o.is_multiple_of(block_channels(level))
+            && g.c >= MIN_CHANNELS
+            && g.p() >= MIN_PIXELS;
+        takes.then_some(Self { g: *g, level })
     }
 
     /// Width of a padded row.
     fn wp(&self) -> usize {
-        self.w + 2 * self.pad
+        self.g.w + 2 * self.g.padding
     }
 
     /// Values per padded input plane.
     fn plane(&self) -> usize {
-        (self.h + 2 * self.pad) * self.wp()
-    }
-
-    /// Output pixels per plane.
-    fn p(&self) -> usize {
-        self.oh * self.ow
+        (self.g.h + 2 * self.g.padding) * self.wp()
     }
 
     /// Output pixels per plane rounded up to whole tiles.
     fn p_tiles(&self) -> usize {
-        self.p().next_multiple_of(NP)
+        self.g.p().next_multiple_of(NP)
     }
 
     /// Each output pixel's offset in the padded plane (its top-left tap),
     /// the last one repeated up to whole tiles (computing it again and
     /// storing it past the plane's end, where nothing reads it).
     fn pixels(&self) -> Vec<usize> {
-        let (ow, wp) = (self.ow, self.wp());
-        let mut v: Vec<usize> = (0..self.p()).map(|q| q / ow * wp + q % ow).collect();
+        let (ow, wp) = (self.g.ow, self.wp());
+        let mut v: Vec<usize> = (0..self.g.p()).map(|q| q / ow * wp + q % ow).collect();
         let last = *v.last().expect("a plane has at least one output pixel");
         v.resize(self.p_tiles(), last);
         v
@@ -176,31 +142,33 @@ pub(super) fn forward(
     let padded = pad_input(d, x, plane);
     let (weights, offset) = pack_kernel(d, kernel);
     let weights = &weights[offset..offset + kernel.len()];
-    let taps: Vec<usize> = (0..d.kh)
-        .flat_map(|i| (0..d.kw).map(move |j| i * d.wp() + j))
+    let taps: Vec<usize> = (0..d.g.kh)
+        .flat_map(|i| (0..d.g.kw).map(move |j| i * d.wp() + j))
         .collect();
     let pixels = d.pixels();
-    let p = d.p();
+    let p = d.g.p();
     // One task per image, or, with fewer images than threads (inference
     // on a few images), each image's blocks of output channels shared out.
     let bc = block_channels(d.level);
-    let blocks = d.o / bc;
-    let per_image = rayon::current_num_threads().div_ceil(d.n).clamp(1, blocks);
+    let blocks = d.g.o / bc;
+    let per_image = rayon::current_num_threads()
+        .div_ceil(d.g.n)
+        .clamp(1, blocks);
     let task_blocks = blocks.div_ceil(per_image);
-    let per_block = d.c * taps.len() * bc;
+    let per_block = d.g.c * taps.len() * bc;
     out.par_chunks_mut(task_blocks * bc * p)
         .enumerate()
         .for_each(|(task, dst)| {
             let tasks_per_image = blocks.div_ceil(task_blocks);
             let (b, first) = (task / tasks_per_image, task % tasks_per_image * task_blocks);
             let channels = dst.len() / p;
-            let image = &padded[b * d.c * plane..(b + 1) * d.c * plane];
+            let image = &padded[b * d.g.c * plane..(b + 1) * d.g.c * plane];
             let w = &weights[first * per_block..first * per_block + channels / bc * per_block];
             with_tile_scratch(d.p_tiles() * channels, |tmp| {
                 tiles(d, image, channels, w, &taps, &pixels, tmp);
                 transpose(tmp, channels, p, dst);
             });
-            finish(b * d.o + first * bc, dst);
+            finish(b * d.g.o + first * bc, dst);
         });
 }
 
@@ -237,8 +205,8 @@ fn with_tile_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// Each image's planes with `pad` zero rows and columns around them.
 fn pad_input(d: &Direct, x: &[f32], plane: usize) -> Vec<f32> {
-    let (h, w, pad, wp) = (d.h, d.w, d.pad, d.wp());
-    let mut out = Uninit::new(d.n * d.c * plane);
+    let (h, w, pad, wp) = (d.g.h, d.g.w, d.g.padding, d.wp());
+    let mut out = Uninit::new(d.g.n * d.g.c * plane);
     out.as_mut_slice()
         .par_chunks_mut(plane)
         .zip(x.par_chunks(h * w))
@@ -283,17 +251,17 @@ fn aligned(len: usize) -> (Vec<f32>, usize) {
 /// The kernel `[O, C, kh, kw]` as `[O/B, C, kh·kw, B]`, in an aligned buffer
 /// (see [`aligned`]).
 fn pack_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
-    let taps = d.kh * d.kw;
+    let taps = d.g.kh * d.g.kw;
     let bc = block_channels(d.level);
     let (mut buf, offset) = aligned(kernel.len());
     buf[offset..offset + kernel.len()]
-        .par_chunks_mut(d.c * taps * bc)
+        .par_chunks_mut(d.g.c * taps * bc)
         .enumerate()
         .for_each(|(block, dst)| {
             for (i, v) in dst.iter_mut().enumerate() {
                 let (ct, co) = (i / bc, i % bc);
                 let o = block * bc + co;
-                *v = kernel[o * d.c * taps + ct];
+                *v = kernel[o * d.g.c * taps + ct];
             }
         });
     (buf, offset)
@@ -312,15 +280,15 @@ fn tiles(
     tmp: &mut [f32],
 ) {
     let plane = d.plane();
-    assert_eq!(image.len(), d.c * plane);
+    assert_eq!(image.len(), d.g.c * plane);
     assert_eq!(channels % block_channels(d.level), 0);
-    assert_eq!(w.len(), channels * d.c * taps.len());
+    assert_eq!(w.len(), channels * d.g.c * taps.len());
     assert_eq!(pixels.len() % NP, 0);
     assert_eq!(tmp.len(), pixels.len() * channels);
     let tap_max = taps.iter().max().copied().unwrap_or(0);
     // Every pixel's reads stay inside its padded plane.
     assert!(pixels.iter().all(|&q| q + tap_max < plane));
-    let args = (d.c, plane, channels, image, w, taps, pixels);
+    let args = (d.g.c, plane, channels, image, w, taps, pixels);
     #[cfg(target_arch = "x86_64")]
     match d.level {
         // SAFETY: the level was detected on this CPU; the asserts above
