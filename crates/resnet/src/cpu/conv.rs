@@ -1,5 +1,7 @@
-//! 2-D convolution on the CPU: im2col + `gemm`, with a backward pass that
-//! computes only the gradients something needs.
+//! 2-D convolution on the CPU: im2col + `gemm` (or, for stride-1
+//! convolutions on planes of 16×16 and up with AVX2/AVX-512, the direct
+//! kernel in `direct.rs`), with a backward pass that computes only the
+//! gradients something needs.
 //!
 //! Shapes: input `[N, C, H, W]`, kernel `[O, C, kh, kw]`, output
 //! `[N, O, OH, OW]`, one group, no dilation, the same padding and stride on

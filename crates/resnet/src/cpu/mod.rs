@@ -6,9 +6,10 @@
 //! every activation, each on one thread. These ops do the same maths in few
 //! passes on rayon's pool:
 //!
-//! - [`conv2d`]: im2col + `gemm`; backward computes only the gradients whose
-//!   operands track them (no kernel gradient for a frozen kernel, no input
-//!   gradient for the image).
+//! - [`conv2d`]: im2col + `gemm`, or a direct kernel for stride-1
+//!   convolutions on larger planes ([`conv2d_path`] says which); backward
+//!   computes only the gradients whose operands track them (no kernel
+//!   gradient for a frozen kernel, no input gradient for the image).
 //! - [`conv2d_batch_norm_train`]: a convolution and the train-mode BatchNorm
 //!   (and ReLU) after it as one graph node, so the BatchNorm's input
 //!   gradient goes straight into the convolution's backward;
