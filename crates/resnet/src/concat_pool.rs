@@ -172,7 +172,7 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::{concat_pool, concat_pool_composed};
-    use crate::test_util::max_abs_diff;
+    use crate::test_util::{linear_loss_grads, max_abs_diff};
 
     /// Without ties the op is candle's composition: the same maxima, means
     /// within rounding, and the same gradients.
@@ -193,13 +193,7 @@ mod tests {
                 "{n}x{c}x{h}x{w} values"
             );
             let r = Tensor::randn(0f32, 1f32, (n, 2 * c), &Device::Cpu).unwrap();
-            let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_theirs = (theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (g_ours, g_theirs) = (linear_loss_grads(&ours, &r), linear_loss_grads(&theirs, &r));
             let (a, b) = (g_ours.get(&x).unwrap(), g_theirs.get(&x).unwrap());
             assert!(max_abs_diff(a, b) <= 1e-6, "{n}x{c}x{h}x{w} gradient");
         }

@@ -231,7 +231,7 @@ fn pad_to(t: Tensor, dim: usize, left: usize, total: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::max_abs_diff;
+    use crate::test_util::{linear_loss_grads, max_abs_diff};
     use candle_core::{Device, Var};
 
     fn values(shape: &[usize], seed: u64) -> Tensor {
@@ -265,13 +265,7 @@ mod tests {
             // which sums in another order than candle: equal up to rounding.
             let d = max_abs_diff(&ours, &theirs);
             assert!(d < 1e-4, "case {i} forward: max diff {d}");
-            let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_theirs = (theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (g_ours, g_theirs) = (linear_loss_grads(&ours, &r), linear_loss_grads(&theirs, &r));
             for (name, var) in [("x", &x), ("w", &w)] {
                 let a = g_ours.get(var).unwrap();
                 let b = g_theirs.get(var).unwrap();

@@ -110,4 +110,10 @@ pub(crate) mod test_util {
             .to_scalar::<f32>()
             .unwrap()
     }
+
+    /// The gradients of the loss `Σ y·r`: a random `r` makes the output
+    /// gradient non-uniform, so a wrong backward shows.
+    pub(crate) fn linear_loss_grads(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+        (y * r).unwrap().sum_all().unwrap().backward().unwrap()
+    }
 }
