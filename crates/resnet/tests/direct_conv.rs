@@ -24,7 +24,7 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
 /// `(n, c, o, h, w, k, padding)`, stride 1.
 type Case = (usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 8] = [
     // 64 output channels: AVX-512's kernel; 256 pixels (whole tiles of 6 but
     // for 4).
     (2, 8, 64, 16, 16, 3, 1),
@@ -39,6 +39,9 @@ const CASES: [Case; 7] = [
     (1, 7, 64, 20, 20, 3, 0),
     // 1×1 with padding (a border of zeros around the product).
     (3, 5, 64, 16, 16, 1, 1),
+    // Two images of three blocks of 16 channels (AVX2's kernel): with the
+    // four threads below, each image's blocks are shared out unevenly (2 + 1).
+    (2, 9, 48, 16, 16, 3, 1),
     // 16 output channels forward; the input gradient (64 "output" channels
     // of the flipped convolution) takes AVX-512's kernel.
     (1, 64, 16, 16, 16, 3, 1),
@@ -125,6 +128,16 @@ fn expected_path(level: SimdLevel, o: usize) -> &'static str {
 
 #[test]
 fn direct_convolution_matches_the_definition_at_every_level() {
+    // More threads than most cases have images, whatever this machine has,
+    // so that images' channel blocks are shared among tasks.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    pool.install(check_every_case);
+}
+
+fn check_every_case() {
     let dev = Device::Cpu;
     let detected = cpu::detected_simd_level();
     let levels: Vec<SimdLevel> = [SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512]

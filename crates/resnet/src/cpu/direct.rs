@@ -156,19 +156,24 @@ pub(super) fn forward(
         .clamp(1, blocks);
     let task_blocks = blocks.div_ceil(per_image);
     let per_block = d.g.c * taps.len() * bc;
-    out.par_chunks_mut(task_blocks * bc * p)
+    out.par_chunks_mut(d.g.o * p)
         .enumerate()
-        .for_each(|(task, dst)| {
-            let tasks_per_image = blocks.div_ceil(task_blocks);
-            let (b, first) = (task / tasks_per_image, task % tasks_per_image * task_blocks);
-            let channels = dst.len() / p;
+        .for_each(|(b, image_out)| {
             let image = &padded[b * d.g.c * plane..(b + 1) * d.g.c * plane];
-            let w = &weights[first * per_block..first * per_block + channels / bc * per_block];
-            with_tile_scratch(d.p_tiles() * channels, |tmp| {
-                tiles(d, image, channels, w, &taps, &pixels, tmp);
-                transpose(tmp, channels, p, dst);
-            });
-            finish(b * d.g.o + first * bc, dst);
+            // The image's last share may hold fewer blocks.
+            image_out
+                .par_chunks_mut(task_blocks * bc * p)
+                .enumerate()
+                .for_each(|(share, dst)| {
+                    let first = share * task_blocks;
+                    let channels = dst.len() / p;
+                    let w = &weights[first * per_block..][..channels / bc * per_block];
+                    with_tile_scratch(d.p_tiles() * channels, |tmp| {
+                        tiles(d, image, channels, w, &taps, &pixels, tmp);
+                        transpose(tmp, channels, p, dst);
+                    });
+                    finish(b * d.g.o + first * bc, dst);
+                });
         });
 }
 
