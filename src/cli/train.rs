@@ -691,7 +691,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     guard.keep();
     learner.fine_tune(&plan)?;
 
-    let preds = learner.get_preds()?;
+    // The last epoch's validation made these predictions already.
+    let preds = learner.take_valid_preds()?;
     let sweep = threshold_sweep(&preds.probs, &preds.targets, &default_thresholds())?;
     let best = best_threshold(&sweep).context("empty threshold sweep")?;
     let meta = ModelMeta {

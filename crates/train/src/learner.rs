@@ -115,6 +115,9 @@ pub struct Learner<M: Trainable> {
     global_step: u64,
     resume: Option<TrainState>,
     pending_optimizer: Option<AdamState>,
+    /// The predictions of the last validation pass, until anything that
+    /// moves the weights (a step, a resume, a restore) drops them.
+    last_valid: Option<Preds>,
 }
 
 impl<M: Trainable> Learner<M> {
@@ -173,6 +176,7 @@ impl<M: Trainable> Learner<M> {
             fits_started: 0,
             epoch_offset: 0,
             global_step: 0,
+            last_valid: None,
             resume: None,
             pending_optimizer: None,
         };
@@ -278,6 +282,7 @@ impl<M: Trainable> Learner<M> {
             var.set(saved).ctx(|| format!("restoring {name}"))?;
         }
         drop(data);
+        self.last_valid = None;
         self.pending_optimizer = Some(checkpoint.optimizer);
         self.resume = Some(checkpoint.state.clone());
         Ok(checkpoint.state)
@@ -417,22 +422,38 @@ impl<M: Trainable> Learner<M> {
     }
 
     /// valid_loss and accuracy_multi (at `metric_thresh`) on the validation loader.
+    /// Keeps the predictions for [`Learner::take_valid_preds`].
     pub fn validate(&mut self) -> Result<Validation> {
         let preds = self.predict_loader(true)?;
-        Ok(Validation {
+        let validation = Validation {
             valid_loss: preds.loss,
             accuracy_multi: accuracy_multi(
                 &preds.probs,
                 &preds.targets,
                 self.config.metric_thresh,
             )?,
-        })
+        };
+        self.last_valid = Some(preds);
+        Ok(validation)
     }
 
     /// fastai's `get_preds` on the validation set: eval mode, sigmoid
-    /// probabilities, rows in dataset order.
+    /// probabilities, rows in dataset order. Always a fresh pass.
     pub fn get_preds(&mut self) -> Result<Preds> {
         self.predict_loader(false)
+    }
+
+    /// What [`Learner::get_preds`] would return, without the pass when the
+    /// last validation (the end of a fit's last epoch, or a
+    /// [`Learner::validate`]) already made those predictions and no step,
+    /// resume or restore has run since. The Learner cannot see weights
+    /// changed from outside (through [`Learner::varmap`] or the model's
+    /// variables); after such a change call [`Learner::get_preds`].
+    pub fn take_valid_preds(&mut self) -> Result<Preds> {
+        match self.last_valid.take() {
+            Some(preds) => Ok(preds),
+            None => self.get_preds(),
+        }
     }
 
     /// Writes `model.safetensors` and `model.json` to the run folder.
@@ -490,6 +511,8 @@ impl<M: Trainable> Learner<M> {
         hypers: &StepHypers,
         check: bool,
     ) -> Result<StepLoss> {
+        // Even a failed step may have moved BatchNorm's running statistics.
+        self.last_valid = None;
         self.model
             .set_dropout_seed(dropout_seed(self.config.seed, self.global_step));
         let logits = self
@@ -622,6 +645,7 @@ impl<M: Trainable> Learner<M> {
 
     /// Puts back what [`Learner::snapshot`] copied.
     pub(crate) fn restore(&mut self, snapshot: &Snapshot) -> Result<()> {
+        self.last_valid = None;
         for (var, saved) in &snapshot.weights {
             var.set(saved).ctx(|| "restoring a variable".into())?;
         }

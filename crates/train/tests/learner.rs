@@ -190,6 +190,40 @@ fn fine_tune_lowers_loss_and_reports_epochs() {
     );
 }
 
+/// `take_valid_preds` hands over the last validation's predictions only
+/// while no step has moved the weights since; otherwise it predicts again.
+#[test]
+fn take_valid_preds_reuses_only_an_up_to_date_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+    let mut learner = learner(&data);
+    let plan = FineTune {
+        freeze_epochs: 1,
+        ..FineTune::new(1, 1e-2)
+    };
+    learner.fine_tune(&plan).unwrap();
+    // The fit ended with a validation: the same predictions, to the bit.
+    let fresh = learner.get_preds().unwrap();
+    assert_eq!(learner.take_valid_preds().unwrap(), fresh);
+
+    // Two steps into another fit, then cancelled: no validation since.
+    let flag = Arc::new(AtomicBool::new(false));
+    learner.set_cancel_flag(flag.clone());
+    learner.add_sink(Box::new(CancelAt {
+        flag,
+        at: 2,
+        seen: 0,
+    }));
+    learner.validate().unwrap();
+    match learner.fine_tune(&plan) {
+        Err(Error::Interrupted { epoch: 0, batch: 2 }) => {}
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    let taken = learner.take_valid_preds().unwrap();
+    assert_ne!(taken.probs, fresh.probs, "the steps moved the predictions");
+    assert_eq!(taken, learner.get_preds().unwrap());
+}
+
 #[test]
 fn frozen_fit_moves_only_head_and_batchnorm() {
     let dir = tempfile::tempdir().unwrap();
