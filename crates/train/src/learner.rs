@@ -118,6 +118,8 @@ pub struct Learner<M: Trainable> {
     /// The predictions of the last validation pass, until anything that
     /// moves the weights (a step, a resume, a restore) drops them.
     last_valid: Option<Preds>,
+    /// The state of the checkpoint this Learner last wrote to its run.
+    last_checkpoint: Option<TrainState>,
 }
 
 impl<M: Trainable> Learner<M> {
@@ -177,6 +179,7 @@ impl<M: Trainable> Learner<M> {
             epoch_offset: 0,
             global_step: 0,
             last_valid: None,
+            last_checkpoint: None,
             resume: None,
             pending_optimizer: None,
         };
@@ -192,6 +195,7 @@ impl<M: Trainable> Learner<M> {
     /// Saves a checkpoint to `run` after every epoch and on cancellation.
     pub fn set_run(&mut self, run: RunDir) {
         self.run = Some(run);
+        self.last_checkpoint = None;
     }
 
     /// Checked after every batch: when set, training saves its state and
@@ -465,10 +469,17 @@ impl<M: Trainable> Learner<M> {
     }
 
     /// Marks the checkpoint of the run as finished (nothing left to resume).
+    /// When this Learner wrote that checkpoint and has not stepped since,
+    /// its state comes from memory instead of a read of the whole file.
     pub fn finish(&mut self) -> Result<()> {
-        if let Some(run) = &self.run
-            && let Some(mut state) = run.load_checkpoint(&self.device)?.map(|c| c.state)
-        {
+        let Some(run) = &self.run else {
+            return Ok(());
+        };
+        let state = match &self.last_checkpoint {
+            Some(state) if state.global_step == self.global_step => Some(state.clone()),
+            _ => run.load_checkpoint(&self.device)?.map(|c| c.state),
+        };
+        if let Some(mut state) = state {
             state.finished = true;
             run.save_checkpoint(&state, &self.varmap, &self.optimizer.export_state())?;
         }
@@ -676,6 +687,7 @@ impl<M: Trainable> Learner<M> {
             finished: false,
         };
         run.save_checkpoint(&state, &self.varmap, &self.optimizer.export_state())?;
+        self.last_checkpoint = Some(state);
         let path = run.state_path();
         self.emit(Event::Checkpoint { path, epoch, batch })
     }

@@ -289,6 +289,59 @@ fn interrupted_then_resumed_run_matches_uninterrupted_run() {
     }
 }
 
+/// `finish` marks the run's checkpoint finished and keeps its state and
+/// weights, whether the Learner wrote that checkpoint itself or resumed it.
+#[test]
+fn finish_marks_the_checkpoint_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(&dir.path().join("data"));
+    let run = RunDir::create(dir.path().join("runs/a")).unwrap();
+    let mut learner = learner(&data);
+    learner.set_run(run.clone());
+    learner.fine_tune(&plan()).unwrap();
+    let before = run.load_checkpoint(&Device::Cpu).unwrap().unwrap();
+    assert!(!before.state.finished);
+    learner.finish().unwrap();
+    let after = run.load_checkpoint(&Device::Cpu).unwrap().unwrap();
+    assert_eq!(
+        after.state,
+        multilabel_train::TrainState {
+            finished: true,
+            ..before.state.clone()
+        }
+    );
+    for (name, w) in &before.weights {
+        let (a, b) = (
+            w.flatten_all().unwrap(),
+            after.weights[name].flatten_all().unwrap(),
+        );
+        assert_eq!(
+            a.to_vec1::<f32>().unwrap(),
+            b.to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+    }
+
+    // A resumed Learner has written nothing: it reads the state back.
+    let run = RunDir::create(dir.path().join("runs/b")).unwrap();
+    let mut first = learner_with(&data, LearnerConfig::default());
+    first.set_run(run.clone());
+    first.fine_tune(&plan()).unwrap();
+    drop(first);
+    let mut resumed = learner_with(&data, LearnerConfig::default());
+    resumed.set_run(run.clone());
+    let state = resumed.resume_from(&run).unwrap();
+    resumed.finish().unwrap();
+    let after = run.load_checkpoint(&Device::Cpu).unwrap().unwrap().state;
+    assert_eq!(
+        after,
+        multilabel_train::TrainState {
+            finished: true,
+            ..state
+        }
+    );
+}
+
 #[test]
 fn resume_without_state_or_with_other_seed_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
