@@ -526,6 +526,28 @@ fn a_bundle_whose_files_disagree_is_refused_naming_the_file() {
     );
 }
 
+/// A run whose training ended (`finished.json` beside its checkpoint) has
+/// nothing to resume; the same checkpoint without the mark resumes.
+#[test]
+fn resume_refuses_a_finished_run() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["config.json", "state.safetensors", "finished.json"] {
+        std::fs::copy(trained_run().join(file), dir.join(file)).unwrap();
+    }
+    let resume = [
+        "train",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    fails(&resume, work.path(), "already finished training");
+    std::fs::remove_file(dir.join("finished.json")).unwrap();
+    ok(&resume, work.path());
+}
+
 #[test]
 fn resume_refuses_an_edited_config_naming_it() {
     let work = tempfile::tempdir().unwrap();

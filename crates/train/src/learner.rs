@@ -468,9 +468,10 @@ impl<M: Trainable> Learner<M> {
         run.save_model(&self.varmap, meta)
     }
 
-    /// Marks the checkpoint of the run as finished (nothing left to resume).
-    /// When this Learner wrote that checkpoint and has not stepped since,
-    /// its state comes from memory instead of a read of the whole file.
+    /// Marks the checkpoint of the run as finished (nothing left to resume)
+    /// with [`RunDir::mark_finished`]'s small marker file. When this Learner
+    /// wrote that checkpoint and has not stepped since, its state comes
+    /// from memory instead of a read of the whole file.
     pub fn finish(&mut self) -> Result<()> {
         let Some(run) = &self.run else {
             return Ok(());
@@ -479,11 +480,10 @@ impl<M: Trainable> Learner<M> {
             Some(state) if state.global_step == self.global_step => Some(state.clone()),
             _ => run.load_checkpoint(&self.device)?.map(|c| c.state),
         };
-        if let Some(mut state) = state {
-            state.finished = true;
-            run.save_checkpoint(&state, &self.varmap, &self.optimizer.export_state())?;
+        match state {
+            Some(state) => run.mark_finished(&state),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn predict_loader(&mut self, emit_progress: bool) -> Result<Preds> {

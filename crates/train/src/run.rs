@@ -6,6 +6,7 @@
 //! runs/<name>/model.json          ModelMeta: what eval/predict need to rebuild the model
 //! runs/<name>/config.json         the resolved training configuration
 //! runs/<name>/state.safetensors   TrainState + optimizer moments + weights, for --resume
+//! runs/<name>/finished.json       the TrainState of that checkpoint once training has ended
 //! runs/<name>/history.csv         one row per epoch
 //! runs/<name>/events.jsonl        every event
 //! runs/latest                     symlink to the newest run
@@ -127,6 +128,11 @@ impl RunDir {
     pub fn state_path(&self) -> PathBuf {
         self.path.join("state.safetensors")
     }
+    /// The marker that says the checkpoint in `state.safetensors` is the
+    /// end of training (see [`RunDir::mark_finished`]).
+    pub fn finished_path(&self) -> PathBuf {
+        self.path.join("finished.json")
+    }
     pub fn history_path(&self) -> PathBuf {
         self.path.join("history.csv")
     }
@@ -194,7 +200,54 @@ impl RunDir {
         let bytes =
             safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
                 .map_err(|e| Error::Invalid(format!("cannot serialize the training state: {e}")))?;
+        // A marker left from an earlier end of training must not vouch for
+        // this checkpoint (it would not match it anyway; this keeps the
+        // folder tidy). Removed first: a crash in between leaves a
+        // checkpoint that is merely not marked finished.
+        self.clear_finished()?;
         atomic_write(&self.state_path(), &bytes)
+    }
+
+    /// Marks the checkpoint whose state is `state` as the end of training
+    /// by writing that state to `finished.json`, instead of rewriting the
+    /// whole `state.safetensors` (weights and optimizer moments) to flip
+    /// one flag. [`RunDir::load_checkpoint`] reports `finished` when the
+    /// marker holds the checkpoint's own state; a later checkpoint removes it.
+    pub fn mark_finished(&self, state: &TrainState) -> Result<()> {
+        let state = TrainState {
+            finished: true,
+            ..state.clone()
+        };
+        self.save_json(&self.finished_path(), &state)
+    }
+
+    fn clear_finished(&self) -> Result<()> {
+        let path = self.finished_path();
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::Io { path, source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `finished.json` marks the checkpoint whose state is `state`.
+    fn is_marked_finished(&self, state: &TrainState) -> Result<bool> {
+        let path = self.finished_path();
+        if !path.exists() {
+            return Ok(false);
+        }
+        let marked: TrainState = load_json(&path).map_err(|e| {
+            Error::Invalid(format!(
+                "{e}; {} should hold the state of a finished checkpoint: delete it to resume",
+                path.display()
+            ))
+        })?;
+        Ok(marked
+            == TrainState {
+                finished: true,
+                ..state.clone()
+            })
     }
 
     /// Reads `state.safetensors`; `None` when the run has no checkpoint.
@@ -218,11 +271,12 @@ impl RunDir {
                 source,
             })
         };
-        let state: TrainState =
+        let mut state: TrainState =
             serde_json::from_value(parse(STATE_KEY)?).map_err(|source| Error::Json {
                 path: path.clone(),
                 source,
             })?;
+        state.finished |= self.is_marked_finished(&state)?;
         let steps: BTreeMap<String, u64> =
             serde_json::from_value(parse(STEPS_KEY)?).map_err(|source| Error::Json {
                 path: path.clone(),

@@ -290,7 +290,9 @@ fn interrupted_then_resumed_run_matches_uninterrupted_run() {
 }
 
 /// `finish` marks the run's checkpoint finished and keeps its state and
-/// weights, whether the Learner wrote that checkpoint itself or resumed it.
+/// weights, whether the Learner wrote that checkpoint itself or resumed it;
+/// the mark is a small file beside the checkpoint, which stays as it was,
+/// and it vouches only for the checkpoint it was written for.
 #[test]
 fn finish_marks_the_checkpoint_finished() {
     let dir = tempfile::tempdir().unwrap();
@@ -301,7 +303,10 @@ fn finish_marks_the_checkpoint_finished() {
     learner.fine_tune(&plan()).unwrap();
     let before = run.load_checkpoint(&Device::Cpu).unwrap().unwrap();
     assert!(!before.state.finished);
+    let bytes = std::fs::read(run.state_path()).unwrap();
     learner.finish().unwrap();
+    assert_eq!(std::fs::read(run.state_path()).unwrap(), bytes);
+    assert!(run.finished_path().exists());
     let after = run.load_checkpoint(&Device::Cpu).unwrap().unwrap();
     assert_eq!(
         after.state,
@@ -321,6 +326,42 @@ fn finish_marks_the_checkpoint_finished() {
             "{name}"
         );
     }
+
+    // A mark written for another state does not count; a corrupt one is an
+    // error that names it; a new checkpoint removes the mark.
+    let other = multilabel_train::TrainState {
+        global_step: before.state.global_step + 1,
+        ..before.state.clone()
+    };
+    run.mark_finished(&other).unwrap();
+    assert!(
+        !run.load_checkpoint(&Device::Cpu)
+            .unwrap()
+            .unwrap()
+            .state
+            .finished
+    );
+    std::fs::write(run.finished_path(), "{").unwrap();
+    let err = run.load_checkpoint(&Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("finished.json"), "{err}");
+    run.mark_finished(&before.state).unwrap();
+    assert!(
+        run.load_checkpoint(&Device::Cpu)
+            .unwrap()
+            .unwrap()
+            .state
+            .finished
+    );
+    run.save_checkpoint(&before.state, learner.varmap(), &Default::default())
+        .unwrap();
+    assert!(!run.finished_path().exists());
+    assert!(
+        !run.load_checkpoint(&Device::Cpu)
+            .unwrap()
+            .unwrap()
+            .state
+            .finished
+    );
 
     // A resumed Learner has written nothing: it reads the state back.
     let run = RunDir::create(dir.path().join("runs/b")).unwrap();
