@@ -9,11 +9,14 @@
 //! On the CPU this is a custom op with a direct kernel. Other devices use a
 //! composition of candle ops with the same forward value and gradient routing.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+
+use crate::cpu::{Uninit, zeroed};
 
 const KERNEL: usize = 3;
 const STRIDE: usize = 2;
@@ -354,7 +357,7 @@ fn pool_row<const FIRST: bool>(row: &[f32], best: &mut [f32], codes: &mut [u8], 
 
 /// Pools every plane; with `winners`, also records each output's
 /// [`window_code`].
-fn pool_forward<T: WithDType>(
+fn pool_forward<T: WithDType + Default>(
     storage: &CpuStorage,
     layout: &Layout,
     winners: bool,
@@ -363,17 +366,27 @@ fn pool_forward<T: WithDType>(
     let (out_h, out_w) = (pooled_len(height), pooled_len(width));
     let input = contiguous_slice::<T>(storage, layout)?;
     let plane_out = out_h * out_w;
-    let mut out = vec![T::zero(); n * c * plane_out];
-    let mut codes = vec![0u8; if winners { out.len() } else { 0 }];
-    let code_chunks: Vec<Option<&mut [u8]>> = if winners {
-        codes.chunks_mut(plane_out).map(Some).collect()
+    // Both are written in full, plane by plane: no zeroing up front.
+    let mut out = Uninit::<T>::new(n * c * plane_out);
+    let mut codes = Uninit::<u8>::new(if winners { n * c * plane_out } else { 0 });
+    let code_chunks: Vec<Option<&mut [MaybeUninit<u8>]>> = if winners {
+        codes
+            .as_mut_slice()
+            .chunks_mut(plane_out)
+            .map(Some)
+            .collect()
     } else {
         (0..n * c).map(|_| None).collect()
     };
-    out.par_chunks_mut(plane_out)
+    out.as_mut_slice()
+        .par_chunks_mut(plane_out)
         .zip(input.par_chunks(height * width))
         .zip(code_chunks)
-        .for_each(|((out_plane, plane), mut codes)| {
+        .for_each(|((out_plane, plane), codes)| {
+            // Zeroed here, in cache, then overwritten: the kernels below
+            // write every output and code.
+            let out_plane = zeroed(out_plane);
+            let mut codes = codes.map(zeroed);
             if let (Some(plane), Some(out_plane)) = (as_f32(plane), as_f32_mut(out_plane))
                 && !plane.iter().any(|v| v.is_nan())
             {
@@ -390,6 +403,8 @@ fn pool_forward<T: WithDType>(
                 }
             }
         });
+    // SAFETY: every plane of both was initialised in the loop above.
+    let (out, codes) = unsafe { (out.finish(), codes.finish()) };
     Ok((
         T::to_cpu_storage_owned(out),
         Shape::from((n, c, out_h, out_w)),
@@ -399,17 +414,20 @@ fn pool_forward<T: WithDType>(
 
 /// The input gradient: each output's gradient added to the input its
 /// [`window_code`] names, in output order (as PyTorch's scatter does).
-fn unpool<T: WithDType>(
+fn unpool<T: WithDType + Default>(
     codes: &[u8],
     grad: &[T],
     (n, c, height, width): (usize, usize, usize, usize),
 ) -> Vec<T> {
     let (out_h, out_w) = (pooled_len(height), pooled_len(width));
-    let mut out = vec![T::zero(); n * c * height * width];
-    out.par_chunks_mut(height * width)
+    let mut out = Uninit::<T>::new(n * c * height * width);
+    out.as_mut_slice()
+        .par_chunks_mut(height * width)
         .zip(grad.par_chunks(out_h * out_w))
         .zip(codes.par_chunks(out_h * out_w))
         .for_each(|((out, grad), codes)| {
+            // Zeroed by the task that adds into it, while in cache.
+            let out = zeroed(out);
             for (oy, (grad, codes)) in grad
                 .chunks_exact(out_w)
                 .zip(codes.chunks_exact(out_w))
@@ -420,7 +438,8 @@ fn unpool<T: WithDType>(
                 }
             }
         });
-    out
+    // SAFETY: every plane was zeroed, then added into, above.
+    unsafe { out.finish() }
 }
 
 impl CustomOp1 for MaxPool {

@@ -70,16 +70,29 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
+/// Writes `T`'s zero (its `Default`) into every value of `xs` and returns
+/// them as initialised: for a buffer zeroed piece by piece by the task that
+/// then adds into it, in parallel and while the piece is in cache, rather
+/// than all at once up front on one thread.
+pub(crate) fn zeroed<T: Copy + Default>(xs: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
+    for v in xs.iter_mut() {
+        v.write(T::default());
+    }
+    // SAFETY: every value was written just above; `MaybeUninit<T>` has
+    // `T`'s layout.
+    unsafe { &mut *(std::ptr::from_mut(xs) as *mut [T]) }
+}
+
 /// An output buffer of `len` values that the op writes in full before
 /// [`Uninit::finish`] turns it into a `Vec`. Kernels that overwrite every
 /// value (gemm, element-wise maps) would waste a pass over memory zeroing
 /// it first; writing through `MaybeUninit` keeps that sound.
-pub(crate) struct Uninit {
-    buf: Vec<f32>,
+pub(crate) struct Uninit<T = f32> {
+    buf: Vec<T>,
     len: usize,
 }
 
-impl Uninit {
+impl<T> Uninit<T> {
     pub(crate) fn new(len: usize) -> Self {
         Self {
             buf: Vec::with_capacity(len),
@@ -87,13 +100,13 @@ impl Uninit {
         }
     }
 
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [std::mem::MaybeUninit<f32>] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [std::mem::MaybeUninit<T>] {
         &mut self.buf.spare_capacity_mut()[..self.len]
     }
 
     /// # Safety
     /// Every one of the `len` values must have been written.
-    pub(crate) unsafe fn finish(mut self) -> Vec<f32> {
+    pub(crate) unsafe fn finish(mut self) -> Vec<T> {
         // SAFETY: guaranteed by the caller.
         unsafe { self.buf.set_len(self.len) };
         self.buf
