@@ -122,6 +122,13 @@ impl Sink for CancelAt {
     }
 }
 
+/// Makes `learner` cancel itself once `at` batches have been reported.
+fn cancel_after(learner: &mut Learner<ResNet>, at: usize) {
+    let flag = Arc::new(AtomicBool::new(false));
+    learner.set_cancel_flag(flag.clone());
+    learner.add_sink(Box::new(CancelAt { flag, at, seen: 0 }));
+}
+
 #[test]
 fn fine_tune_lowers_loss_and_reports_epochs() {
     let dir = tempfile::tempdir().unwrap();
@@ -207,13 +214,7 @@ fn take_valid_preds_reuses_only_an_up_to_date_validation() {
     assert_eq!(learner.take_valid_preds().unwrap(), fresh);
 
     // Two steps into another fit, then cancelled: no validation since.
-    let flag = Arc::new(AtomicBool::new(false));
-    learner.set_cancel_flag(flag.clone());
-    learner.add_sink(Box::new(CancelAt {
-        flag,
-        at: 2,
-        seen: 0,
-    }));
+    cancel_after(&mut learner, 2);
     learner.validate().unwrap();
     match learner.fine_tune(&plan) {
         Err(Error::Interrupted { epoch: 0, batch: 2 }) => {}
@@ -258,13 +259,7 @@ fn interrupted_then_resumed_run_matches_uninterrupted_run() {
     // its batch 2 (the frozen phase has 6), so training resumes at batch 3.
     let run = RunDir::create(dir.path().join("runs/interrupted")).unwrap();
     let mut first = learner(&data);
-    let flag = Arc::new(AtomicBool::new(false));
-    first.set_cancel_flag(flag.clone());
-    first.add_sink(Box::new(CancelAt {
-        flag,
-        at: 9,
-        seen: 0,
-    }));
+    cancel_after(&mut first, 9);
     first.set_run(run.clone());
     match first.fine_tune(&plan()) {
         Err(Error::Interrupted { epoch: 0, batch: 3 }) => {}
