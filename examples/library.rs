@@ -51,7 +51,8 @@ fn main() -> anyhow::Result<()> {
         freeze_epochs: 3,
         ..FineTune::new(3, 3e-3)
     })?;
-    let preds = learner.get_preds()?;
+    // The last epoch's validation predictions, without a second pass.
+    let preds = learner.take_valid_preds()?;
     let sweep =
         metrics::threshold_sweep(&preds.probs, &preds.targets, &metrics::default_thresholds())?;
     println!("{:?}", metrics::best_threshold(&sweep));

@@ -7,7 +7,8 @@
 //!   yours: logits, ordered param groups, buffers) on batches from any
 //!   [`BatchSource`] (the data crate's `Loader`, a [`TensorDataset`] in
 //!   memory, or yours): [`Learner::fine_tune`], [`Learner::fit_one_cycle`],
-//!   [`Learner::freeze_to`], [`Learner::validate`], [`Learner::get_preds`];
+//!   [`Learner::freeze_to`], [`Learner::validate`], [`Learner::get_preds`]
+//!   (or [`Learner::take_valid_preds`], which reuses the last validation's);
 //!   it checkpoints to a [`RunDir`], stops on a cancellation flag and
 //!   resumes bit for bit ([`Learner::resume_from`]). [`predict`] and
 //!   [`tta_over`] work on any model and source.
@@ -63,7 +64,7 @@ let mut plan = FineTune::new(2, 3e-3);
 plan.freeze_epochs = 1;
 learner.fine_tune(&plan)?;
 
-let preds = learner.get_preds()?;
+let preds = learner.take_valid_preds()?;
 let sweep = metrics::threshold_sweep(&preds.probs, &preds.targets, &metrics::default_thresholds())?;
 let best = metrics::best_threshold(&sweep).expect("30 thresholds");
 let map = metrics::mean_average_precision(&preds.probs, &preds.targets, preds.n_classes)?;
