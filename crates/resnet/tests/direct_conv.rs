@@ -1,9 +1,12 @@
-//! The direct stride-1 convolution (`cpu/direct.rs`) against a plain `f64`
+//! The direct convolutions (`cpu/direct.rs`) against a plain `f64`
 //! evaluation of the definition, at every SIMD level this machine has: the
 //! baseline level's im2col + `gemm` and the AVX2 and AVX-512 direct kernels
 //! all land within 1e-5 of the largest output (relative), the two direct
-//! kernels give the same bits, and the inference epilogue gives the bits of
-//! the separate ops. One test, because the level is process-wide.
+//! kernels give the same bits, the `f64` variant gives the definition's
+//! value rounded to `f32` to the bit, and the inference epilogue gives the
+//! bits of the separate ops. Strides 1 to 3, images grouped into tasks,
+//! planes too small for the direct kernel. One test, because the level is
+//! process-wide.
 
 use candle_core::{Device, Tensor};
 use multilabel_resnet::cpu::{self, SimdLevel};
@@ -21,45 +24,131 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// `(n, c, o, h, w, k, padding)`, stride 1.
-type Case = (usize, usize, usize, usize, usize, usize, usize);
+/// A convolution to check: shapes, padding, stride and the family of
+/// kernel it should take with AVX2 or AVX-512.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    n: usize,
+    c: usize,
+    o: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    pad: usize,
+    stride: usize,
+    family: Family,
+}
 
-const CASES: [Case; 8] = [
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Family {
+    /// The `f32` direct kernel.
+    Direct,
+    /// The direct kernel's `f64` variant (at most four input channels).
+    ExactDirect,
+    /// im2col + `gemm` at every level (here: planes too small).
+    Im2col,
+}
+
+impl Case {
+    const fn new(n: usize, c: usize, o: usize, hw: (usize, usize), k: usize) -> Self {
+        Self {
+            n,
+            c,
+            o,
+            h: hw.0,
+            w: hw.1,
+            k,
+            pad: k / 2,
+            stride: 1,
+            family: Family::Direct,
+        }
+    }
+    const fn pad(self, pad: usize) -> Self {
+        Self { pad, ..self }
+    }
+    const fn stride(self, stride: usize) -> Self {
+        Self { stride, ..self }
+    }
+    const fn family(self, family: Family) -> Self {
+        Self { family, ..self }
+    }
+    fn out(&self) -> (usize, usize) {
+        (
+            (self.h + 2 * self.pad - self.k) / self.stride + 1,
+            (self.w + 2 * self.pad - self.k) / self.stride + 1,
+        )
+    }
+}
+
+const CASES: [Case; 16] = [
     // 64 output channels: AVX-512's kernel; 256 pixels (whole tiles of 6 but
     // for 4).
-    (2, 8, 64, 16, 16, 3, 1),
+    Case::new(2, 8, 64, (16, 16), 3),
     // 24 input channels (two passes of 16 and 8), 260 pixels (a tile's tail),
     // non-square.
-    (1, 24, 128, 20, 13, 3, 1),
+    Case::new(1, 24, 128, (20, 13), 3),
     // 16 output channels: AVX2's kernel at either level; three passes.
-    (2, 40, 16, 17, 19, 3, 1),
+    Case::new(2, 40, 16, (17, 19), 3),
     // 5×5 "same".
-    (1, 6, 32, 18, 18, 5, 2),
+    Case::new(1, 6, 32, (18, 18), 5),
     // No padding: an 18×18 output.
-    (1, 7, 64, 20, 20, 3, 0),
+    Case::new(1, 7, 64, (20, 20), 3).pad(0),
     // 1×1 with padding (a border of zeros around the product).
-    (3, 5, 64, 16, 16, 1, 1),
+    Case::new(3, 5, 64, (16, 16), 1).pad(1),
     // Two images of three blocks of 16 channels (AVX2's kernel): with the
     // four threads below, each image's blocks are shared out unevenly (2 + 1).
-    (2, 9, 48, 16, 16, 3, 1),
+    Case::new(2, 9, 48, (16, 16), 3),
     // 16 output channels forward; the input gradient (64 "output" channels
     // of the flipped convolution) takes AVX-512's kernel.
-    (1, 64, 16, 16, 16, 3, 1),
+    Case::new(1, 64, 16, (16, 16), 3),
+    // Stride 2 onto 17×16 (the input gradient takes col2im).
+    Case::new(1, 8, 64, (34, 32), 3).stride(2),
+    // Stride 2, 1×1, no padding, odd width.
+    Case::new(2, 6, 16, (32, 34), 1).pad(0).stride(2),
+    // 12×12 planes, two images a task (with four threads and nine images),
+    // the last task one image.
+    Case::new(9, 6, 64, (12, 12), 3),
+    // 8×8 planes: im2col + `gemm` at every level.
+    Case::new(8, 16, 64, (8, 8), 3).family(Family::Im2col),
+    // The stem's shape, smaller: 7×7, stride 2, three channels, in `f64`
+    // (blocks of 32 with AVX-512); 10×11 outputs, tiles spanning images.
+    Case::new(3, 3, 64, (20, 22), 7)
+        .stride(2)
+        .family(Family::ExactDirect),
+    // Eight output channels: the `f64` kernel's AVX2 blocks at either level.
+    Case::new(2, 4, 8, (9, 9), 3).family(Family::ExactDirect),
+    // Two channels, 48 outputs (AVX2's `f64` blocks on AVX-512), stride 3.
+    Case::new(2, 2, 48, (13, 11), 5)
+        .stride(3)
+        .family(Family::ExactDirect),
+    // Five output channels: no direct block fits; im2col + the `f64` product.
+    Case::new(2, 3, 5, (9, 9), 3).family(Family::Im2col),
 ];
 
 /// Calls `term(output index, input index, kernel index)` for every product
 /// of the convolution's definition, each output's terms in `(c, i, j)` order;
 /// taps that fall on the padding have no term.
 fn for_each_term(case: Case, mut term: impl FnMut(usize, usize, usize)) {
-    let (n, c, o, h, w, kk, pad) = case;
-    let (oh, ow) = (h + 2 * pad - kk + 1, w + 2 * pad - kk + 1);
+    let Case {
+        n,
+        c,
+        o,
+        h,
+        w,
+        k: kk,
+        pad,
+        stride,
+        ..
+    } = case;
+    let (oh, ow) = case.out();
     for b in 0..n {
         for oc in 0..o {
             for (y, xx) in (0..oh).flat_map(|y| (0..ow).map(move |xx| (y, xx))) {
                 let out = ((b * o + oc) * oh + y) * ow + xx;
                 for ic in 0..c {
                     for (i, j) in (0..kk).flat_map(|i| (0..kk).map(move |j| (i, j))) {
-                        let (iy, ix) = ((y + i).checked_sub(pad), (xx + j).checked_sub(pad));
+                        let iy = (y * stride + i).checked_sub(pad);
+                        let ix = (xx * stride + j).checked_sub(pad);
                         let (Some(iy), Some(ix)) = (iy, ix) else {
                             continue;
                         };
@@ -78,10 +167,11 @@ fn for_each_term(case: Case, mut term: impl FnMut(usize, usize, usize)) {
     }
 }
 
-/// `Σ_c,i,j k[o,c,i,j] · x[n,c,y+i-pad,x+j-pad]` in `f64`.
+/// `Σ_c,i,j k[o,c,i,j] · x[n,c,y·s+i-pad,x·s+j-pad]` in `f64`, each output's
+/// terms added in `(c, i, j)` order (every product of two `f32` is exact).
 fn reference(x: &[f32], k: &[f32], case: Case) -> Vec<f64> {
-    let (n, _, o, h, w, kk, pad) = case;
-    let mut out = vec![0f64; n * o * (h + 2 * pad - kk + 1) * (w + 2 * pad - kk + 1)];
+    let (oh, ow) = case.out();
+    let mut out = vec![0f64; case.n * case.o * oh * ow];
     for_each_term(case, |oi, xi, ki| {
         out[oi] += f64::from(x[xi]) * f64::from(k[ki])
     });
@@ -90,8 +180,7 @@ fn reference(x: &[f32], k: &[f32], case: Case) -> Vec<f64> {
 
 /// The input gradient of the case's convolution for output gradient `g`, in `f64`.
 fn reference_input_grad(g: &[f32], k: &[f32], case: Case) -> Vec<f64> {
-    let (n, c, _, h, w, _, _) = case;
-    let mut dx = vec![0f64; n * c * h * w];
+    let mut dx = vec![0f64; case.n * case.c * case.h * case.w];
     for_each_term(case, |oi, xi, ki| {
         dx[xi] += f64::from(g[oi]) * f64::from(k[ki])
     });
@@ -117,12 +206,23 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// The kernel `conv2d` should pick for `dims` at `level`.
-fn expected_path(level: SimdLevel, o: usize) -> &'static str {
-    match level {
-        SimdLevel::Baseline => "im2col",
-        SimdLevel::Avx512 if o.is_multiple_of(64) => "direct avx512",
-        _ => "direct avx2",
+/// The kernel `conv2d` should pick for `case` at `level`.
+fn expected_path(level: SimdLevel, case: &Case) -> &'static str {
+    let avx512 = level == SimdLevel::Avx512;
+    match (case.family, level) {
+        (Family::Im2col, _) => {
+            if case.c <= 4 {
+                "exact"
+            } else {
+                "im2col"
+            }
+        }
+        (Family::ExactDirect, SimdLevel::Baseline) => "exact",
+        (Family::Direct, SimdLevel::Baseline) => "im2col",
+        (Family::ExactDirect, _) if avx512 && case.o.is_multiple_of(32) => "exact direct avx512",
+        (Family::ExactDirect, _) => "exact direct avx2",
+        (Family::Direct, _) if avx512 && case.o.is_multiple_of(64) => "direct avx512",
+        (Family::Direct, _) => "direct avx2",
     }
 }
 
@@ -145,8 +245,18 @@ fn check_every_case() {
         .filter(|&l| l <= detected)
         .collect();
     for (ci, &case) in CASES.iter().enumerate() {
-        let (n, c, o, h, w, kk, pad) = case;
-        let (oh, ow) = (h + 2 * pad - kk + 1, w + 2 * pad - kk + 1);
+        let Case {
+            n,
+            c,
+            o,
+            h,
+            w,
+            k: kk,
+            pad,
+            stride,
+            ..
+        } = case;
+        let (oh, ow) = case.out();
         let xv = values(n * c * h * w, 1 + ci as u64);
         let kv = values(o * c * kk * kk, 100 + ci as u64);
         let gv = values(n * o * oh * ow, 200 + ci as u64);
@@ -162,9 +272,13 @@ fn check_every_case() {
         let mut direct: Vec<(SimdLevel, Vec<f32>, Vec<f32>)> = Vec::new();
         for &level in &levels {
             cpu::set_simd_level(level).unwrap();
-            let path = cpu::conv2d_path((n, c, h, w), (o, c, kk, kk), pad, 1).unwrap();
-            assert_eq!(path, expected_path(level, o), "case {case:?} at {level:?}");
-            let y = cpu::conv2d(&x, &k, pad, 1).unwrap();
+            let path = cpu::conv2d_path((n, c, h, w), (o, c, kk, kk), pad, stride).unwrap();
+            assert_eq!(
+                path,
+                expected_path(level, &case),
+                "case {case:?} at {level:?}"
+            );
+            let y = cpu::conv2d(&x, &k, pad, stride).unwrap();
             assert_eq!(y.dims(), &[n, o, oh, ow]);
             let y = flat(&y);
             let e = rel_err(&y, &want);
@@ -172,7 +286,17 @@ fn check_every_case() {
                 e <= 1e-5,
                 "case {case:?} at {level:?} ({path}): relative error {e}"
             );
-            let dx = flat(&cpu::conv2d_input_grad(&g, &k, (n, c, h, w), pad, 1).unwrap());
+            if path.starts_with("exact direct") {
+                // The same f64 sums in the same order, rounded once: the
+                // definition's value rounded to f32, to the bit.
+                let rounded: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+                assert_eq!(
+                    bits(&y),
+                    bits(&rounded),
+                    "case {case:?} at {level:?}: exact kernel"
+                );
+            }
+            let dx = flat(&cpu::conv2d_input_grad(&g, &k, (n, c, h, w), pad, stride).unwrap());
             let e = rel_err(&dx, &want_dx);
             assert!(
                 e <= 1e-5,
@@ -180,7 +304,8 @@ fn check_every_case() {
             );
             // The inference epilogue gives the bits of the separate ops.
             let fused =
-                cpu::conv2d_affine(&x, &k, pad, 1, &scale, &shift, Some(&residual), true).unwrap();
+                cpu::conv2d_affine(&x, &k, pad, stride, &scale, &shift, Some(&residual), true)
+                    .unwrap();
             let y_t = Tensor::from_vec(y.clone(), (n, o, oh, ow), &dev).unwrap();
             let separate = cpu::add_relu(
                 &cpu::scale_shift(&y_t, &scale, &shift, false).unwrap(),
@@ -192,7 +317,7 @@ fn check_every_case() {
                 bits(&flat(&separate)),
                 "case {case:?} at {level:?}: epilogue"
             );
-            if level >= SimdLevel::Avx2 {
+            if level >= SimdLevel::Avx2 && case.family != Family::Im2col {
                 direct.push((level, y, dx));
             }
         }
