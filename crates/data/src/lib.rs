@@ -65,7 +65,7 @@ pub use download::{
     default_cache_dir, download_archive, download_pascal_2007,
 };
 pub use error::DataError;
-pub use loader::{Batch, EpochIter, Loader, LoaderConfig, item_rng};
+pub use loader::{Batch, CACHE_MAX_BYTES, EpochIter, Loader, LoaderConfig, item_rng};
 pub use show::{ShowBatchConfig, render_batch, show_batch};
 pub use synth::{SynthConfig, SynthSummary, synth};
 pub use transform::{

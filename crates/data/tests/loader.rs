@@ -235,3 +235,60 @@ fn dropping_an_epoch_early_stops_the_worker() {
     drop(epoch); // must return promptly, not decode the remaining 29 items
     assert_eq!(loader.epoch(1).count(), 30);
 }
+
+/// The validation loader keeps its decoded batches: once an epoch has made
+/// them, later epochs give the same values without reading the files (here
+/// broken in between). A loader whose batches change from epoch to epoch
+/// (random crops, even in dataset order, as TTA uses) reads them again.
+#[test]
+fn the_validation_loader_decodes_each_image_once() {
+    let (dir, data) = dataset();
+    let valid = Loader::new(
+        data.valid().to_vec(),
+        3,
+        small(),
+        LoaderConfig::valid(2),
+        Device::Cpu,
+    );
+    let augmented = Loader::new(
+        data.valid().to_vec(),
+        3,
+        small(),
+        LoaderConfig {
+            augment: Augment::Train,
+            ..LoaderConfig::valid(2)
+        },
+        Device::Cpu,
+    );
+    assert!(valid.caches());
+    assert!(!augmented.caches());
+    // An epoch dropped after its first batch keeps that one; the next
+    // epoch makes the rest.
+    let first = valid.epoch(0).next().unwrap().unwrap();
+    let before = collect(&valid, 1);
+    assert!(augmented.epoch(0).all(|b| b.is_ok()));
+    for name in ["f.png", "g.png", "h.png"] {
+        std::fs::write(dir.path().join("train").join(name), b"\x89PNG broken").unwrap();
+    }
+    let after = collect(&valid, 2);
+    assert_eq!(after.len(), before.len());
+    assert_eq!(flat(&first), flat(&before[0]));
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(a.indices, b.indices);
+        assert_eq!(flat(a), flat(b));
+        assert_eq!(
+            a.targets.to_vec2::<f32>().unwrap(),
+            b.targets.to_vec2::<f32>().unwrap()
+        );
+    }
+    let err = augmented.epoch(1).find_map(|b| b.err()).unwrap();
+    assert!(err.to_string().contains("f.png"), "{err}");
+    // Too many pixels to keep: the same batches, made every epoch.
+    let huge = TransformConfig {
+        size: 8192,
+        ..Default::default()
+    };
+    let items: Vec<Item> = (0..6).flat_map(|_| data.valid().to_vec()).collect();
+    assert!(18 * 3 * 8192 * 8192 > multilabel_data::CACHE_MAX_BYTES);
+    assert!(!Loader::new(items, 3, huge, LoaderConfig::valid(2), Device::Cpu).caches());
+}
