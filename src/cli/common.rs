@@ -319,7 +319,8 @@ pub fn valid_items_for_vocab(data: &Dataset, vocab: &[String]) -> anyhow::Result
     Ok(items)
 }
 
-/// The validation loader of a dataset for an evaluation.
+/// The validation loader of a dataset for an evaluation: one pass, so
+/// nothing is kept for a next epoch.
 pub fn valid_loader(
     items: Vec<Item>,
     n_classes: usize,
@@ -331,7 +332,10 @@ pub fn valid_loader(
         items,
         n_classes,
         transform,
-        LoaderConfig::valid(batch_size),
+        LoaderConfig {
+            cache: false,
+            ..LoaderConfig::valid(batch_size)
+        },
         device.clone(),
     )
 }

@@ -38,8 +38,15 @@ pub struct LoaderConfig {
     /// core).
     pub threads: Option<usize>,
     /// Finished batches waiting in the queue. Memory stays at about
-    /// `prefetch + 2` batches.
+    /// `prefetch + 2` batches (plus the cache, see `cache`).
     pub prefetch: usize,
+    /// Keep each batch's decoded pixels for later epochs, where the batches
+    /// are the same every epoch (the validation transform in dataset
+    /// order) and all of them fit in [`CACHE_MAX_BYTES`]; ignored
+    /// otherwise. For a loader that runs several epochs, such as
+    /// validation during training; a single pass gains nothing from it.
+    #[serde(default)]
+    pub cache: bool,
 }
 
 impl LoaderConfig {
@@ -54,11 +61,13 @@ impl LoaderConfig {
             seed,
             threads: None,
             prefetch: 2,
+            cache: false,
         }
     }
 
     /// fastai's validation loader: dataset order, last partial batch kept,
-    /// squash and centre crop.
+    /// squash and centre crop; decoded batches kept between epochs (see
+    /// `cache`).
     pub fn valid(batch_size: usize) -> Self {
         LoaderConfig {
             batch_size,
@@ -68,6 +77,7 @@ impl LoaderConfig {
             seed: 0,
             threads: None,
             prefetch: 2,
+            cache: true,
         }
     }
 }
@@ -89,12 +99,13 @@ pub struct Batch {
 
 /// Turns a list of items into batches, epoch by epoch.
 ///
-/// A loader whose batches are the same every epoch (the validation
-/// transform, dataset order) keeps each batch's decoded `u8` pixels after
-/// the first epoch that makes it, so later epochs skip reading, decoding and
-/// resizing (for PASCAL's 2,510 validation images at 224 px, 378 MB, and
-/// about 3 s of a 2-core machine per epoch); the batches are the same
-/// values either way. Not when the pixels would pass [`CACHE_MAX_BYTES`].
+/// With [`LoaderConfig::cache`] (as [`LoaderConfig::valid`] sets it), a
+/// loader whose batches are the same every epoch (the validation transform,
+/// dataset order) keeps each batch's decoded `u8` pixels after the first
+/// epoch that makes it, so later epochs skip reading, decoding and resizing
+/// (for PASCAL's 2,510 validation images at 224 px, 378 MB, and about 3 s
+/// of a 2-core machine per epoch); the batches are the same values either
+/// way. Not when the pixels would pass [`CACHE_MAX_BYTES`].
 pub struct Loader {
     items: Arc<Vec<Item>>,
     n_classes: usize,
@@ -141,7 +152,7 @@ impl Loader {
             .len()
             .saturating_mul(3 * transform.size * transform.size);
         let batches = items.len().div_ceil(cfg.batch_size.max(1));
-        let cache = (invalid.is_none() && fixed && bytes <= CACHE_MAX_BYTES)
+        let cache = (cfg.cache && invalid.is_none() && fixed && bytes <= CACHE_MAX_BYTES)
             .then(|| Arc::new(Mutex::new(vec![None; batches])));
         Loader {
             items: Arc::new(items),

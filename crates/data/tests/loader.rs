@@ -239,7 +239,8 @@ fn dropping_an_epoch_early_stops_the_worker() {
 /// The validation loader keeps its decoded batches: once an epoch has made
 /// them, later epochs give the same values without reading the files (here
 /// broken in between). A loader whose batches change from epoch to epoch
-/// (random crops, even in dataset order, as TTA uses) reads them again.
+/// (random crops, even in dataset order, as TTA uses), or one told not to
+/// keep them, reads them again.
 #[test]
 fn the_validation_loader_decodes_each_image_once() {
     let (dir, data) = dataset();
@@ -262,6 +263,13 @@ fn the_validation_loader_decodes_each_image_once() {
     );
     assert!(valid.caches());
     assert!(!augmented.caches());
+    let uncached = LoaderConfig {
+        cache: false,
+        ..LoaderConfig::valid(2)
+    };
+    let uncached = Loader::new(data.valid().to_vec(), 3, small(), uncached, Device::Cpu);
+    assert!(!uncached.caches());
+    assert!(uncached.epoch(0).all(|b| b.is_ok()));
     // An epoch dropped after its first batch keeps that one; the next
     // epoch makes the rest.
     let first = valid.epoch(0).next().unwrap().unwrap();
@@ -281,8 +289,10 @@ fn the_validation_loader_decodes_each_image_once() {
             b.targets.to_vec2::<f32>().unwrap()
         );
     }
-    let err = augmented.epoch(1).find_map(|b| b.err()).unwrap();
-    assert!(err.to_string().contains("f.png"), "{err}");
+    for loader in [&augmented, &uncached] {
+        let err = loader.epoch(1).find_map(|b| b.err()).unwrap();
+        assert!(err.to_string().contains("f.png"), "{err}");
+    }
     // Too many pixels to keep: the same batches, made every epoch.
     let huge = TransformConfig {
         size: 8192,
