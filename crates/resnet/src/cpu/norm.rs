@@ -103,6 +103,59 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     total
 }
 
+/// Rows summed side by side by [`add_lane_sums`] and [`add_grad_rows`].
+const ROW_GROUP: usize = 8;
+
+/// Adds [`lane_sum`]`(row, |v| f(v, r))` of each of the consecutive rows
+/// of `hw` values in `rows` to `sums[r]`: the same operations in the same
+/// order per row, but [`ROW_GROUP`] rows side by side, so that short rows
+/// (the 2×2 to 8×8 planes of small images) no longer each wait on a chain
+/// of dependent `f64` additions. The same bits as row by row.
+#[inline(always)]
+fn add_lane_sums(rows: &[f32], hw: usize, sums: &mut [f64], f: impl Fn(f32, usize) -> f32) {
+    const G: usize = ROW_GROUP;
+    let count = sums.len();
+    debug_assert_eq!(rows.len(), count * hw);
+    let full = hw / LANES * LANES;
+    let start: f64 = std::iter::empty::<f64>().sum();
+    for base in (0..count / G * G).step_by(G) {
+        let row = |r: usize| &rows[(base + r) * hw..(base + r + 1) * hw];
+        // `lane_sum`'s total starts at its lanes' sum, or at zero.
+        let mut total = [0f64; G];
+        if hw >= LANES {
+            let mut lanes = [[0f32; G]; LANES];
+            for r in 0..G {
+                let mut acc = [0f32; LANES];
+                for chunk in row(r).chunks_exact(LANES) {
+                    for (a, &x) in acc.iter_mut().zip(chunk) {
+                        *a += f(x, base + r);
+                    }
+                }
+                for (lane, &a) in lanes.iter_mut().zip(&acc) {
+                    lane[r] = a;
+                }
+            }
+            total = [start; G];
+            for lane in &lanes {
+                for (t, &a) in total.iter_mut().zip(lane) {
+                    *t += f64::from(a);
+                }
+            }
+        }
+        for k in full..hw {
+            for (r, t) in total.iter_mut().enumerate() {
+                *t += f64::from(f(row(r)[k], base + r));
+            }
+        }
+        for (s, &t) in sums[base..base + G].iter_mut().zip(&total) {
+            *s += t;
+        }
+    }
+    for r in count / G * G..count {
+        sums[r] += lane_sum(&rows[r * hw..(r + 1) * hw], |v| f(v, r));
+    }
+}
+
 simd_kernel! {
     /// A block of channels of [`bn_train_forward`]: their statistics
     /// `(mean, var, inv_std)`, and their rows of the output.
@@ -139,18 +192,20 @@ fn bn_forward_block_body(
     // order, starting from the value `Iterator::sum` starts from.
     let zero: f64 = std::iter::empty::<f64>().sum();
     let mut sums = vec![zero; channels.len()];
+    let (c0, c1) = (channels.start, channels.end);
+    // Image `ni`'s rows of the block, one contiguous run.
+    let run = |ni: usize| row(ni, c0).start..row(ni, c1 - 1).end;
     for ni in 0..n {
-        for (ci, sum) in channels.clone().zip(sums.iter_mut()) {
-            *sum += lane_sum(&x[row(ni, ci)], |v| v);
-        }
+        add_lane_sums(&x[run(ni)], hw, &mut sums, |v, _| v);
     }
     let means: Vec<f64> = sums.iter().map(|&s| s / count).collect();
+    let m32: Vec<f32> = means.iter().map(|&m| m as f32).collect();
     sums.fill(zero);
     for ni in 0..n {
-        for ((ci, sum), &mean) in channels.clone().zip(sums.iter_mut()).zip(&means) {
-            let m = mean as f32;
-            *sum += lane_sum(&x[row(ni, ci)], |v| (v - m) * (v - m));
-        }
+        add_lane_sums(&x[run(ni)], hw, &mut sums, |v, r| {
+            let m = m32[r];
+            (v - m) * (v - m)
+        });
     }
     let mut stats = Vec::with_capacity(channels.len());
     let mut affine = Vec::with_capacity(channels.len());
@@ -162,25 +217,38 @@ fn bn_forward_block_body(
         stats.push((mean as f32, var as f32, inv_std as f32));
         affine.push((scale, shift));
     }
+    // Each channel's scale and shift repeated along its row, so that an
+    // image's rows of the block go through one loop (rows of 4 or 16
+    // values one at a time cost several times their arithmetic); the same
+    // operations on each value.
+    let scales: Vec<f32> = affine
+        .iter()
+        .flat_map(|&(a, _)| std::iter::repeat_n(a, hw))
+        .collect();
+    let shifts: Vec<f32> = affine
+        .iter()
+        .flat_map(|&(_, b)| std::iter::repeat_n(b, hw))
+        .collect();
     for ni in 0..n {
-        for (ci, &(scale, shift)) in channels.clone().zip(&affine) {
-            let r = row(ni, ci);
-            // SAFETY: row (ni, ci) belongs to this block's task only.
-            let dst = unsafe { ptr.slice(r.start, hw) };
-            let src = &x[r.clone()];
-            if let Some(res) = residual {
-                for ((d, &v), &r) in dst.iter_mut().zip(src).zip(&res[r]) {
-                    let y = v * scale + shift + r;
-                    d.write(if relu { y.max(0.0) } else { y });
-                }
-            } else if relu {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    d.write((v * scale + shift).max(0.0));
-                }
-            } else {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    d.write(v * scale + shift);
-                }
+        let r = run(ni);
+        // SAFETY: image ni's rows of this block belong to this task only.
+        let dst = unsafe { ptr.slice(r.start, r.len()) };
+        let src = &x[r.clone()];
+        let affine = scales.iter().zip(&shifts);
+        if let Some(res) = residual {
+            for ((d, &v), (&r, (&scale, &shift))) in
+                dst.iter_mut().zip(src).zip(res[r].iter().zip(affine))
+            {
+                let y = v * scale + shift + r;
+                d.write(if relu { y.max(0.0) } else { y });
+            }
+        } else if relu {
+            for ((d, &v), (&scale, &shift)) in dst.iter_mut().zip(src).zip(affine) {
+                d.write((v * scale + shift).max(0.0));
+            }
+        } else {
+            for ((d, &v), (&scale, &shift)) in dst.iter_mut().zip(src).zip(affine) {
+                d.write(v * scale + shift);
             }
         }
     }
@@ -388,6 +456,87 @@ fn grad_lane_sums<const RELU: bool>(
     (acc_g, acc_gx)
 }
 
+/// [`add_grad_row`] for each of the consecutive rows of `hw` values in
+/// `(x, y, g)` (row `r` with mean `means[r]`, into `sums[r]`), the same
+/// operations in the same order per row, [`ROW_GROUP`] rows side by side
+/// (see [`add_lane_sums`]). The same bits as row by row.
+#[inline(always)]
+fn add_grad_rows(
+    (x, y, g): (&[f32], &[f32], &[f32]),
+    hw: usize,
+    means: &[f32],
+    relu: bool,
+    sums: &mut [(f64, f64)],
+) {
+    const G: usize = ROW_GROUP;
+    let count = sums.len();
+    debug_assert!(x.len() == count * hw && y.len() == x.len() && g.len() == x.len());
+    let full = hw / LANES * LANES;
+    let start: f64 = std::iter::empty::<f64>().sum();
+    for base in (0..count / G * G).step_by(G) {
+        let at = |r: usize| (base + r) * hw..(base + r + 1) * hw;
+        let mut lanes_g = [[0f32; G]; LANES];
+        let mut lanes_gx = [[0f32; G]; LANES];
+        if hw >= LANES {
+            for r in 0..G {
+                let (xc, _) = x[at(r)].as_chunks::<LANES>();
+                let (yc, _) = y[at(r)].as_chunks::<LANES>();
+                let (gc, _) = g[at(r)].as_chunks::<LANES>();
+                let (acc_g, acc_gx) = if relu {
+                    grad_lane_sums::<true>(xc, yc, gc, means[base + r])
+                } else {
+                    grad_lane_sums::<false>(xc, yc, gc, means[base + r])
+                };
+                for j in 0..LANES {
+                    lanes_g[j][r] = acc_g[j];
+                    lanes_gx[j][r] = acc_gx[j];
+                }
+            }
+        }
+        // The tail values go straight into the channel sums, then the
+        // lanes' total, as in `add_grad_row`.
+        let mut sg = [0f64; G];
+        let mut sgx = [0f64; G];
+        for (r, s) in sums[base..base + G].iter().enumerate() {
+            (sg[r], sgx[r]) = *s;
+        }
+        for k in full..hw {
+            for r in 0..G {
+                let i = (base + r) * hw + k;
+                let gv = if relu { relu_grad_of(y[i], g[i]) } else { g[i] };
+                sg[r] += f64::from(gv);
+                sgx[r] += f64::from(gv * (x[i] - means[base + r]));
+            }
+        }
+        if hw >= LANES {
+            let mut tg = [start; G];
+            let mut tgx = [start; G];
+            for (lg, lgx) in lanes_g.iter().zip(&lanes_gx) {
+                for r in 0..G {
+                    tg[r] += f64::from(lg[r]);
+                    tgx[r] += f64::from(lgx[r]);
+                }
+            }
+            for r in 0..G {
+                sg[r] += tg[r];
+                sgx[r] += tgx[r];
+            }
+        }
+        for (r, s) in sums[base..base + G].iter_mut().enumerate() {
+            *s = (sg[r], sgx[r]);
+        }
+    }
+    for r in count / G * G..count {
+        let (sum_g, sum_gx) = &mut sums[r];
+        let rows = (
+            &x[r * hw..(r + 1) * hw],
+            &y[r * hw..(r + 1) * hw],
+            &g[r * hw..(r + 1) * hw],
+        );
+        add_grad_row(rows, means[r], relu, (sum_g, sum_gx));
+    }
+}
+
 simd_kernel! {
     /// A block of channels of [`BatchNormGrad::run`]: their dweight, dbias and dx rows.
     fn bn_backward_block => bn_backward_block_body(
@@ -451,12 +600,14 @@ fn bn_backward_block_body(
     // read in that order rather than a channel's rows one image apart.
     // Each channel still sums its rows in image order, as before.
     let mut sums = vec![(0f64, 0f64); channels.len()];
+    let (c0, c1) = (channels.start, channels.end);
+    // Image `ni`'s rows of the block, one contiguous run.
+    let run = |ni: usize| row(ni, c0).start..row(ni, c1 - 1).end;
+    let means = &op.mean[channels.clone()];
     for ni in 0..n {
-        for (ci, (sum_g, sum_gx)) in channels.clone().zip(sums.iter_mut()) {
-            let r = row(ni, ci);
-            let rows = (&x[r.clone()], &y[r.clone()], &g[r]);
-            add_grad_row(rows, op.mean[ci], relu, (sum_g, sum_gx));
-        }
+        let r = run(ni);
+        let rows = (&x[r.clone()], &y[r.clone()], &g[r]);
+        add_grad_rows(rows, hw, means, relu, &mut sums);
     }
     // dx = w·σ⁻¹·(g − db/M − x̂·dw/M), x̂ = (x − mean)·σ⁻¹.
     let mut coefs = Vec::with_capacity(channels.len());
@@ -477,17 +628,28 @@ fn bn_backward_block_body(
     if !op.need_x {
         return;
     }
+    // Each channel's coefficients and mean repeated along its row, so that
+    // an image's rows of the block go through one loop (see the forward).
+    let repeat = |f: &dyn Fn(usize) -> f32| -> Vec<f32> {
+        (0..channels.len())
+            .flat_map(|i| std::iter::repeat_n(f(i), hw))
+            .collect()
+    };
+    let (k1s, k2s) = (repeat(&|i| coefs[i].0), repeat(&|i| coefs[i].1));
+    let (k3s, ms) = (repeat(&|i| coefs[i].2), repeat(&|i| means[i]));
     for ni in 0..n {
-        for (ci, &(k1, k2, k3)) in channels.clone().zip(&coefs) {
-            let r = row(ni, ci);
-            let m = op.mean[ci];
-            // SAFETY: row (ni, ci) of dx belongs to this task only.
-            let dst = unsafe { ptr.slice(2 * c + r.start, hw) };
-            let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
-            for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xr).zip(yr).zip(gr) {
-                let gv = if relu { relu_grad_of(yv, gv) } else { gv };
-                d.write(k1 * gv - k2 - k3 * (xv - m));
-            }
+        let r = run(ni);
+        // SAFETY: image ni's rows of this block of dx belong to this task only.
+        let dst = unsafe { ptr.slice(2 * c + r.start, r.len()) };
+        let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
+        let coef = k1s.iter().zip(&k2s).zip(k3s.iter().zip(&ms));
+        for ((d, (&xv, (&yv, &gv))), ((&k1, &k2), (&k3, &m))) in dst
+            .iter_mut()
+            .zip(xr.iter().zip(yr.iter().zip(gr)))
+            .zip(coef)
+        {
+            let gv = if relu { relu_grad_of(yv, gv) } else { gv };
+            d.write(k1 * gv - k2 - k3 * (xv - m));
         }
     }
 }
@@ -837,6 +999,79 @@ mod tests {
             for &g in &gs {
                 let want = if y <= 0.0 { 0.0f32 } else { g };
                 assert_eq!(relu_grad_of(y, g).to_bits(), want.to_bits(), "y {y}, g {g}");
+            }
+        }
+    }
+
+    /// Deterministic values of both signs over forty orders of magnitude
+    /// (so that `f64` sums round, and the order of additions shows), with
+    /// zeros of both signs among them.
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761) | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s
+        };
+        (0..len)
+            .map(|i| match i % 11 {
+                3 => 0.0,
+                7 => -0.0,
+                _ => {
+                    let mantissa = (next() as f32 / u32::MAX as f32) * 4.0 - 2.0;
+                    mantissa * 10f32.powi((next() % 41) as i32 - 20)
+                }
+            })
+            .collect()
+    }
+
+    /// The grouped row sums give the bits of `lane_sum` and `add_grad_row`
+    /// row by row, for rows shorter and longer than the lanes, with and
+    /// without whole groups of rows and a remainder.
+    #[test]
+    fn grouped_row_sums_match_row_by_row() {
+        for hw in [1, 2, 3, 4, 7, 15, 16, 17, 31, 49, 64, 100] {
+            for count in [1, 7, 8, 9, 16, 21] {
+                let x = values(count * hw, (hw * 100 + count) as u32);
+                let y = values(count * hw, (hw * 100 + count + 7) as u32);
+                let g = values(count * hw, (hw * 100 + count + 13) as u32);
+                let means = values(count, (hw + count) as u32);
+                // Running sums as an earlier image leaves them.
+                let earlier: Vec<f64> = values(count, 99)
+                    .iter()
+                    .map(|&v| f64::from(v) * 1e7)
+                    .collect();
+                let mut want = earlier.clone();
+                let mut got = earlier.clone();
+                for (r, w) in want.iter_mut().enumerate() {
+                    let m = means[r];
+                    *w += lane_sum(&x[r * hw..(r + 1) * hw], |v| (v - m) * (v - m));
+                }
+                add_lane_sums(&x, hw, &mut got, |v, r| (v - means[r]) * (v - means[r]));
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "lane sums, hw {hw}, {count} rows");
+                for relu in [false, true] {
+                    let earlier: Vec<(f64, f64)> = earlier.iter().map(|&e| (e, -3.0 * e)).collect();
+                    let mut want = earlier.clone();
+                    for (r, (sg, sgx)) in want.iter_mut().enumerate() {
+                        let at = r * hw..(r + 1) * hw;
+                        let rows = (&x[at.clone()], &y[at.clone()], &g[at]);
+                        add_grad_row(rows, means[r], relu, (sg, sgx));
+                    }
+                    let mut got = earlier.clone();
+                    add_grad_rows((&x, &y, &g), hw, &means, relu, &mut got);
+                    let pairs = |v: &[(f64, f64)]| {
+                        v.iter()
+                            .map(|(a, b)| (a.to_bits(), b.to_bits()))
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(
+                        pairs(&got),
+                        pairs(&want),
+                        "grad sums, hw {hw}, {count} rows, relu {relu}"
+                    );
+                }
             }
         }
     }
