@@ -661,6 +661,39 @@ mod x86 {
         transpose_scalar(src, channels, full, p, dst);
     }
 
+    /// The heart of both kernels: for input channels `$channels` and every
+    /// tap, the block's weight vectors at `$wp` (which moves past them)
+    /// times each tile pixel's input value, broadcast, added into `$acc`
+    /// (`[[vector; NV]; NP]`; `L`, `NV` and `B` are the caller's constants).
+    /// Per the kernels' contracts, every read stays inside the pixel's
+    /// image's plane `ci`.
+    macro_rules! accumulate {
+        ($acc:ident, $wp:ident, $image:ident, $plane:ident, $channels:expr, $taps:ident, $px:ident,
+         $zero:ident, $load:ident, $set1:ident, $fmadd:ident) => {
+            for ci in $channels {
+                // SAFETY: see above.
+                let base = unsafe { $image.as_ptr().add(ci * $plane) };
+                for &tap in $taps {
+                    // SAFETY: see above; the weights hold `B` values per
+                    // channel and tap.
+                    unsafe {
+                        let mut wv = [$zero(); NV];
+                        for v in 0..NV {
+                            wv[v] = $load($wp.add(v * L));
+                        }
+                        for (k, acc) in $acc.iter_mut().enumerate() {
+                            let xv = $set1(*base.add($px[k] + tap));
+                            for v in 0..NV {
+                                acc[v] = $fmadd(wv[v], xv, acc[v]);
+                            }
+                        }
+                        $wp = $wp.add(B);
+                    }
+                }
+            }
+        };
+    }
+
     /// [`NP`] pixels × `$nv` vectors of output channels at a time: 6 × 4
     /// with AVX-512's 32 registers, 6 × 2 with AVX2's 16.
     macro_rules! tiles_impl {
@@ -698,26 +731,19 @@ mod x86 {
                                 }
                             }
                             let mut wp = w0;
-                            for ci in first..first + chunk {
-                                // SAFETY: per the contract, every read below
-                                // stays inside plane `ci`.
-                                let base = unsafe { image.as_ptr().add(ci * plane) };
-                                for &tap in taps {
-                                    unsafe {
-                                        let mut wv = [$zero(); NV];
-                                        for v in 0..NV {
-                                            wv[v] = $load(wp.add(v * L));
-                                        }
-                                        for (k, acc) in acc.iter_mut().enumerate() {
-                                            let xv = $set1(*base.add(px[k] + tap));
-                                            for v in 0..NV {
-                                                acc[v] = $fmadd(wv[v], xv, acc[v]);
-                                            }
-                                        }
-                                        wp = wp.add(B);
-                                    }
-                                }
-                            }
+                            accumulate!(
+                                acc,
+                                wp,
+                                image,
+                                plane,
+                                first..first + chunk,
+                                taps,
+                                px,
+                                $zero,
+                                $load,
+                                $set1,
+                                $fmadd
+                            );
                             for (k, acc) in acc.iter().enumerate() {
                                 for v in 0..NV {
                                     unsafe { $store(out.add(k * o + v * L), acc[v]) };
@@ -781,26 +807,19 @@ mod x86 {
                         let mut wp = unsafe { w.as_ptr().add(block * per_block) };
                         let out = unsafe { tmp.as_mut_ptr().add(t * NP * o + block * B) };
                         let mut acc = [[$zero(); NV]; NP];
-                        for ci in 0..c {
-                            // SAFETY: per the contract, every read below
-                            // stays inside plane `ci` of the pixel's image.
-                            let base = unsafe { image.as_ptr().add(ci * plane) };
-                            for &tap in taps {
-                                unsafe {
-                                    let mut wv = [$zero(); NV];
-                                    for v in 0..NV {
-                                        wv[v] = $load(wp.add(v * L));
-                                    }
-                                    for (k, acc) in acc.iter_mut().enumerate() {
-                                        let xv = $set1(*base.add(px[k] + tap));
-                                        for v in 0..NV {
-                                            acc[v] = $fmadd(wv[v], xv, acc[v]);
-                                        }
-                                    }
-                                    wp = wp.add(B);
-                                }
-                            }
-                        }
+                        accumulate!(
+                            acc,
+                            wp,
+                            image,
+                            plane,
+                            0..c,
+                            taps,
+                            px,
+                            $zero,
+                            $load,
+                            $set1,
+                            $fmadd
+                        );
                         for (k, acc) in acc.iter().enumerate() {
                             for v in 0..NV {
                                 unsafe { $store(out.add(k * o + v * L), $round(acc[v])) };
