@@ -1005,6 +1005,19 @@ fn flipped_kernel(g: &Geometry, kernel: &[f32]) -> Vec<f32> {
     unsafe { out.finish() }
 }
 
+/// The output gradients of images `first..first + count` side by side as
+/// one `[O, count·P]` matrix in `tmp`.
+fn gather_group(g: &Geometry, grad: &[f32], first: usize, count: usize, tmp: &mut [f32]) {
+    let (p, o) = (g.p(), g.o);
+    let (img_out, ld) = (o * p, count * p);
+    for b in 0..count {
+        let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
+        for oc in 0..o {
+            tmp[oc * ld + b * p..oc * ld + (b + 1) * p].copy_from_slice(&gs[oc * p..(oc + 1) * p]);
+        }
+    }
+}
+
 pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
     // A stride-1 gradient is a forward convolution: im2col of the output
     // gradient and one product, instead of a product into `col` form and
@@ -1046,6 +1059,26 @@ pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32>
                 };
                 return;
             }
+            if g.pointwise() {
+                // Images side by side: one product, then each image's rows
+                // copied out (col2im would add them into zeros).
+                let ld = count * p;
+                tmp.resize(o * ld, 0.0);
+                gather_group(g, grad, first, count, tmp);
+                dcol.resize(k * ld, 0.0);
+                let rhs = Mat::rows(tmp.as_ptr(), ld);
+                // SAFETY: `dcol` is `[K, ld]`, `lhs` `[K, O]`, `tmp` `[O, ld]`.
+                unsafe { matmul(k, ld, o, dcol.as_mut_ptr(), ld, false, lhs, rhs, threads) };
+                for (b, dx) in dx.chunks_mut(img_in).enumerate() {
+                    for (c, row) in dx.chunks_mut(p).enumerate() {
+                        let src = &dcol[c * ld + b * p..c * ld + (b + 1) * p];
+                        for (d, &v) in row.iter_mut().zip(src) {
+                            d.write(v);
+                        }
+                    }
+                }
+                return;
+            }
             // col2im adds into `dx`: zero this chunk here, while it is
             // about to be used, rather than the whole buffer up front.
             for v in dx.iter_mut() {
@@ -1060,13 +1093,7 @@ pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32>
             } else {
                 let ld = count * p;
                 tmp.resize(o * ld, 0.0);
-                for b in 0..count {
-                    let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
-                    for oc in 0..o {
-                        tmp[oc * ld + b * p..oc * ld + (b + 1) * p]
-                            .copy_from_slice(&gs[oc * p..(oc + 1) * p]);
-                    }
-                }
+                gather_group(g, grad, first, count, tmp);
                 (Mat::rows(tmp.as_ptr(), ld), ld)
             };
             dcol.resize(k * ld, 0.0);
