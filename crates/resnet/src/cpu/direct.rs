@@ -199,7 +199,7 @@ impl Direct {
     /// the last image's results, where nothing reads it).
     fn pixels(&self, count: usize) -> Vec<usize> {
         let (ow, wp, s) = (self.g.ow, self.wp(), self.g.stride);
-        let image = self.g.c * self.plane();
+        let image = self.image_in();
         let mut v: Vec<usize> = (0..count)
             .flat_map(|b| (0..self.g.p()).map(move |q| b * image + (q / ow * wp + q % ow) * s))
             .collect();
@@ -235,20 +235,16 @@ pub(super) fn forward(
     if d.exact {
         let padded = pad_input::<f64>(d, x);
         let weights = pack_kernel_f64(d, kernel);
-        let per_block = d.g.c * taps.len() * d.block();
         run_tasks(d, out, finish, |task, tmp| {
-            let images = &padded[task.images.start * d.image_in()..task.images.end * d.image_in()];
-            let w = &weights[task.blocks.start * per_block..task.blocks.end * per_block];
+            let (images, w) = task.operands(d, &padded, &weights);
             tiles_exact(d, images, task.channels(d), w, &taps, task.pixels, tmp);
         });
     } else {
         let padded = pad_input::<f32>(d, x);
         let (weights, offset) = pack_kernel(d, kernel);
         let weights = &weights[offset..offset + kernel.len()];
-        let per_block = d.g.c * taps.len() * d.block();
         run_tasks(d, out, finish, |task, tmp| {
-            let images = &padded[task.images.start * d.image_in()..task.images.end * d.image_in()];
-            let w = &weights[task.blocks.start * per_block..task.blocks.end * per_block];
+            let (images, w) = task.operands(d, &padded, weights);
             tiles(d, images, task.channels(d), w, &taps, task.pixels, tmp);
         });
     }
@@ -265,6 +261,15 @@ struct Task<'a> {
 impl Task<'_> {
     fn channels(&self, d: &Direct) -> usize {
         self.blocks.len() * d.block()
+    }
+
+    /// The task's padded images and its blocks' packed weights.
+    fn operands<'a, T>(&self, d: &Direct, padded: &'a [T], weights: &'a [T]) -> (&'a [T], &'a [T]) {
+        let per_block = d.g.c * d.g.kh * d.g.kw * d.block();
+        (
+            &padded[self.images.start * d.image_in()..self.images.end * d.image_in()],
+            &weights[self.blocks.start * per_block..self.blocks.end * per_block],
+        )
     }
 }
 
