@@ -1005,19 +1005,6 @@ fn flipped_kernel(g: &Geometry, kernel: &[f32]) -> Vec<f32> {
     unsafe { out.finish() }
 }
 
-/// The output gradients of images `first..first + count` side by side as
-/// one `[O, count·P]` matrix in `tmp`.
-fn gather_group(g: &Geometry, grad: &[f32], first: usize, count: usize, tmp: &mut [f32]) {
-    let (p, o) = (g.p(), g.o);
-    let (img_out, ld) = (o * p, count * p);
-    for b in 0..count {
-        let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
-        for oc in 0..o {
-            tmp[oc * ld + b * p..oc * ld + (b + 1) * p].copy_from_slice(&gs[oc * p..(oc + 1) * p]);
-        }
-    }
-}
-
 pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32> {
     // A stride-1 gradient is a forward convolution: im2col of the output
     // gradient and one product, instead of a product into `col` form and
@@ -1059,16 +1046,28 @@ pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32>
                 };
                 return;
             }
-            if g.pointwise() {
-                // Images side by side: one product, then each image's rows
-                // copied out (col2im would add them into zeros).
+            let (rhs, ld) = if count == 1 {
+                let gs = &grad[first * img_out..(first + 1) * img_out];
+                (Mat::rows(gs.as_ptr(), p), p)
+            } else {
                 let ld = count * p;
                 tmp.resize(o * ld, 0.0);
-                gather_group(g, grad, first, count, tmp);
-                dcol.resize(k * ld, 0.0);
-                let rhs = Mat::rows(tmp.as_ptr(), ld);
-                // SAFETY: `dcol` is `[K, ld]`, `lhs` `[K, O]`, `tmp` `[O, ld]`.
-                unsafe { matmul(k, ld, o, dcol.as_mut_ptr(), ld, false, lhs, rhs, threads) };
+                for b in 0..count {
+                    let gs = &grad[(first + b) * img_out..(first + b + 1) * img_out];
+                    for oc in 0..o {
+                        tmp[oc * ld + b * p..oc * ld + (b + 1) * p]
+                            .copy_from_slice(&gs[oc * p..(oc + 1) * p]);
+                    }
+                }
+                (Mat::rows(tmp.as_ptr(), ld), ld)
+            };
+            dcol.resize(k * ld, 0.0);
+            // SAFETY: `dcol` is `[K, ld]`, `lhs` `[K, O]`, `rhs` `[O, ld]`.
+            unsafe { matmul(k, ld, o, dcol.as_mut_ptr(), ld, false, lhs, rhs, threads) };
+            if g.pointwise() {
+                // Images side by side (a lone image was written in place
+                // above): each image's rows are copied out, where col2im
+                // would add them into zeros.
                 for (b, dx) in dx.chunks_mut(img_in).enumerate() {
                     for (c, row) in dx.chunks_mut(p).enumerate() {
                         let src = &dcol[c * ld + b * p..c * ld + (b + 1) * p];
@@ -1087,18 +1086,6 @@ pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32>
             // SAFETY: initialised just above.
             let dx: &mut [f32] =
                 unsafe { std::slice::from_raw_parts_mut(dx.as_mut_ptr().cast(), dx.len()) };
-            let (rhs, ld) = if count == 1 {
-                let gs = &grad[first * img_out..(first + 1) * img_out];
-                (Mat::rows(gs.as_ptr(), p), p)
-            } else {
-                let ld = count * p;
-                tmp.resize(o * ld, 0.0);
-                gather_group(g, grad, first, count, tmp);
-                (Mat::rows(tmp.as_ptr(), ld), ld)
-            };
-            dcol.resize(k * ld, 0.0);
-            // SAFETY: `dcol` is `[K, ld]`, `lhs` `[K, O]`, `rhs` `[O, ld]`.
-            unsafe { matmul(k, ld, o, dcol.as_mut_ptr(), ld, false, lhs, rhs, threads) };
             let image = |(b, dx): (usize, &mut [f32])| col2im(g, dcol, ld, b * p, dx, table);
             // When groups already run in parallel, this one stays on its
             // thread; a lone group spreads its images over the pool.
