@@ -47,6 +47,8 @@ enum Family {
     ExactDirect,
     /// im2col + `gemm` at every level (here: planes too small).
     Im2col,
+    /// Winograd's F(2×2, 3×3) (3×3, stride 1, padding 1, enough tiles).
+    Winograd,
 }
 
 impl Case {
@@ -80,7 +82,7 @@ impl Case {
     }
 }
 
-const CASES: [Case; 16] = [
+const CASES: [Case; 19] = [
     // 64 output channels: AVX-512's kernel; 256 pixels (whole tiles of 6 but
     // for 4).
     Case::new(2, 8, 64, (16, 16), 3),
@@ -121,6 +123,15 @@ const CASES: [Case; 16] = [
     Case::new(2, 2, 48, (13, 11), 5)
         .stride(3)
         .family(Family::ExactDirect),
+    // Winograd: 8 × 144 tiles of 2×2, 64 output channels (AVX-512's
+    // blocks), the input gradient 16 (AVX2's).
+    Case::new(8, 16, 64, (24, 24), 3).family(Family::Winograd),
+    // Odd planes (the last tile row and column cut off), 48 output
+    // channels (AVX2's blocks at either level), 7 × 156 tiles in tasks
+    // spanning images.
+    Case::new(7, 32, 48, (23, 25), 3).family(Family::Winograd),
+    // One image, fewer than the threads: its channel blocks shared out.
+    Case::new(1, 5, 64, (64, 64), 3).family(Family::Winograd),
     // Five output channels: no direct block fits; im2col + the `f64` product.
     Case::new(2, 3, 5, (9, 9), 3).family(Family::Im2col),
 ];
@@ -223,6 +234,9 @@ fn expected_path(level: SimdLevel, case: &Case) -> &'static str {
         (Family::ExactDirect, _) => "exact direct avx2",
         (Family::Direct, _) if avx512 && case.o.is_multiple_of(64) => "direct avx512",
         (Family::Direct, _) => "direct avx2",
+        (Family::Winograd, SimdLevel::Baseline) => "im2col",
+        (Family::Winograd, _) if avx512 && case.o.is_multiple_of(64) => "winograd avx512",
+        (Family::Winograd, _) => "winograd avx2",
     }
 }
 

@@ -1570,7 +1570,14 @@ pub fn conv2d_path(
     stride: usize,
 ) -> Result<&'static str> {
     let g = Geometry::new(x_dims, k_dims, padding, stride)?;
-    let level = g.direct().map(|d| d.level());
+    let direct = g.direct();
+    if let Some(d) = direct.filter(|d| d.kind() == direct::Kind::Winograd) {
+        return Ok(match d.level() {
+            super::SimdLevel::Avx512 => "winograd avx512",
+            _ => "winograd avx2",
+        });
+    }
+    let level = direct.map(|d| d.level());
     Ok(match (g.exact(), level) {
         (true, Some(super::SimdLevel::Avx512)) => "exact direct avx512",
         (true, Some(_)) => "exact direct avx2",

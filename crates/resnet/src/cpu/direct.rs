@@ -41,19 +41,31 @@ use super::conv::Geometry;
 use super::simd::{SimdLevel, simd_level};
 
 /// Output pixels per microkernel tile.
-const NP: usize = 6;
+pub(super) const NP: usize = 6;
 
-/// Input channels per pass over an image: a block's weights for them
-/// (`16·9·B` floats, 36 KiB at AVX-512's `B` = 64 for a 3×3 kernel) stay
-/// in L1 while every tile of the plane goes by. Partial sums wait in the
-/// scratch buffer between passes, stored and reloaded exactly, so the sums
-/// are the same as in one pass.
+/// Input channels per pass over an image, at least: a block's weights for
+/// them (`16·9·B` floats, 36 KiB at AVX-512's `B` = 64 for a 3×3 kernel)
+/// stay in L1 while every tile of the plane goes by. Partial sums wait in
+/// the scratch buffer between passes, stored and reloaded exactly, so the
+/// sums are the same as in one pass.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const CHANNEL_CHUNK: usize = 16;
 
+/// Channel × tap steps per pass: kernels with fewer taps than a 3×3 (the
+/// 1×1 products of `winograd.rs`) take more channels per pass, so that
+/// the partial sums are not stored and reloaded every few steps.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const CHUNK_STEPS: usize = 144;
+
+/// Input channels per pass for a kernel of `taps` taps.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn channel_chunk(taps: usize) -> usize {
+    CHANNEL_CHUNK.max(CHUNK_STEPS / taps.max(1))
+}
+
 /// Input channels below which the direct path is not taken (the image's
 /// planes take the exact `f64` path in `conv.rs`).
-const MIN_CHANNELS: usize = 5;
+pub(super) const MIN_CHANNELS: usize = 5;
 
 /// Output pixels per task below which im2col + `gemm` is kept: images
 /// are grouped into a task up to this many (see [`images_per_task`]).
@@ -95,15 +107,35 @@ pub(super) struct Direct {
     /// planes still give a task [`MIN_PIXELS`] output pixels, each block's
     /// weights then serving all of them.
     group: usize,
-    /// Whether this is the exact kernel (`f64` sums rounded once, for an
-    /// image's few channels; see `forward_exact` in `conv.rs`).
-    exact: bool,
+    kind: Kind,
+}
+
+/// Which kernel a [`Direct`] convolution runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// The `f32` direct kernel.
+    Direct,
+    /// The exact kernel (`f64` sums rounded once, for an image's few
+    /// channels; see `forward_exact` in `conv.rs`).
+    Exact,
+    /// Winograd's F(2×2, 3×3) (`winograd.rs`), whose products run on the
+    /// direct kernel.
+    Winograd,
 }
 
 impl Direct {
     /// The SIMD level of the kernel that runs.
     pub(super) fn level(&self) -> SimdLevel {
         self.level
+    }
+
+    /// Which kernel runs.
+    pub(super) fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub(super) fn geometry(&self) -> &Geometry {
+        &self.g
     }
 
     /// The direct path for this convolution, or `None` where im2col +
@@ -126,7 +158,16 @@ impl Direct {
             SimdLevel::Avx512 | SimdLevel::Avx2 => SimdLevel::Avx2,
             SimdLevel::Baseline => return None,
         };
-        let group = images_per_task(g.n, g.p(), rayon::current_num_threads());
+        let threads = rayon::current_num_threads();
+        if super::winograd::applies(g, block_channels(level)) {
+            return Some(Self {
+                g: *g,
+                level,
+                group: super::winograd::images_per_task(g, threads),
+                kind: Kind::Winograd,
+            });
+        }
+        let group = images_per_task(g.n, g.p(), threads);
         let pointwise = g.kh == 1 && g.kw == 1 && g.padding == 0 && g.stride == 1;
         let takes = !pointwise
             && g.o.is_multiple_of(block_channels(level))
@@ -137,7 +178,7 @@ impl Direct {
             g: *g,
             level,
             group,
-            exact: false,
+            kind: Kind::Direct,
         })
     }
 
@@ -157,16 +198,15 @@ impl Direct {
                 g: *g,
                 level,
                 group: images_per_task(g.n, g.p(), rayon::current_num_threads()),
-                exact: true,
+                kind: Kind::Exact,
             })
     }
 
     /// Output channels per block of the kernel that runs.
-    fn block(&self) -> usize {
-        if self.exact {
-            exact_block_channels(self.level)
-        } else {
-            block_channels(self.level)
+    pub(super) fn block(&self) -> usize {
+        match self.kind {
+            Kind::Exact => exact_block_channels(self.level),
+            Kind::Direct | Kind::Winograd => block_channels(self.level),
         }
     }
 
@@ -232,7 +272,13 @@ pub(super) fn forward(
     finish: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 ) {
     let taps = d.taps();
-    if d.exact {
+    if d.kind == Kind::Winograd {
+        let (weights, offset) = super::winograd::transform_kernel(d, kernel);
+        let weights = &weights[offset..offset + 16 * d.g.o * d.g.c];
+        run_tasks(d, out, finish, |task, tmp| {
+            super::winograd::task(d, x, weights, task.images.clone(), task.blocks.clone(), tmp);
+        });
+    } else if d.kind == Kind::Exact {
         let padded = pad_input::<f64>(d, x);
         let weights = pack_kernel_f64(d, kernel);
         run_tasks(d, out, finish, |task, tmp| {
@@ -442,7 +488,7 @@ const LINE: usize = 16;
 /// `len` floats starting on a cache line: a buffer and the offset of the
 /// aligned start in it. With `B` a multiple of 16, every weight vector the
 /// microkernel loads is then one line, never two.
-fn aligned(len: usize) -> (Vec<f32>, usize) {
+pub(super) fn aligned(len: usize) -> (Vec<f32>, usize) {
     let buf = vec![0f32; len + LINE];
     let offset = buf.as_ptr().align_offset(LINE * std::mem::size_of::<f32>());
     assert!(
@@ -456,7 +502,7 @@ fn aligned(len: usize) -> (Vec<f32>, usize) {
 /// (see [`aligned`]): each block of `B` output channels' rows, `[B, C·kh·kw]`,
 /// transposed (for 512 → 512 channels of 3×3 a gather of 2.4 M values from
 /// lines 18 KiB apart took a tenth of the convolution at 4×4 pixels).
-fn pack_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
+pub(super) fn pack_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
     let k = d.g.c * d.g.kh * d.g.kw;
     let bc = block_channels(d.level);
     let (mut buf, offset) = aligned(kernel.len());
@@ -576,6 +622,43 @@ fn tiles(
     }
 }
 
+/// The direct kernel as a plain product, for `winograd.rs`: `tmp[t][o] =
+/// Σ_ci v[ci·plane + pixels[t]] · w[o / B][ci][o % B]` for `o <
+/// channels` (a multiple of the block `B` of `level`), every sum a fused
+/// multiply-add chain over `ci` from zero.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn products(
+    level: SimdLevel,
+    c: usize,
+    plane: usize,
+    channels: usize,
+    v: &[f32],
+    w: &[f32],
+    pixels: &[usize],
+    tmp: &mut [f32],
+) {
+    assert!(c > 0 && channels.is_multiple_of(block_channels(level)));
+    assert_eq!(w.len(), channels * c);
+    assert_eq!(pixels.len() % NP, 0);
+    assert_eq!(tmp.len(), pixels.len() * channels);
+    assert!(pixels.iter().all(|&q| q < plane) && v.len() >= c * plane);
+    let args = (c, plane, channels, v, w, &[0][..], pixels);
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        // SAFETY: the caller's level was detected on this CPU (as every
+        // `Direct` plan's); the asserts above bound every read and write.
+        SimdLevel::Avx512 => unsafe { x86::tiles_avx512(args, tmp) },
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { x86::tiles_avx2(args, tmp) },
+        SimdLevel::Baseline => unreachable!("Direct::plan refuses the baseline level"),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (args, tmp);
+        unreachable!("Direct::plan refuses the baseline level")
+    }
+}
+
 /// `(input channels, padded plane, output channels (a multiple of the
 /// block), image, their packed weights, tap offsets, pixel offsets)`.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -603,7 +686,7 @@ type ExactArgs<'a> = (
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{CHANNEL_CHUNK, ExactArgs, NP, TileArgs, transpose_scalar};
+    use super::{ExactArgs, NP, TileArgs, channel_chunk, transpose_scalar};
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
@@ -717,8 +800,9 @@ mod x86 {
                 const NV: usize = $nv;
                 const B: usize = L * NV;
                 let per_block = c * taps.len() * B;
-                for first in (0..c).step_by(CHANNEL_CHUNK) {
-                    let chunk = CHANNEL_CHUNK.min(c - first);
+                let step = channel_chunk(taps.len());
+                for first in (0..c).step_by(step) {
+                    let chunk = step.min(c - first);
                     for block in 0..o / B {
                         // SAFETY: `w` holds `O/B` blocks of `c·taps·B` weights.
                         let w0 =
