@@ -485,16 +485,33 @@ fn pad_input<T: From<f32> + Default + Copy + Send>(d: &Direct, x: &[f32]) -> Vec
 /// Floats per 64-byte cache line.
 const LINE: usize = 16;
 
-/// `len` floats starting on a cache line: a buffer and the offset of the
-/// aligned start in it. With `B` a multiple of 16, every weight vector the
-/// microkernel loads is then one line, never two.
-pub(super) fn aligned(len: usize) -> (Vec<f32>, usize) {
-    let buf = vec![0f32; len + LINE];
+/// `len` floats starting on a cache line, written by `fill`: a buffer and
+/// the offset of the aligned start in it. With `B` a multiple of 16, every
+/// weight vector the microkernel loads is then one line, never two. The
+/// values around the aligned ones are zeros; those are not written twice.
+///
+/// # Safety
+/// `fill` must write every value of the slice it is given.
+pub(super) unsafe fn aligned(
+    len: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<f32>]),
+) -> (Vec<f32>, usize) {
+    let mut buf = Vec::<f32>::with_capacity(len + LINE);
     let offset = buf.as_ptr().align_offset(LINE * std::mem::size_of::<f32>());
     assert!(
         offset < LINE,
         "an f32 buffer can be aligned to a cache line"
     );
+    let spare = &mut buf.spare_capacity_mut()[..len + LINE];
+    let (head, rest) = spare.split_at_mut(offset);
+    let (body, tail) = rest.split_at_mut(len);
+    head.iter_mut().chain(tail.iter_mut()).for_each(|v| {
+        v.write(0.0);
+    });
+    fill(body);
+    // SAFETY: the head and tail were written above, the body by `fill`
+    // (the caller's promise).
+    unsafe { buf.set_len(len + LINE) };
     (buf, offset)
 }
 
@@ -505,17 +522,14 @@ pub(super) fn aligned(len: usize) -> (Vec<f32>, usize) {
 pub(super) fn pack_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
     let k = d.g.c * d.g.kh * d.g.kw;
     let bc = block_channels(d.level);
-    let (mut buf, offset) = aligned(kernel.len());
-    buf[offset..offset + kernel.len()]
-        .par_chunks_mut(k * bc)
-        .zip(kernel.par_chunks(k * bc))
-        .for_each(|(dst, src)| {
-            // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and the
-            // transpose only writes initialised values.
-            let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
-            transpose(d.level, src, k, bc, dst);
-        });
-    (buf, offset)
+    // SAFETY: the transposes write every value: each block's `k · bc`.
+    unsafe {
+        aligned(kernel.len(), |out| {
+            out.par_chunks_mut(k * bc)
+                .zip(kernel.par_chunks(k * bc))
+                .for_each(|(dst, src)| transpose(d.level, src, k, bc, dst));
+        })
+    }
 }
 
 /// The kernel `[O, C, kh, kw]` in `f64` as `[O/B, C, kh·kw, B]` for the

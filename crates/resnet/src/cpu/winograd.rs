@@ -38,11 +38,12 @@ use super::simd::simd_kernel;
 /// Tiles per convolution below which im2col + `gemm` or the direct kernel
 /// is kept: the kernel's transform costs as much whatever the batch, and
 /// the saving grows with the tiles. Measured on two cores (AVX-512, batch
-/// 64 unless said): 512 → 512 channels at 4×4 (256 tiles) 14.7 against
-/// 12.4 ms, at 7×7 (batch 32, 512 tiles) 23.9 against 21.9; 256 → 256 at
-/// 8×8 (1,024 tiles) 11.8 against 12.8; 256 → 256 at 14×14 (batch 32,
-/// 1,568 tiles) 15.3 against 20.9.
-const MIN_TOTAL_TILES: usize = 1024;
+/// 64 unless said; forward, Winograd against the other path): 512 → 512
+/// channels at 2×2 (64 tiles) 5.4 against 4.3 ms; at 4×4 (256 tiles) 12.3
+/// against 12.5; at 7×7 (batch 32, 512 tiles) 21.9 against 22.5; 256 →
+/// 256 at 8×8 (1,024 tiles) 10.7 against 12.9; at 14×14 (batch 32, 1,568
+/// tiles) 15.3 against 20.9.
+const MIN_TOTAL_TILES: usize = 512;
 
 /// Tiles per task at least, where the batch has images enough: a task's
 /// transformed kernel (`16·C·O` values) is read once per chunk of tiles,
@@ -129,25 +130,60 @@ pub(super) fn transform_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) 
     use rayon::prelude::*;
     let g = d.geometry();
     let (o, c, b) = (g.o, g.c, d.block());
+    assert!(b <= MAX_BLOCK);
     // `[O/B, C, 9, B]`: each channel's nine taps, B output channels side by side.
     let (packed, offset) = direct::pack_kernel(d, kernel);
     let packed = &packed[offset..offset + kernel.len()];
-    let (mut buf, start) = direct::aligned(XI * o * c);
-    buf[start..start + XI * o * c]
-        .par_chunks_mut(c * b)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let (xi, block) = (i / (o / b), i % (o / b));
-            let src = &packed[block * c * 9 * b..(block + 1) * c * 9 * b];
-            kernel_position(src, xi, b, dst);
-        });
-    (buf, start)
+    let blocks = o / b;
+    let parts = c.div_ceil(KERNEL_CHANNELS);
+    // SAFETY: the tasks below write every value: task `(block, part)`
+    // writes `U[ξ, block, ci, ..]` for every `ξ` and each of its channels.
+    unsafe {
+        direct::aligned(XI * o * c, |out| {
+            let out = SharedOut(out.as_mut_ptr().cast::<f32>());
+            (0..blocks * parts).into_par_iter().for_each(|i| {
+                let (block, part) = (i / parts, i % parts);
+                let first = part * KERNEL_CHANNELS;
+                for ci in first..(first + KERNEL_CHANNELS).min(c) {
+                    let taps = &packed[(block * c + ci) * 9 * b..(block * c + ci + 1) * 9 * b];
+                    let at = (block * c + ci) * b;
+                    // SAFETY: the 16 runs `ξ·O·C + at .. + b` lie in the
+                    // buffer (`at + b ≤ O·C`), and no other task writes them.
+                    kernel_channel(taps, b, out.at(at), o * c);
+                }
+            });
+        })
+    }
 }
 
+/// Input channels per task of [`transform_kernel`].
+const KERNEL_CHANNELS: usize = 32;
+
+/// The transformed kernel's buffer, shared by tasks that write disjoint runs.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: only used by tasks that write disjoint runs (see `transform_kernel`).
+unsafe impl Sync for SharedOut {}
+// SAFETY: as above.
+unsafe impl Send for SharedOut {}
+
+impl SharedOut {
+    /// The position `at` in the buffer (in bounds per the caller).
+    fn at(self, at: usize) -> Dst {
+        // SAFETY: callers pass offsets inside the buffer.
+        Dst(unsafe { self.0.add(at) })
+    }
+}
+
+/// Where one channel's 16 transformed runs go: `ξ · stride` on.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+
 simd_kernel!(
-    /// One position `ξ = 4a + b` of [`transform_kernel`] for one block:
-    /// `src` is `[C, 9, B]`, `dst` `[C, B]`.
-    fn kernel_position => kernel_position_body(src: &[f32], xi: usize, b: usize, dst: &mut [f32])
+    /// One input channel of one block: `taps` is `[9, B]`; position `ξ`'s
+    /// `B` values go to `dst + ξ · stride`.
+    fn kernel_channel => kernel_channel_body(taps: &[f32], b: usize, dst: Dst, stride: usize)
 );
 
 /// `G·(v0, v1, v2)` for every lane: row `r` of `G`, one loop per row so
@@ -156,10 +192,10 @@ simd_kernel!(
 fn g_rows(r: usize, v0: &[f32], v1: &[f32], v2: &[f32], out: &mut [f32]) {
     let lanes = out.iter_mut().zip(v0).zip(v1).zip(v2);
     match r {
-        0 => out.copy_from_slice(v0),
+        0 => lanes.for_each(|(((o, &a), _), _)| *o = a),
         1 => lanes.for_each(|(((o, &a), &b), &c)| *o = (a + b + c) * 0.5),
         2 => lanes.for_each(|(((o, &a), &b), &c)| *o = (a - b + c) * 0.5),
-        _ => out.copy_from_slice(v2),
+        _ => lanes.for_each(|(((o, _), _), &c)| *o = c),
     }
 }
 
@@ -167,17 +203,23 @@ fn g_rows(r: usize, v0: &[f32], v1: &[f32], v2: &[f32], out: &mut [f32]) {
 const MAX_BLOCK: usize = 64;
 
 #[inline(always)]
-fn kernel_position_body(src: &[f32], xi: usize, b: usize, dst: &mut [f32]) {
-    assert!(b <= MAX_BLOCK);
-    let (row, col) = (xi / 4, xi % 4);
-    let mut r = [[0f32; MAX_BLOCK]; 3];
-    for (taps, out) in src.chunks_exact(9 * b).zip(dst.chunks_exact_mut(b)) {
-        let tap = |t: usize| &taps[t * b..(t + 1) * b];
-        // Each kernel row along its columns first, then down the rows.
-        for (i, r) in r.iter_mut().enumerate() {
+fn kernel_channel_body(taps: &[f32], b: usize, dst: Dst, stride: usize) {
+    assert!(b <= MAX_BLOCK && taps.len() == 9 * b);
+    let tap = |t: usize| &taps[t * b..(t + 1) * b];
+    // Each kernel row along its columns first (`r[i][col]`), then down the
+    // rows.
+    let mut r = [[[0f32; MAX_BLOCK]; 4]; 3];
+    for (i, r) in r.iter_mut().enumerate() {
+        for (col, r) in r.iter_mut().enumerate() {
             g_rows(col, tap(3 * i), tap(3 * i + 1), tap(3 * i + 2), &mut r[..b]);
         }
-        g_rows(row, &r[0][..b], &r[1][..b], &r[2][..b], out);
+    }
+    for xi in 0..XI {
+        let (row, col) = (xi / 4, xi % 4);
+        // SAFETY: per `transform_kernel`, the run `ξ · stride .. + b` from
+        // `dst` is this task's to write.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(xi * stride), b) };
+        g_rows(row, &r[0][col][..b], &r[1][col][..b], &r[2][col][..b], out);
     }
 }
 
