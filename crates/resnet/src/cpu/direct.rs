@@ -276,7 +276,8 @@ pub(super) fn forward(
         let (weights, offset) = super::winograd::transform_kernel(d, kernel);
         let weights = &weights[offset..offset + 16 * d.g.o * d.g.c];
         run_tasks(d, out, finish, |task, tmp| {
-            super::winograd::task(d, x, weights, task.images.clone(), task.blocks.clone(), tmp);
+            let (images, blocks) = (task.images.clone(), task.blocks.clone());
+            super::winograd::task(d, x, weights, images, blocks, tmp);
         });
     } else if d.kind == Kind::Exact {
         let padded = pad_input::<f64>(d, x);

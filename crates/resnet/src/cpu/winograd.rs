@@ -224,7 +224,7 @@ fn kernel_channel_body(taps: &[f32], b: usize, dst: Dst, stride: usize) {
 }
 
 thread_local! {
-    /// This thread's transformed inputs, products and row buffers.
+    /// This thread's transformed inputs, products and input strip.
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
@@ -248,6 +248,7 @@ pub(super) fn task(
     let b = d.block();
     let oc = blocks.len() * b;
     let image_len = c * h * w;
+    let pw = padded_row(w);
     assert!(x.len() >= images.end * image_len && tmp.len() >= images.len() * p * oc);
     assert_eq!(u.len(), XI * o * c);
     let rows_total = images.len() * th;
@@ -256,49 +257,41 @@ pub(super) fn task(
     let rows_per_chunk = rows_total.div_ceil(chunks);
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
-        let (v, m, rows) = &mut *s;
-        rows.resize(4 * padded_row(w) + w, 0.0);
+        let (v, m, strip) = &mut *s;
+        strip.resize(c * 4 * pw, 0.0);
         for r0 in (0..rows_total).step_by(rows_per_chunk) {
             let r1 = (r0 + rows_per_chunk).min(rows_total);
             let tiles = (r1 - r0) * tw;
             // Whole tiles for the kernel: the last tile's offset repeated,
             // computed again into rows nothing reads.
-            let padded = tiles.next_multiple_of(NP);
-            let pixels: Vec<usize> = (0..padded).map(|t| t.min(tiles - 1)).collect();
-            v.resize(XI * c * padded, 0.0);
-            m.resize(XI * padded * oc, 0.0);
+            let padded_tiles = tiles.next_multiple_of(NP);
+            let pixels: Vec<usize> = (0..padded_tiles).map(|t| t.min(tiles - 1)).collect();
+            v.resize(XI * c * padded_tiles, 0.0);
+            m.resize(XI * padded_tiles * oc, 0.0);
             for r in r0..r1 {
                 let image = images.start + r / th;
-                input_row(
-                    &x[image * image_len..(image + 1) * image_len],
-                    c,
-                    h,
-                    w,
-                    r % th,
-                    v,
-                    padded,
-                    (r - r0) * tw,
-                    rows,
-                );
+                let image = &x[image * image_len..(image + 1) * image_len];
+                fill_strip(image, c, h, w, r % th, pw, strip);
+                input_row(strip, c, pw, tw, v, padded_tiles, (r - r0) * tw);
             }
             for xi in 0..XI {
                 let weights = &u[xi * o * c..(xi + 1) * o * c];
                 direct::products(
                     d.level(),
                     c,
-                    padded,
+                    padded_tiles,
                     oc,
-                    &v[xi * c * padded..(xi + 1) * c * padded],
+                    &v[xi * c * padded_tiles..(xi + 1) * c * padded_tiles],
                     &weights[blocks.start * c * b..blocks.end * c * b],
                     &pixels,
-                    &mut m[xi * padded * oc..(xi + 1) * padded * oc],
+                    &mut m[xi * padded_tiles * oc..(xi + 1) * padded_tiles * oc],
                 );
             }
             for r in r0..r1 {
                 let image = r / th;
                 output_row(
                     m,
-                    padded,
+                    padded_tiles,
                     oc,
                     (r - r0) * tw,
                     r % th,
@@ -311,178 +304,191 @@ pub(super) fn task(
     });
 }
 
-simd_kernel!(
-    /// Tile row `ty` of one image `xi` (`[C, H, W]`): for each channel `ci`
-    /// and position `ξ`, `V` into `v[(ξ·C + ci)·stride + first ..][..tw]`.
-    /// `rows` holds four padded rows and a row of zeros.
-    fn input_row => input_row_body(
-        xi: &[f32],
-        c: usize,
-        h: usize,
-        w: usize,
-        ty: usize,
-        v: &mut [f32],
-        stride: usize,
-        first: usize,
-        rows: &mut [f32]
-    )
-);
-
-/// Tiles per step of [`horizontal`].
+/// Tiles per step of the input transform.
 const TB: usize = 8;
 
-/// Values per padded row of [`input_row`]: one zero, the `w` values (or
-/// their combinations), zeros up to whole steps of [`TB`] tiles.
+/// Values per row of a strip (see [`fill_strip`]): one zero, the `w`
+/// values, zeros up to whole steps of [`TB`] tiles and two more.
 fn padded_row(w: usize) -> usize {
     2 * w.div_ceil(2).next_multiple_of(TB) + 2
 }
 
-#[inline(always)]
+/// Copies the four input rows under tile row `ty` of each plane of `image`
+/// (`c` planes `h × w`) into `strip`, `[c, 4, pw]`, with zeros around
+/// them: tile `tx`'s 4×4 patch is then columns `2·tx ..= 2·tx + 3` of the
+/// four rows, and whole steps of [`TB`] tiles read inside a row.
 #[allow(clippy::too_many_arguments)]
-fn input_row_body(
-    xi: &[f32],
+fn fill_strip(
+    image: &[f32],
     c: usize,
     h: usize,
     w: usize,
     ty: usize,
+    pw: usize,
+    strip: &mut [f32],
+) {
+    for (plane, rows) in image
+        .chunks_exact(h * w)
+        .zip(strip.chunks_exact_mut(4 * pw))
+        .take(c)
+    {
+        for (k, row) in rows.chunks_exact_mut(pw).enumerate() {
+            match (2 * ty + k).checked_sub(1).filter(|&y| y < h) {
+                Some(y) => {
+                    row[0] = 0.0;
+                    row[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                    row[w + 1..].fill(0.0);
+                }
+                None => row.fill(0.0),
+            }
+        }
+    }
+}
+
+/// One tile row from its strip (see [`fill_strip`], `c` channels of four
+/// rows `pw` wide): for each channel `ci` and position `ξ = 4a + b`, `V =
+/// Bᵀ·d·B` with `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1,
+/// 0, -1]]` (down the patch's rows first, then along them), into
+/// `v[(ξ·C + ci)·stride + first ..][..tw]`.
+#[allow(clippy::too_many_arguments)]
+fn input_row(
+    strip: &[f32],
+    c: usize,
+    pw: usize,
+    tw: usize,
     v: &mut [f32],
     stride: usize,
     first: usize,
-    rows: &mut [f32],
 ) {
-    let tw = w.div_ceil(2);
-    let pw = padded_row(w);
-    let (combined, zero) = rows.split_at_mut(4 * pw);
-    let zero = &mut zero[..w];
-    zero.fill(0.0);
-    for ci in 0..c {
-        let plane = &xi[ci * h * w..(ci + 1) * h * w];
-        // Input rows 2·ty - 1 ..= 2·ty + 2, zero outside the plane.
-        let row = |k: usize| -> &[f32] {
-            match (2 * ty + k).checked_sub(1) {
-                Some(y) if y < h => &plane[y * w..(y + 1) * w],
-                _ => &zero[..],
-            }
-        };
-        let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
-        // Bᵀ·d: the rows combined, `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0],
-        // [0, -1, 1, 0], [0, 1, 0, -1]]`.
-        for (a, out) in combined.chunks_exact_mut(pw).enumerate() {
-            let (left, rest) = out.split_at_mut(1);
-            let (mid, right) = rest.split_at_mut(w);
-            left[0] = 0.0;
-            right.fill(0.0);
-            match a {
-                0 => sub(mid, d0, d2),
-                1 => add(mid, d1, d2),
-                2 => sub(mid, d2, d1),
-                _ => sub(mid, d1, d3),
-            }
-        }
-        // (Bᵀ·d)·B: along each combined row, tile by tile (two columns
-        // apart).
-        for (a, e) in combined.chunks_exact(pw).enumerate() {
-            let at = |col: usize| ((a * 4 + col) * c + ci) * stride + first;
-            horizontal(e, tw, v, [at(0), at(1), at(2), at(3)]);
-        }
-    }
-}
-
-/// `(Bᵀ·d)·B` along one combined row `e` (a padded row, see
-/// [`padded_row`]): for each tile `t < tw`, from the row's values `e[2t
-/// ..= 2t + 3]`, `v[at[0] + t] = e0 - e2`, `v[at[1] + t] = e1 + e2`,
-/// `v[at[2] + t] = e2 - e1` and `v[at[3] + t] = e1 - e3`.
-#[inline(always)]
-fn horizontal(e: &[f32], tw: usize, v: &mut [f32], at: [usize; 4]) {
-    assert!(e.len() >= 2 * tw.next_multiple_of(TB) + 2);
-    let mut runs = at.map(|a| a..a + tw);
-    runs.sort_by_key(|r| r.start);
-    assert!(runs.windows(2).all(|w| w[0].end <= w[1].start) && runs[3].end <= v.len());
+    assert!(pw >= 2 * tw.next_multiple_of(TB) + 2 && strip.len() >= c * 4 * pw);
+    assert!(first + tw <= stride && v.len() >= XI * c * stride);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the Winograd path runs at AVX2 or AVX-512 only (see
-    // `Direct::plan`); the asserts above bound every read and write and
-    // keep the four runs apart.
+    // `Direct::plan`), at most the detected level; the asserts above bound
+    // every read and write.
     unsafe {
-        x86::horizontal_avx2(e, tw, v, at);
+        if super::simd::simd_level() == super::simd::SimdLevel::Avx512 {
+            x86::input_row_avx512(strip, c, pw, tw, v, stride, first);
+        } else {
+            x86::input_row_avx2(strip, c, pw, tw, v, stride, first);
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    for t in 0..tw {
-        let (e0, e1, e2, e3) = (e[2 * t], e[2 * t + 1], e[2 * t + 2], e[2 * t + 3]);
-        v[at[0] + t] = e0 - e2;
-        v[at[1] + t] = e1 + e2;
-        v[at[2] + t] = e2 - e1;
-        v[at[3] + t] = e1 - e3;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::TB;
-    use std::arch::x86_64::*;
-
-    /// [`super::horizontal`], [`TB`] tiles at a time: two loads of sixteen
-    /// values (one of them two values on) split into even and odd columns.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2; `e` holds `2·tw` rounded up to whole steps,
-    /// plus 2, values; the runs `at[i] .. at[i] + tw` lie inside `v` and
-    /// apart.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn horizontal_avx2(e: &[f32], tw: usize, v: &mut [f32], at: [usize; 4]) {
-        let ep = e.as_ptr();
-        let vp = v.as_mut_ptr();
-        // Even and odd columns of the sixteen values at `p`, in order.
-        let split = |p: *const f32| {
-            // SAFETY: per the contract, 2·t0 + 18 values lie inside `e`.
-            let (lo, hi) = unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) };
-            let even = _mm256_shuffle_ps::<0x88>(lo, hi);
-            let odd = _mm256_shuffle_ps::<0xDD>(lo, hi);
-            (
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(even))),
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(odd))),
-            )
-        };
-        let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        for t0 in (0..tw).step_by(TB) {
-            // SAFETY: see the contract.
-            let (e0, e1) = split(unsafe { ep.add(2 * t0) });
-            let (e2, e3) = split(unsafe { ep.add(2 * t0 + 2) });
-            let out = [
-                _mm256_sub_ps(e0, e2),
-                _mm256_add_ps(e1, e2),
-                _mm256_sub_ps(e2, e1),
-                _mm256_sub_ps(e1, e3),
-            ];
-            let n = TB.min(tw - t0);
-            // Lanes below `n` set: the last step's stores stop at the run's end.
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane_index);
-            for (col, out) in out.into_iter().enumerate() {
-                // SAFETY: tiles t0 .. t0 + n of run `col` lie inside `v`.
-                unsafe {
-                    let dst = vp.add(at[col] + t0);
-                    if n == TB {
-                        _mm256_storeu_ps(dst, out);
-                    } else {
-                        _mm256_maskstore_ps(dst, mask, out);
-                    }
+    for ci in 0..c {
+        let rows = &strip[ci * 4 * pw..];
+        for t in 0..tw {
+            let d = |k: usize, j: usize| rows[k * pw + 2 * t + j];
+            let mut col = [[0f32; 4]; 4];
+            for (j, col) in col.iter_mut().enumerate() {
+                let (d0, d1, d2, d3) = (d(0, j), d(1, j), d(2, j), d(3, j));
+                *col = [d0 - d2, d1 + d2, d2 - d1, d1 - d3];
+            }
+            for a in 0..4 {
+                let (e0, e1, e2, e3) = (col[0][a], col[1][a], col[2][a], col[3][a]);
+                for (b, value) in [e0 - e2, e1 + e2, e2 - e1, e1 - e3].into_iter().enumerate() {
+                    v[((a * 4 + b) * c + ci) * stride + first + t] = value;
                 }
             }
         }
     }
 }
 
-#[inline(always)]
-fn sub(dst: &mut [f32], a: &[f32], b: &[f32]) {
-    for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
-        *d = a - b;
-    }
-}
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{TB, XI};
+    use std::arch::x86_64::*;
 
-#[inline(always)]
-fn add(dst: &mut [f32], a: &[f32], b: &[f32]) {
-    for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
-        *d = a + b;
+    /// [`super::input_row`], [`TB`] tiles at a time: each of the patch's
+    /// four rows loaded as sixteen values from the tiles' first column and
+    /// from two columns on, split into even and odd columns (columns 0, 1,
+    /// 2 and 3 of the tiles' patches), combined down the rows, then along
+    /// them. The same AVX2 instructions at both levels; AVX-512's 32
+    /// registers hold the step's values without spilling them.
+    ///
+    /// # Safety
+    /// The CPU must have the features; the bounds [`super::input_row`]
+    /// asserts.
+    macro_rules! input_row_impl {
+        ($name:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $name(
+                strip: &[f32],
+                c: usize,
+                pw: usize,
+                tw: usize,
+                v: &mut [f32],
+                stride: usize,
+                first: usize,
+            ) {
+                // Even and odd columns of the sixteen values at `p`, in order.
+                let split = |p: *const f32| {
+                    // SAFETY: callers pass a pointer with sixteen values on.
+                    let (lo, hi) = unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) };
+                    let even = _mm256_shuffle_ps::<0x88>(lo, hi);
+                    let odd = _mm256_shuffle_ps::<0xDD>(lo, hi);
+                    (
+                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(even))),
+                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(odd))),
+                    )
+                };
+                // `Bᵀ` down four rows.
+                let down = |x: [__m256; 4]| {
+                    [
+                        _mm256_sub_ps(x[0], x[2]),
+                        _mm256_add_ps(x[1], x[2]),
+                        _mm256_sub_ps(x[2], x[1]),
+                        _mm256_sub_ps(x[1], x[3]),
+                    ]
+                };
+                let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let vp = v.as_mut_ptr();
+                for ci in 0..c {
+                    // SAFETY: channel `ci`'s four rows lie in `strip`.
+                    let rows = unsafe { strip.as_ptr().add(ci * 4 * pw) };
+                    for t0 in (0..tw).step_by(TB) {
+                        let zero = _mm256_setzero_ps();
+                        let (mut c0, mut c1, mut c2, mut c3) =
+                            ([zero; 4], [zero; 4], [zero; 4], [zero; 4]);
+                        for k in 0..4 {
+                            // SAFETY: columns 2·t0 ..= 2·t0 + 17 lie inside the row
+                            // (`pw` covers whole steps and two more).
+                            let r = unsafe { rows.add(k * pw + 2 * t0) };
+                            (c0[k], c1[k]) = split(r);
+                            (c2[k], c3[k]) = split(r.wrapping_add(2));
+                        }
+                        let (c0, c1, c2, c3) = (down(c0), down(c1), down(c2), down(c3));
+                        let n = TB.min(tw - t0);
+                        // Lanes below `n` set: the last step stops at the row's end.
+                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane_index);
+                        for a in 0..4 {
+                            let out = [
+                                _mm256_sub_ps(c0[a], c2[a]),
+                                _mm256_add_ps(c1[a], c2[a]),
+                                _mm256_sub_ps(c2[a], c1[a]),
+                                _mm256_sub_ps(c1[a], c3[a]),
+                            ];
+                            for (b, out) in out.into_iter().enumerate() {
+                                debug_assert!(a * 4 + b < XI);
+                                // SAFETY: tiles t0 .. t0 + n of this run lie in `v`.
+                                unsafe {
+                                    let dst = vp.add(((a * 4 + b) * c + ci) * stride + first + t0);
+                                    if n == TB {
+                                        _mm256_storeu_ps(dst, out);
+                                    } else {
+                                        _mm256_maskstore_ps(dst, mask, out);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
     }
+
+    input_row_impl!(input_row_avx2, "avx2");
+    input_row_impl!(input_row_avx512, "avx2,avx512f,avx512vl");
 }
 
 simd_kernel!(
@@ -522,16 +528,18 @@ fn output_row_body(
     for tx in 0..tw {
         let t = first + tx;
         for k in (0..oc).step_by(LANES) {
+            // `Aᵀ·M`, column by column: `s[i][col]`.
             let mut s = [[[0f32; LANES]; 4]; 2];
-            for col in 0..4 {
+            let [s0, s1] = &mut s;
+            for (col, (s0, s1)) in s0.iter_mut().zip(s1.iter_mut()).enumerate() {
                 let at = |a: usize| {
                     let i = ((a * 4 + col) * stride + t) * oc + k;
                     <&[f32; LANES]>::try_from(&m[i..i + LANES]).expect("LANES values")
                 };
                 let (m0, m1, m2, m3) = (at(0), at(1), at(2), at(3));
                 for l in 0..LANES {
-                    s[0][col][l] = m0[l] + m1[l] + m2[l];
-                    s[1][col][l] = m1[l] - m2[l] - m3[l];
+                    s0[l] = m0[l] + m1[l] + m2[l];
+                    s1[l] = m1[l] - m2[l] - m3[l];
                 }
             }
             for (i, s) in s.iter().enumerate() {
