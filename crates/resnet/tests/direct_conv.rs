@@ -1,12 +1,13 @@
-//! The direct convolutions (`cpu/direct.rs`) against a plain `f64`
-//! evaluation of the definition, at every SIMD level this machine has: the
-//! baseline level's im2col + `gemm` and the AVX2 and AVX-512 direct kernels
-//! all land within 1e-5 of the largest output (relative), the two direct
-//! kernels give the same bits, the `f64` variant gives the definition's
-//! value rounded to `f32` to the bit, and the inference epilogue gives the
-//! bits of the separate ops. Strides 1 to 3, images grouped into tasks,
-//! planes too small for the direct kernel. One test, because the level is
-//! process-wide.
+//! The direct convolutions (`cpu/direct.rs`) and Winograd's
+//! (`cpu/winograd.rs`) against a plain `f64` evaluation of the definition,
+//! at every SIMD level this machine has: the baseline level's im2col +
+//! `gemm` and the AVX2 and AVX-512 kernels all land within 1e-5 of the
+//! largest output (relative), AVX2 and AVX-512 give the same bits, the
+//! `f64` variant gives the definition's value rounded to `f32` to the bit,
+//! and the inference epilogue gives the bits of the separate ops. Strides
+//! 1 to 3, images grouped into tasks, planes too small for the direct
+//! kernel, odd planes cut into 2×2 tiles. One test, because the level and
+//! the Winograd switch are process-wide.
 
 use candle_core::{Device, Tensor};
 use multilabel_resnet::cpu::{self, SimdLevel};
@@ -283,6 +284,9 @@ fn check_every_case() {
         let shift = Tensor::from_vec(values(o, 500 + ci as u64), o, &dev).unwrap();
         let want = reference(&xv, &kv, case);
         let want_dx = reference_input_grad(&gv, &kv, case);
+        // Winograd only for its own cases, so that the other kernels keep
+        // their coverage on shapes it would take.
+        cpu::set_winograd(case.family == Family::Winograd);
         let mut direct: Vec<(SimdLevel, Vec<f32>, Vec<f32>)> = Vec::new();
         for &level in &levels {
             cpu::set_simd_level(level).unwrap();
@@ -350,4 +354,5 @@ fn check_every_case() {
         }
     }
     cpu::set_simd_level(detected).unwrap();
+    cpu::set_winograd(true);
 }

@@ -20,9 +20,10 @@
 //! whole tile rows whose transformed inputs and products stay in L2.
 //!
 //! Rounding differs from the definition's: inputs and kernel are combined
-//! before they are multiplied, so each output carries the rounding of a few
-//! more additions (the relative error stays near 1e-6 of the largest
-//! output, see `tests/direct_conv.rs`). The transforms are the same
+//! before they are multiplied, and each output is a combination of 16
+//! sums. In `tests/direct_conv.rs` the largest error is 1.5–2.2e-7 of the
+//! largest output, where im2col + `gemm` gives 2.5–7.6e-7 on the same
+//! cases (the test's bound is 1e-5 for every kernel). The transforms are the same
 //! additions in the same order at every SIMD level, and the products the
 //! direct kernel's, so AVX2 and AVX-512 give the same bits. [`set_winograd`]
 //! (or `MULTILABEL_WINOGRAD=0`) turns the path off, leaving these
@@ -38,12 +39,13 @@ use super::simd::simd_kernel;
 /// Tiles per convolution below which im2col + `gemm` or the direct kernel
 /// is kept: the kernel's transform costs as much whatever the batch, and
 /// the saving grows with the tiles. Measured on two cores (AVX-512, batch
-/// 64 unless said; forward, Winograd against the other path): 512 → 512
-/// channels at 2×2 (64 tiles) 5.4 against 4.3 ms; at 4×4 (256 tiles) 12.3
-/// against 12.5; at 7×7 (batch 32, 512 tiles) 21.9 against 22.5; 256 →
-/// 256 at 8×8 (1,024 tiles) 10.7 against 12.9; at 14×14 (batch 32, 1,568
-/// tiles) 15.3 against 20.9.
-const MIN_TOTAL_TILES: usize = 512;
+/// 64 unless said; forward, Winograd against the other path, two runs):
+/// 512 → 512 channels at 2×2 (64 tiles) 4.35 / 4.52 against 4.26 / 4.34
+/// ms; at 4×4 (256 tiles) 11.0 / 10.4 against 12.1 / 13.0; 256 → 256 at
+/// 4×4 3.0 / 3.0 against 3.3 / 3.3; at 8×8, batch 16 (256 tiles) 2.8 /
+/// 2.9 against 3.2 / 3.5; 512 → 512 at 7×7, batch 32 (512 tiles) 20.5 /
+/// 20.9 against 23.7 / 21.6.
+const MIN_TOTAL_TILES: usize = 256;
 
 /// Tiles per task at least, where the batch has images enough: a task's
 /// transformed kernel (`16·C·O` values) is read once per chunk of tiles,
