@@ -19,8 +19,10 @@ fastest setting), and every timed loop ends with a synchronize.
 matmuls), `tf32` (TF32 on for both) or `bf16` (autocast to bfloat16 for the
 forward pass and the loss, the model and the input channels_last, the
 fused AdamW): PyTorch's fastest training setting. Each
-training step reads its loss back (as ours does), so both sides wait for
-every step.
+training step reads its loss back (as ours does), and each eval step is
+synchronised, so both sides wait for every step; each rate is the batch
+over the median timed step, as ours (on a shared machine one slow step
+should not move it).
 
 The data pipeline is measured on fastai's own DataLoaders by
 `bench/fastai_data.py`. Prints a JSON object on stdout; progress goes to
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 
@@ -143,31 +146,34 @@ def time_train(torch, model, frozen, batch, targets, warmup, iters, precision="f
         step()
     synchronize(torch, batch)
     split[:] = [0.0, 0.0, 0.0]
-    start = time.perf_counter()
+    steps = []
     for _ in range(iters):
-        step()
-    synchronize(torch, batch)
-    elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        step()  # loss.item() waits for the step
+        steps.append(time.perf_counter() - start)
     ms = [1000.0 * s / iters for s in split]
     print(
-        f"pytorch: {1000.0 * elapsed / iters:.0f} ms/step = forward+loss {ms[0]:.0f}, "
-        f"backward {ms[1]:.0f}, optimizer {ms[2]:.0f}",
+        f"pytorch: {1000.0 * statistics.median(steps):.0f} ms/step (median; mean "
+        f"{1000.0 * statistics.mean(steps):.0f} = forward+loss {ms[0]:.0f}, "
+        f"backward {ms[1]:.0f}, optimizer {ms[2]:.0f})",
         file=sys.stderr,
     )
-    return iters * batch.shape[0] / elapsed
+    return batch.shape[0] / statistics.median(steps)
 
 
 def time_eval(torch, model, batch, warmup, iters, precision="f32"):
     model.eval()
+    steps = []
     with torch.no_grad(), autocast(torch, batch, precision):
         for _ in range(warmup):
             model(batch)
         synchronize(torch, batch)
-        start = time.perf_counter()
         for _ in range(iters):
+            start = time.perf_counter()
             model(batch)
-        synchronize(torch, batch)
-    return iters * batch.shape[0] / (time.perf_counter() - start)
+            synchronize(torch, batch)
+            steps.append(time.perf_counter() - start)
+    return batch.shape[0] / statistics.median(steps)
 
 
 def main():

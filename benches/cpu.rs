@@ -48,7 +48,8 @@
 //! Every mode prints the CPU model and the SIMD level each side runs at.
 //!
 //! Flags (after `--`): `--arch NAME` (default resnet50), `--batch-size N`,
-//! `--iters N`, `--warmup N`, `--size N`, `--threads N`, `--images N`
+//! `--iters N`, `--warmup N`, `--rounds N` (both sides measured N times,
+//! alternating, each keeping its best), `--size N`, `--threads N`, `--images N`
 //! (generated images for the data measurement, default 512), `--python
 //! PATH`, `--no-pytorch`, `--only PHASES` (comma list of
 //! `train_frozen,train_unfrozen,eval,data`), `--matrix`, `--e2e`, `--seeds
@@ -87,7 +88,7 @@ const DATA_EPOCHS: usize = 2;
 const PASCAL_SIZE: (u32, u32) = (500, 375);
 const N_CLASSES: usize = 20;
 /// The flags that take a value, each also read from `MULTILABEL_BENCH_<FLAG>`.
-const VALUE_FLAGS: [&str; 13] = [
+const VALUE_FLAGS: [&str; 14] = [
     "device",
     "precision",
     "batch-size",
@@ -101,6 +102,7 @@ const VALUE_FLAGS: [&str; 13] = [
     "arch",
     "seeds",
     "e2e-images",
+    "rounds",
 ];
 /// The cells of `--matrix`: every architecture at every size.
 const MATRIX_ARCHS: [Arch; 2] = [Arch::ResNet18, Arch::ResNet50];
@@ -122,7 +124,10 @@ Flags (each also read from MULTILABEL_BENCH_<FLAG>, e.g. MULTILABEL_BENCH_BATCH_
   --arch NAME         resnet18, resnet34, resnet50, ... (default resnet50)
   --size N            image side in pixels (default 128)
   --batch-size N      images per step (default 64; 32 at 224 px in the matrix)
-  --iters N           timed steps per phase (default 3), after --warmup N (default 1)
+  --iters N           timed steps per phase (default 3), after --warmup N (default 1);
+                      each rate is the batch over the median timed step
+  --rounds N          measure both sides N times, alternating, and keep each side's best
+                      (default 1; on a shared machine 2 or 3 steady the ratios)
   --threads N         threads for both sides (default: every core)
   --only PHASES       comma list of train_frozen,train_unfrozen,eval,data
   --images N          generated JPEGs for the data measurement (default 512)
@@ -151,6 +156,8 @@ struct Options {
     e2e: bool,
     seeds: usize,
     e2e_images: usize,
+    /// Measurements of both sides, alternating; each keeps its best.
+    rounds: usize,
     batch_size: usize,
     iters: usize,
     warmup: usize,
@@ -278,6 +285,7 @@ fn parse_options() -> Result<Options> {
         e2e,
         seeds: number("seeds", 1)?,
         e2e_images: number("e2e-images", 1000)?,
+        rounds: number("rounds", 1)?,
         batch_size: number("batch-size", 64)?,
         iters: number("iters", 3)?,
         warmup: number("warmup", 1)?,
@@ -288,8 +296,15 @@ fn parse_options() -> Result<Options> {
         pytorch,
         only,
     };
-    if options.batch_size < 2 || options.iters == 0 || options.threads == 0 || options.seeds == 0 {
-        bail!("--batch-size must be at least 2, --iters, --threads and --seeds at least 1");
+    if options.batch_size < 2
+        || options.iters == 0
+        || options.threads == 0
+        || options.seeds == 0
+        || options.rounds == 0
+    {
+        bail!(
+            "--batch-size must be at least 2, --iters, --threads, --seeds and --rounds at least 1"
+        );
     }
     if options.e2e_images < 10 {
         bail!("--e2e-images must be at least 10");
@@ -347,35 +362,53 @@ fn time_train(
     for _ in 0..o.warmup {
         step(model, &mut [0.0; 3])?;
     }
-    let start = Instant::now();
+    let mut steps = Vec::with_capacity(o.iters);
     for _ in 0..o.iters {
+        let start = Instant::now();
         let loss = step(model, &mut split)?;
+        steps.push(start.elapsed().as_secs_f64());
         if !loss.is_finite() {
             bail!("training loss became {loss}");
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
     let ms = |s: f64| s * 1000.0 / o.iters as f64;
+    let median = median(&mut steps);
     eprintln!(
-        "ours: {:.0} ms/step = forward+loss {:.0}, backward {:.0}, optimizer {:.0}",
-        ms(elapsed),
+        "ours: {:.0} ms/step (median; mean {:.0} = forward+loss {:.0}, backward {:.0}, optimizer {:.0})",
+        median * 1000.0,
+        ms(steps.iter().sum()),
         ms(split[0]),
         ms(split[1]),
         ms(split[2])
     );
-    Ok((o.iters * o.batch_size) as f64 / elapsed)
+    Ok(o.batch_size as f64 / median)
+}
+
+/// The median of `values` (the mean of the middle two for an even count):
+/// each side's rate comes from its median timed step, so that one step
+/// slowed by another process on a shared machine does not move it.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n.is_multiple_of(2) {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    } else {
+        values[n / 2]
+    }
 }
 
 fn time_eval(model: &ResNet, x: &Tensor, o: &Options) -> Result<f64> {
     for _ in 0..o.warmup {
         model.forward_infer(x)?;
     }
-    let start = Instant::now();
+    let mut steps = Vec::with_capacity(o.iters);
     for _ in 0..o.iters {
+        let start = Instant::now();
         // Reading a value back makes sure the work is done.
         model.forward_infer(x)?.sum_all()?.to_scalar::<f32>()?;
+        steps.push(start.elapsed().as_secs_f64());
     }
-    Ok((o.iters * o.batch_size) as f64 / start.elapsed().as_secs_f64())
+    Ok(o.batch_size as f64 / median(&mut steps))
 }
 
 /// Writes (once) a generated dataset of `n` PASCAL-sized JPEGs, every row
@@ -771,19 +804,26 @@ fn simd_level() -> String {
 
 /// Ours and the reference's figures for one configuration, and their ratios.
 fn measure(o: &Options, root: &Path, data_root: Option<&Path>) -> Result<Measured> {
-    let ours = ours(o, data_root)?;
-    let theirs = if o.pytorch {
+    let mut ours_best = BTreeMap::new();
+    let mut theirs_best: Option<BTreeMap<String, f64>> = None;
+    for round in 0..o.rounds {
+        if o.rounds > 1 {
+            eprintln!("round {} of {}", round + 1, o.rounds);
+        }
+        keep_best(&mut ours_best, ours(o, data_root)?);
+        if !o.pytorch {
+            eprintln!("reference side skipped: --no-pytorch");
+            continue;
+        }
         match reference(o, root, data_root) {
-            Ok(t) => Some(t),
+            Ok(t) => keep_best(theirs_best.get_or_insert_with(BTreeMap::new), t),
             Err(why) => {
                 eprintln!("reference side skipped: {why}");
-                None
+                break;
             }
         }
-    } else {
-        eprintln!("reference side skipped: --no-pytorch");
-        None
-    };
+    }
+    let (ours, theirs) = (ours_best, theirs_best);
     let mut ratio = BTreeMap::new();
     if let Some(t) = &theirs {
         for (key, v) in &ours {
@@ -797,6 +837,15 @@ fn measure(o: &Options, root: &Path, data_root: Option<&Path>) -> Result<Measure
         theirs,
         ratio,
     })
+}
+
+/// Merges one round's figures into `best`: the highest rate of each
+/// metric, and the highest peak memory.
+fn keep_best(best: &mut BTreeMap<String, f64>, round: BTreeMap<String, f64>) {
+    for (key, v) in round {
+        let slot = best.entry(key).or_insert(v);
+        *slot = slot.max(v);
+    }
 }
 
 struct Measured {
@@ -860,12 +909,12 @@ fn run_matrix(o: &Options, root: &Path, target: &Path, machine: &Value) -> Resul
         }
     }
     println!(
-        "(images/s; ratio = ours / pytorch, higher is better; {} threads, {} warm-up + {} timed steps)",
-        o.threads, o.warmup, o.iters
+        "(images/s from the median step; ratio = ours / pytorch, higher is better; {} threads, {} warm-up + {} timed steps, best of {} rounds)",
+        o.threads, o.warmup, o.iters, o.rounds
     );
     let json = json!({
         "machine": machine,
-        "config": { "device": o.device, "precision": o.precision, "threads": o.threads, "warmup": o.warmup, "iters": o.iters },
+        "config": { "device": o.device, "precision": o.precision, "threads": o.threads, "warmup": o.warmup, "iters": o.iters, "rounds": o.rounds, "rate": "batch over the median step" },
         "cells": cells,
     });
     write_json(&target.join("bench/cpu-matrix.json"), &json)
@@ -1185,7 +1234,7 @@ fn run_single(o: &Options, root: &Path, target: &Path, machine: &Value) -> Resul
         "machine": machine,
         "config": {
             "arch": o.arch.name(), "size": o.size, "batch_size": o.batch_size,
-            "threads": o.threads, "warmup": o.warmup, "iters": o.iters,
+            "threads": o.threads, "warmup": o.warmup, "iters": o.iters, "rounds": o.rounds,
             "data_images": o.images, "data_image_size": PASCAL_SIZE,
             "data_workers": data_workers(o), "data_epochs": DATA_EPOCHS,
         },
