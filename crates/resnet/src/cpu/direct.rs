@@ -638,7 +638,8 @@ fn tiles(
 }
 
 /// The direct kernel as a plain product, for `winograd.rs`: `tmp[t][o] =
-/// Σ_ci v[ci·plane + pixels[t]] · w[o / B][ci][o % B]` for `o <
+/// Σ_ci v[ci·plane + pixels[t]] · w[o / B][ci][o % B]` (every pixel below
+/// `plane`) for `o <
 /// channels` (a multiple of the block `B` of `level`), every sum a fused
 /// multiply-add chain over `ci` from zero.
 #[allow(clippy::too_many_arguments)]
@@ -656,7 +657,9 @@ pub(super) fn products(
     assert_eq!(w.len(), channels * c);
     assert_eq!(pixels.len() % NP, 0);
     assert_eq!(tmp.len(), pixels.len() * channels);
-    assert!(pixels.iter().all(|&q| q < plane) && v.len() >= c * plane);
+    // Channel `ci` of pixel `q` is `v[ci·plane + q]`.
+    let last = pixels.iter().max().map_or(0, |&q| (c - 1) * plane + q);
+    assert!(pixels.iter().all(|&q| q < plane) && last < v.len());
     let args = (c, plane, channels, v, w, &[0][..], pixels);
     #[cfg(target_arch = "x86_64")]
     match level {

@@ -226,7 +226,7 @@ fn kernel_channel_body(taps: &[f32], b: usize, dst: Dst, stride: usize) {
 }
 
 thread_local! {
-    /// This thread's transformed inputs, products and input strip.
+    /// This thread's transformed inputs, products and a row of zeros.
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
@@ -250,7 +250,6 @@ pub(super) fn task(
     let b = d.block();
     let oc = blocks.len() * b;
     let image_len = c * h * w;
-    let pw = padded_row(w);
     assert!(x.len() >= images.end * image_len && tmp.len() >= images.len() * p * oc);
     assert_eq!(u.len(), XI * o * c);
     let rows_total = images.len() * th;
@@ -259,8 +258,8 @@ pub(super) fn task(
     let rows_per_chunk = rows_total.div_ceil(chunks);
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
-        let (v, m, strip) = &mut *s;
-        strip.resize(c * 4 * pw, 0.0);
+        let (v, m, zeros) = &mut *s;
+        zeros.resize(w + 1, 0.0);
         for r0 in (0..rows_total).step_by(rows_per_chunk) {
             let r1 = (r0 + rows_per_chunk).min(rows_total);
             let tiles = (r1 - r0) * tw;
@@ -273,17 +272,25 @@ pub(super) fn task(
             for r in r0..r1 {
                 let image = images.start + r / th;
                 let image = &x[image * image_len..(image + 1) * image_len];
-                fill_strip(image, c, h, w, r % th, pw, strip);
-                input_row(strip, c, pw, tw, v, padded_tiles, (r - r0) * tw);
+                input_row(
+                    image,
+                    (c, h, w),
+                    r % th,
+                    zeros,
+                    v,
+                    padded_tiles,
+                    (r - r0) * tw,
+                );
             }
             for xi in 0..XI {
                 let weights = &u[xi * o * c..(xi + 1) * o * c];
                 direct::products(
                     d.level(),
                     c,
-                    padded_tiles,
+                    XI * padded_tiles,
                     oc,
-                    &v[xi * c * padded_tiles..(xi + 1) * c * padded_tiles],
+                    // Position ξ of every channel: from ξ on, 16 rows apart.
+                    &v[xi * padded_tiles..],
                     &weights[blocks.start * c * b..blocks.end * c * b],
                     &pixels,
                     &mut m[xi * padded_tiles * oc..(xi + 1) * padded_tiles * oc],
@@ -309,86 +316,65 @@ pub(super) fn task(
 /// Tiles per step of the input transform.
 const TB: usize = 8;
 
-/// Values per row of a strip (see [`fill_strip`]): one zero, the `w`
-/// values, zeros up to whole steps of [`TB`] tiles and two more.
-fn padded_row(w: usize) -> usize {
-    2 * w.div_ceil(2).next_multiple_of(TB) + 2
-}
-
-/// Copies the four input rows under tile row `ty` of each plane of `image`
-/// (`c` planes `h × w`) into `strip`, `[c, 4, pw]`, with zeros around
-/// them: tile `tx`'s 4×4 patch is then columns `2·tx ..= 2·tx + 3` of the
-/// four rows, and whole steps of [`TB`] tiles read inside a row.
-#[allow(clippy::too_many_arguments)]
-fn fill_strip(
-    image: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    ty: usize,
-    pw: usize,
-    strip: &mut [f32],
-) {
-    for (plane, rows) in image
-        .chunks_exact(h * w)
-        .zip(strip.chunks_exact_mut(4 * pw))
-        .take(c)
-    {
-        for (k, row) in rows.chunks_exact_mut(pw).enumerate() {
-            match (2 * ty + k).checked_sub(1).filter(|&y| y < h) {
-                Some(y) => {
-                    row[0] = 0.0;
-                    row[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
-                    row[w + 1..].fill(0.0);
-                }
-                None => row.fill(0.0),
-            }
-        }
-    }
-}
-
-/// One tile row from its strip (see [`fill_strip`], `c` channels of four
-/// rows `pw` wide): for each channel `ci` and position `ξ = 4a + b`, `V =
-/// Bᵀ·d·B` with `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1,
-/// 0, -1]]` (down the patch's rows first, then along them), into
-/// `v[(ξ·C + ci)·stride + first ..][..tw]`.
+/// Tile row `ty` of one image `image` (`c` planes `h × w`): for each
+/// channel `ci` and position `ξ = 4a + b`, `V = Bᵀ·d·B` with `Bᵀ = [[1, 0,
+/// -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]` (down the patch's
+/// rows first, then along them), `d` the tile's 4×4 patch of input rows
+/// `2·ty - 1 ..= 2·ty + 2` and columns `2·tx - 1 ..= 2·tx + 2`, zero
+/// outside the plane; into `v[(ci·16 + ξ)·stride + first ..][..tw]` (all
+/// 16 positions of a channel side by side). `zeros` (at least `w + 1`
+/// zeros) stands for the rows above and below the plane.
 #[allow(clippy::too_many_arguments)]
 fn input_row(
-    strip: &[f32],
-    c: usize,
-    pw: usize,
-    tw: usize,
+    image: &[f32],
+    (c, h, w): (usize, usize, usize),
+    ty: usize,
+    zeros: &[f32],
     v: &mut [f32],
     stride: usize,
     first: usize,
 ) {
-    assert!(pw >= 2 * tw.next_multiple_of(TB) + 2 && strip.len() >= c * 4 * pw);
+    let tw = w.div_ceil(2);
+    assert!(image.len() >= c * h * w && ty < h.div_ceil(2) && w > 0);
+    assert!(zeros.len() > w && zeros.iter().all(|&z| z == 0.0));
     assert!(first + tw <= stride && v.len() >= XI * c * stride);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the Winograd path runs at AVX2 or AVX-512 only (see
     // `Direct::plan`), at most the detected level; the asserts above bound
-    // every read and write.
+    // every write, and every read is masked to the plane's columns.
     unsafe {
         if super::simd::simd_level() == super::simd::SimdLevel::Avx512 {
-            x86::input_row_avx512(strip, c, pw, tw, v, stride, first);
+            x86::input_row_avx512(image, (c, h, w), ty, zeros, v, stride, first);
         } else {
-            x86::input_row_avx2(strip, c, pw, tw, v, stride, first);
+            x86::input_row_avx2(image, (c, h, w), ty, zeros, v, stride, first);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     for ci in 0..c {
-        let rows = &strip[ci * 4 * pw..];
+        let plane = &image[ci * h * w..(ci + 1) * h * w];
+        let d = |k: usize, col: usize| -> f32 {
+            let (y, x) = ((2 * ty + k).wrapping_sub(1), col.wrapping_sub(1));
+            if y < h && x < w {
+                plane[y * w + x]
+            } else {
+                0.0
+            }
+        };
         for t in 0..tw {
-            let d = |k: usize, j: usize| rows[k * pw + 2 * t + j];
-            let mut col = [[0f32; 4]; 4];
-            for (j, col) in col.iter_mut().enumerate() {
-                let (d0, d1, d2, d3) = (d(0, j), d(1, j), d(2, j), d(3, j));
-                *col = [d0 - d2, d1 + d2, d2 - d1, d1 - d3];
+            let mut down = [[0f32; 4]; 4];
+            for (j, down) in down.iter_mut().enumerate() {
+                let (d0, d1, d2, d3) = (
+                    d(0, 2 * t + j),
+                    d(1, 2 * t + j),
+                    d(2, 2 * t + j),
+                    d(3, 2 * t + j),
+                );
+                *down = [d0 - d2, d1 + d2, d2 - d1, d1 - d3];
             }
             for a in 0..4 {
-                let (e0, e1, e2, e3) = (col[0][a], col[1][a], col[2][a], col[3][a]);
+                let (e0, e1, e2, e3) = (down[0][a], down[1][a], down[2][a], down[3][a]);
                 for (b, value) in [e0 - e2, e1 + e2, e2 - e1, e1 - e3].into_iter().enumerate() {
-                    v[((a * 4 + b) * c + ci) * stride + first + t] = value;
+                    v[(ci * XI + a * 4 + b) * stride + first + t] = value;
                 }
             }
         }
@@ -402,10 +388,11 @@ mod x86 {
 
     /// [`super::input_row`], [`TB`] tiles at a time: each of the patch's
     /// four rows loaded as sixteen values from the tiles' first column and
-    /// from two columns on, split into even and odd columns (columns 0, 1,
-    /// 2 and 3 of the tiles' patches), combined down the rows, then along
-    /// them. The same AVX2 instructions at both levels; AVX-512's 32
-    /// registers hold the step's values without spilling them.
+    /// from two columns on (masked to the plane's columns, the rest zero),
+    /// split into even and odd columns (columns 0, 1, 2 and 3 of the tiles'
+    /// patches), combined down the rows, then along them. The same AVX2
+    /// instructions at both levels; AVX-512's 32 registers hold the step's
+    /// values without spilling them.
     ///
     /// # Safety
     /// The CPU must have the features; the bounds [`super::input_row`]
@@ -415,20 +402,37 @@ mod x86 {
             #[target_feature(enable = $features)]
             #[allow(clippy::too_many_arguments)]
             pub(super) unsafe fn $name(
-                strip: &[f32],
-                c: usize,
-                pw: usize,
-                tw: usize,
+                image: &[f32],
+                (c, h, w): (usize, usize, usize),
+                ty: usize,
+                zeros: &[f32],
                 v: &mut [f32],
                 stride: usize,
                 first: usize,
             ) {
-                // Even and odd columns of the sixteen values at `p`, in order.
-                let split = |p: *const f32| {
-                    // SAFETY: callers pass a pointer with sixteen values on.
-                    let (lo, hi) = unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) };
-                    let even = _mm256_shuffle_ps::<0x88>(lo, hi);
-                    let odd = _mm256_shuffle_ps::<0xDD>(lo, hi);
+                let tw = w.div_ceil(2);
+                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                // Lanes whose column `from + lane` lies in the plane.
+                let inside = |from: i32| {
+                    let col = _mm256_add_epi32(lane, _mm256_set1_epi32(from));
+                    _mm256_and_si256(
+                        _mm256_cmpgt_epi32(col, _mm256_set1_epi32(-1)),
+                        _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), col),
+                    )
+                };
+                // Even and odd columns of the sixteen values from `p`
+                // (lanes outside `lo` / `hi` zero), in order.
+                let split = |p: *const f32, lo: __m256i, hi: __m256i| {
+                    // SAFETY: only lanes inside the plane's row (or the
+                    // zero row) are read.
+                    let (a, b) = unsafe {
+                        (
+                            _mm256_maskload_ps(p, lo),
+                            _mm256_maskload_ps(p.wrapping_add(8), hi),
+                        )
+                    };
+                    let even = _mm256_shuffle_ps::<0x88>(a, b);
+                    let odd = _mm256_shuffle_ps::<0xDD>(a, b);
                     (
                         _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(even))),
                         _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(odd))),
@@ -443,45 +447,60 @@ mod x86 {
                         _mm256_sub_ps(x[1], x[3]),
                     ]
                 };
-                let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                // The patch rows' starts in plane 0 (input rows 2·ty - 1 ..=
+                // 2·ty + 2), or `None` outside the plane.
+                let rows: [Option<usize>; 4] = std::array::from_fn(|k| {
+                    (2 * ty + k)
+                        .checked_sub(1)
+                        .filter(|&y| y < h)
+                        .map(|y| y * w)
+                });
                 let vp = v.as_mut_ptr();
-                for ci in 0..c {
-                    // SAFETY: channel `ci`'s four rows lie in `strip`.
-                    let rows = unsafe { strip.as_ptr().add(ci * 4 * pw) };
-                    for t0 in (0..tw).step_by(TB) {
+                let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                for t0 in (0..tw).step_by(TB) {
+                    // Column 2·t0 - 1 (the patch's first) and two on.
+                    let from = 2 * t0 as i32 - 1;
+                    let (m0, m1) = (inside(from), inside(from + 8));
+                    let (m2, m3) = (inside(from + 2), inside(from + 10));
+                    let n = TB.min(tw - t0);
+                    // Lanes below `n` set: the last step stops at the row's end.
+                    let store_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane_index);
+                    for ci in 0..c {
                         let zero = _mm256_setzero_ps();
                         let (mut c0, mut c1, mut c2, mut c3) =
                             ([zero; 4], [zero; 4], [zero; 4], [zero; 4]);
-                        for k in 0..4 {
-                            // SAFETY: columns 2·t0 ..= 2·t0 + 17 lie inside the row
-                            // (`pw` covers whole steps and two more).
-                            let r = unsafe { rows.add(k * pw + 2 * t0) };
-                            (c0[k], c1[k]) = split(r);
-                            (c2[k], c3[k]) = split(r.wrapping_add(2));
+                        for (k, row) in rows.iter().enumerate() {
+                            // Column 0 of the row (of the zero row, one on,
+                            // so that column -1 is inside it too); pointers
+                            // only, every read is masked.
+                            let start = match row {
+                                Some(at) => image.as_ptr().wrapping_add(ci * h * w + at),
+                                None => zeros.as_ptr().wrapping_add(1),
+                            };
+                            let p = start.wrapping_offset(from as isize);
+                            (c0[k], c1[k]) = split(p, m0, m1);
+                            (c2[k], c3[k]) = split(p.wrapping_add(2), m2, m3);
                         }
                         let (c0, c1, c2, c3) = (down(c0), down(c1), down(c2), down(c3));
-                        let n = TB.min(tw - t0);
-                        // Lanes below `n` set: the last step stops at the row's end.
-                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane_index);
+                        let mut out = [zero; XI];
                         for a in 0..4 {
-                            let out = [
-                                _mm256_sub_ps(c0[a], c2[a]),
-                                _mm256_add_ps(c1[a], c2[a]),
-                                _mm256_sub_ps(c2[a], c1[a]),
-                                _mm256_sub_ps(c1[a], c3[a]),
-                            ];
-                            for (b, out) in out.into_iter().enumerate() {
-                                debug_assert!(a * 4 + b < XI);
-                                // SAFETY: tiles t0 .. t0 + n of this run lie in `v`.
-                                unsafe {
-                                    let dst = vp.add(((a * 4 + b) * c + ci) * stride + first + t0);
-                                    if n == TB {
-                                        _mm256_storeu_ps(dst, out);
-                                    } else {
-                                        _mm256_maskstore_ps(dst, mask, out);
-                                    }
+                            out[a * 4] = _mm256_sub_ps(c0[a], c2[a]);
+                            out[a * 4 + 1] = _mm256_add_ps(c1[a], c2[a]);
+                            out[a * 4 + 2] = _mm256_sub_ps(c2[a], c1[a]);
+                            out[a * 4 + 3] = _mm256_sub_ps(c1[a], c3[a]);
+                        }
+                        // SAFETY: tiles t0 .. t0 + n of the channel's 16 runs
+                        // lie in `v` (see `input_row`).
+                        let mut dst = vp.wrapping_add(ci * XI * stride + first + t0);
+                        for out in out {
+                            unsafe {
+                                if n == TB {
+                                    _mm256_storeu_ps(dst, out);
+                                } else {
+                                    _mm256_maskstore_ps(dst, store_mask, out);
                                 }
                             }
+                            dst = dst.wrapping_add(stride);
                         }
                     }
                 }
