@@ -275,9 +275,9 @@ pub(super) fn forward(
     if d.kind == Kind::Winograd {
         let (weights, offset) = super::winograd::transform_kernel(d, kernel);
         let weights = &weights[offset..offset + 16 * d.g.o * d.g.c];
-        run_tasks(d, out, finish, |task, tmp| {
-            let (images, blocks) = (task.images.clone(), task.blocks.clone());
-            super::winograd::task(d, x, weights, images, blocks, tmp);
+        for_each_task(d, out, |task, dst| {
+            super::winograd::task(d, x, weights, task, dst);
+            finish(task.first_row(d), dst);
         });
     } else if d.kind == Kind::Exact {
         let padded = pad_input::<f64>(d, x);
@@ -299,14 +299,19 @@ pub(super) fn forward(
 
 /// One task's share of a convolution: whole images, or one image's blocks
 /// of output channels, and the offsets of its output pixels.
-struct Task<'a> {
-    images: std::ops::Range<usize>,
-    blocks: std::ops::Range<usize>,
+pub(super) struct Task<'a> {
+    pub(super) images: std::ops::Range<usize>,
+    pub(super) blocks: std::ops::Range<usize>,
     pixels: &'a [usize],
 }
 
 impl Task<'_> {
-    fn channels(&self, d: &Direct) -> usize {
+    /// The output row (`image·O + channel`) the task's planes start at.
+    fn first_row(&self, d: &Direct) -> usize {
+        self.images.start * d.g.o + self.blocks.start * d.block()
+    }
+
+    pub(super) fn channels(&self, d: &Direct) -> usize {
         self.blocks.len() * d.block()
     }
 
@@ -331,6 +336,29 @@ fn run_tasks(
     finish: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
     tiles: impl Fn(&Task, &mut [f32]) + Sync,
 ) {
+    let p = d.g.p();
+    for_each_task(d, out, |task, dst| {
+        let channels = task.channels(d);
+        with_tile_scratch(task.pixels.len() * channels, |tmp| {
+            tiles(task, tmp);
+            for (b, dst) in dst.chunks_mut(channels * p).enumerate() {
+                transpose(d.level, &tmp[b * p * channels..], channels, p, dst);
+            }
+        });
+        finish(task.first_row(d), dst);
+    });
+}
+
+/// Shares the output out among tasks: with images grouped ([`Direct`]'s
+/// `group` > 1), a group of whole images each; otherwise one image each,
+/// or, with fewer images than threads (inference on a few images), each
+/// image's blocks of output channels shared out. Calls `work(task, dst)`
+/// with the task's output, `[images, channels, P]`, in parallel.
+pub(super) fn for_each_task(
+    d: &Direct,
+    out: &mut [MaybeUninit<f32>],
+    work: impl Fn(&Task, &mut [MaybeUninit<f32>]) + Sync,
+) {
     let (o, p) = (d.g.o, d.g.p());
     let group = d.group;
     let pixels = d.pixels(group);
@@ -352,18 +380,10 @@ fn run_tasks(
                         &tail_pixels
                     },
                 };
-                with_tile_scratch(task.pixels.len() * o, |tmp| {
-                    tiles(&task, tmp);
-                    for (b, dst) in dst.chunks_mut(o * p).enumerate() {
-                        transpose(d.level, &tmp[b * p * o..], o, p, dst);
-                    }
-                });
-                finish(first * o, dst);
+                work(&task, dst);
             });
         return;
     }
-    // One task per image, or, with fewer images than threads (inference
-    // on a few images), each image's blocks of output channels shared out.
     let per_image = rayon::current_num_threads()
         .div_ceil(d.g.n)
         .clamp(1, blocks);
@@ -384,11 +404,7 @@ fn run_tasks(
                         blocks: first..first + channels / bc,
                         pixels: &pixels,
                     };
-                    with_tile_scratch(pixels.len() * channels, |tmp| {
-                        tiles(&task, tmp);
-                        transpose(d.level, tmp, channels, p, dst);
-                    });
-                    finish(b * o + first * bc, dst);
+                    work(&task, dst);
                 });
         });
 }

@@ -29,11 +29,11 @@
 //! (or `MULTILABEL_WINOGRAD=0`) turns the path off, leaving these
 //! convolutions to the direct kernel or im2col + `gemm`.
 
-use std::ops::Range;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::conv::Geometry;
-use super::direct::{self, Direct, NP};
+use super::direct::{self, Direct, NP, Task};
 use super::simd::simd_kernel;
 
 /// Tiles per convolution below which im2col + `gemm` or the direct kernel
@@ -231,18 +231,12 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
-/// One task of `direct::run_tasks`: images `images` of `x` (`[N, C, H,
-/// W]`), output channel blocks `blocks`, with the transformed kernel `u`
-/// (see [`transform_kernel`]), into `tmp`, pixel-major `[image · P + q,
-/// channels]`.
-pub(super) fn task(
-    d: &Direct,
-    x: &[f32],
-    u: &[f32],
-    images: Range<usize>,
-    blocks: Range<usize>,
-    tmp: &mut [f32],
-) {
+/// One task of `direct::for_each_task`: images `task.images` of `x` (`[N,
+/// C, H, W]`), output channel blocks `task.blocks`, with the transformed
+/// kernel `u` (see [`transform_kernel`]), into `dst`, the task's output
+/// planes `[images, channels, H·W]`, every value written.
+pub(super) fn task(d: &Direct, x: &[f32], u: &[f32], task: &Task, dst: &mut [MaybeUninit<f32>]) {
+    let (images, blocks) = (task.images.clone(), task.blocks.clone());
     let g = d.geometry();
     let (c, h, w, o) = (g.c, g.h, g.w, g.o);
     let (th, tw) = tile_grid(g);
@@ -250,7 +244,7 @@ pub(super) fn task(
     let b = d.block();
     let oc = blocks.len() * b;
     let image_len = c * h * w;
-    assert!(x.len() >= images.end * image_len && tmp.len() >= images.len() * p * oc);
+    assert!(x.len() >= images.end * image_len && dst.len() == images.len() * oc * p);
     assert_eq!(u.len(), XI * o * c);
     let rows_total = images.len() * th;
     let chunk_tiles = (CHUNK_BYTES / (4 * XI * (c + oc))).max(MIN_CHUNK_TILES);
@@ -298,16 +292,8 @@ pub(super) fn task(
             }
             for r in r0..r1 {
                 let image = r / th;
-                output_row(
-                    m,
-                    padded_tiles,
-                    oc,
-                    (r - r0) * tw,
-                    r % th,
-                    h,
-                    w,
-                    &mut tmp[image * p * oc..(image + 1) * p * oc],
-                );
+                let planes = &mut dst[image * oc * p..(image + 1) * oc * p];
+                output_row(m, padded_tiles, oc, (r - r0) * tw, (r % th, h, w), planes);
             }
         }
     });
@@ -510,77 +496,183 @@ mod x86 {
 
     input_row_impl!(input_row_avx2, "avx2");
     input_row_impl!(input_row_avx512, "avx2,avx512f,avx512vl");
+
+    /// [`super::output_row`], eight tiles × eight output channels at a
+    /// time: each tile's four outputs for the eight channels, the same
+    /// additions in the same order as the scalar definition, then turned
+    /// (8 × 8 transposes) into each channel's two output rows of sixteen
+    /// pixels, the even and odd columns interleaved, stored with the
+    /// plane's edge masked off. The same AVX2 instructions at both levels.
+    ///
+    /// # Safety
+    /// The CPU must have the features; the bounds [`super::output_row`]
+    /// asserts.
+    macro_rules! output_row_impl {
+        ($name:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(
+                m: &[f32],
+                stride: usize,
+                oc: usize,
+                first: usize,
+                (ty, h, w): (usize, usize, usize),
+                out: &mut [std::mem::MaybeUninit<f32>],
+            ) {
+                let tw = w.div_ceil(2);
+                let p = h * w;
+                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                // `dst[j][i] = src[i][j]` for eight vectors of eight values
+                // (a closure, so that it runs with this function's features).
+                let transpose8 = |src: [__m256; 8]| {
+                    let t0 = _mm256_unpacklo_ps(src[0], src[1]);
+                    let t1 = _mm256_unpackhi_ps(src[0], src[1]);
+                    let t2 = _mm256_unpacklo_ps(src[2], src[3]);
+                    let t3 = _mm256_unpackhi_ps(src[2], src[3]);
+                    let t4 = _mm256_unpacklo_ps(src[4], src[5]);
+                    let t5 = _mm256_unpackhi_ps(src[4], src[5]);
+                    let t6 = _mm256_unpacklo_ps(src[6], src[7]);
+                    let t7 = _mm256_unpackhi_ps(src[6], src[7]);
+                    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                    [
+                        _mm256_permute2f128_ps::<0x20>(s0, s4),
+                        _mm256_permute2f128_ps::<0x20>(s1, s5),
+                        _mm256_permute2f128_ps::<0x20>(s2, s6),
+                        _mm256_permute2f128_ps::<0x20>(s3, s7),
+                        _mm256_permute2f128_ps::<0x31>(s0, s4),
+                        _mm256_permute2f128_ps::<0x31>(s1, s5),
+                        _mm256_permute2f128_ps::<0x31>(s2, s6),
+                        _mm256_permute2f128_ps::<0x31>(s3, s7),
+                    ]
+                };
+                let mp = m.as_ptr();
+                let op = out.as_mut_ptr().cast::<f32>();
+                let rows = if 2 * ty + 1 < h { 2 } else { 1 };
+                for t0 in (0..tw).step_by(TB) {
+                    let tiles = TB.min(tw - t0);
+                    // Lanes whose column 2·t0 + `from` + lane is inside the plane.
+                    let inside = |from: usize| {
+                        let col = _mm256_add_epi32(lane, _mm256_set1_epi32((2 * t0 + from) as i32));
+                        _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), col)
+                    };
+                    let whole = 2 * t0 + 2 * TB <= w;
+                    let (lo_mask, hi_mask) = (inside(0), inside(TB));
+                    for k in (0..oc).step_by(TB) {
+                        let zero = _mm256_setzero_ps();
+                        // y[q][t]: output q (00, 01, 10, 11) of tile t for
+                        // channels k .. k + 8.
+                        let mut y = [[zero; TB]; 4];
+                        for t in 0..TB {
+                            // Tiles past the row's end repeat its last one,
+                            // whose columns the stores mask off.
+                            let tile = first + t0 + t.min(tiles - 1);
+                            // SAFETY: tile < stride, so every read is
+                            // inside `m` (see `output_row`).
+                            let at = |a: usize, col: usize| unsafe {
+                                _mm256_loadu_ps(mp.add(((a * 4 + col) * stride + tile) * oc + k))
+                            };
+                            let mut s0 = [zero; 4];
+                            let mut s1 = [zero; 4];
+                            for col in 0..4 {
+                                let (m0, m1, m2, m3) =
+                                    (at(0, col), at(1, col), at(2, col), at(3, col));
+                                s0[col] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+                                s1[col] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+                            }
+                            for (q, s) in [s0, s0, s1, s1].iter().enumerate() {
+                                y[q][t] = if q % 2 == 0 {
+                                    _mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2])
+                                } else {
+                                    _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3])
+                                };
+                            }
+                        }
+                        // Per channel: eight tiles' outputs side by side.
+                        let y = [
+                            transpose8(y[0]),
+                            transpose8(y[1]),
+                            transpose8(y[2]),
+                            transpose8(y[3]),
+                        ];
+                        for row in 0..rows {
+                            let (even, odd) = (&y[2 * row], &y[2 * row + 1]);
+                            for ch in 0..TB {
+                                let lo = _mm256_unpacklo_ps(even[ch], odd[ch]);
+                                let hi = _mm256_unpackhi_ps(even[ch], odd[ch]);
+                                let first8 = _mm256_permute2f128_ps::<0x20>(lo, hi);
+                                let next8 = _mm256_permute2f128_ps::<0x31>(lo, hi);
+                                let dst =
+                                    op.wrapping_add((k + ch) * p + (2 * ty + row) * w + 2 * t0);
+                                // SAFETY: the row's columns 2·t0 .. 2·t0 + 16
+                                // inside the plane, no other.
+                                unsafe {
+                                    if whole {
+                                        _mm256_storeu_ps(dst, first8);
+                                        _mm256_storeu_ps(dst.wrapping_add(TB), next8);
+                                    } else {
+                                        _mm256_maskstore_ps(dst, lo_mask, first8);
+                                        _mm256_maskstore_ps(dst.wrapping_add(TB), hi_mask, next8);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    output_row_impl!(output_row_avx2, "avx2");
+    output_row_impl!(output_row_avx512, "avx2,avx512f,avx512vl");
 }
 
-simd_kernel!(
-    /// Tile row `ty`: for each of its tiles (`first + tx` in the chunk's
-    /// products `m`, `[16, stride, oc]`), `Aᵀ·M·A` with `Aᵀ = [[1, 1, 1,
-    /// 0], [0, 1, -1, -1]]`, written into the image's pixel-major rows
-    /// `out` (`[H·W, oc]`); the tile's pixels past the plane's edge are
-    /// dropped.
-    fn output_row => output_row_body(
-        m: &[f32],
-        stride: usize,
-        oc: usize,
-        first: usize,
-        ty: usize,
-        h: usize,
-        w: usize,
-        out: &mut [f32]
-    )
-);
-
-/// Lanes per step of [`output_row`]: `oc` is a multiple of 16.
-const LANES: usize = 16;
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn output_row_body(
+/// Tile row `ty`: for each of its tiles (`first + tx` in the chunk's
+/// products `m`, `[16, stride, oc]`), `Aᵀ·M·A` with `Aᵀ = [[1, 1, 1, 0],
+/// [0, 1, -1, -1]]` (down the rows first, then along them), written into
+/// the image's output planes `out` (`[oc, H·W]`); the tiles' pixels past
+/// the plane's edge are dropped.
+fn output_row(
     m: &[f32],
     stride: usize,
     oc: usize,
     first: usize,
-    ty: usize,
-    h: usize,
-    w: usize,
-    out: &mut [f32],
+    (ty, h, w): (usize, usize, usize),
+    out: &mut [MaybeUninit<f32>],
 ) {
     let tw = w.div_ceil(2);
+    assert!(oc.is_multiple_of(TB) && first + tw <= stride && ty < h.div_ceil(2));
+    assert!(m.len() >= XI * stride * oc && out.len() == oc * h * w);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the Winograd path runs at AVX2 or AVX-512 only (see
+    // `Direct::plan`), at most the detected level; the asserts above bound
+    // every read, and every write is masked to the plane's columns and
+    // rows.
+    unsafe {
+        if super::simd::simd_level() == super::simd::SimdLevel::Avx512 {
+            x86::output_row_avx512(m, stride, oc, first, (ty, h, w), out);
+        } else {
+            x86::output_row_avx2(m, stride, oc, first, (ty, h, w), out);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
     for tx in 0..tw {
         let t = first + tx;
-        for k in (0..oc).step_by(LANES) {
-            // `Aᵀ·M`, column by column: `s[i][col]`.
-            let mut s = [[[0f32; LANES]; 4]; 2];
-            let [s0, s1] = &mut s;
-            for (col, (s0, s1)) in s0.iter_mut().zip(s1.iter_mut()).enumerate() {
-                let at = |a: usize| {
-                    let i = ((a * 4 + col) * stride + t) * oc + k;
-                    <&[f32; LANES]>::try_from(&m[i..i + LANES]).expect("LANES values")
-                };
-                let (m0, m1, m2, m3) = (at(0), at(1), at(2), at(3));
-                for l in 0..LANES {
-                    s0[l] = m0[l] + m1[l] + m2[l];
-                    s1[l] = m1[l] - m2[l] - m3[l];
-                }
-            }
-            for (i, s) in s.iter().enumerate() {
-                let y = 2 * ty + i;
-                if y >= h {
-                    continue;
-                }
-                for j in 0..2 {
-                    let x = 2 * tx + j;
-                    if x >= w {
-                        continue;
-                    }
-                    let at = (y * w + x) * oc + k;
-                    let dst = &mut out[at..at + LANES];
-                    for l in 0..LANES {
-                        dst[l] = if j == 0 {
-                            s[0][l] + s[1][l] + s[2][l]
-                        } else {
-                            s[1][l] - s[2][l] - s[3][l]
-                        };
+        for k in 0..oc {
+            let at = |a: usize, col: usize| m[((a * 4 + col) * stride + t) * oc + k];
+            let s0: [f32; 4] = std::array::from_fn(|col| at(0, col) + at(1, col) + at(2, col));
+            let s1: [f32; 4] = std::array::from_fn(|col| at(1, col) - at(2, col) - at(3, col));
+            for (i, s) in [s0, s1].iter().enumerate() {
+                let (y, x) = (2 * ty + i, 2 * tx);
+                if y < h {
+                    out[k * h * w + y * w + x].write(s[0] + s[1] + s[2]);
+                    if x + 1 < w {
+                        out[k * h * w + y * w + x + 1].write(s[1] - s[2] - s[3]);
                     }
                 }
             }
