@@ -811,6 +811,10 @@ fn measure(o: &Options, root: &Path, data_root: Option<&Path>) -> Result<Measure
             eprintln!("round {} of {}", round + 1, o.rounds);
         }
         keep_best(&mut ours_best, ours(o, data_root)?);
+        // Our model and activations are dropped by now; give their pages
+        // back, so that the other side does not run next to the gigabytes
+        // `keep_freed_memory` keeps for reuse.
+        multilabel_resnet::cpu::release_freed_memory();
         if !o.pytorch {
             eprintln!("reference side skipped: --no-pytorch");
             continue;

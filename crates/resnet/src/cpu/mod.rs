@@ -72,6 +72,22 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
+/// Hands the memory that [`keep_freed_memory`] kept back to the OS (glibc's
+/// `malloc_trim`), for a program that is done training and goes on to
+/// other work, or hands the machine to another process. Returns whether
+/// any memory was released (always `false` without glibc).
+pub fn release_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free heap pages to the OS.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// Writes `T`'s zero (its `Default`) into every value of `xs` and returns
 /// them as initialised: for a buffer zeroed piece by piece by the task that
 /// then adds into it, in parallel and while the piece is in cache, rather
