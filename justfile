@@ -109,7 +109,7 @@ bench-resnet *ARGS:
     cargo bench -p multilabel-resnet --bench resnet50 -- {{ARGS}}
 
 # ResNet-50 training/eval/data images/s and peak memory next to PyTorch's and fastai's (same threads);
-# e.g. `just bench-cpu --batch-size 16 --iters 2`; writes target/bench/cpu.json.
+# e.g. `just bench-cpu --batch-size 16 --iters 2` (`--rounds 2` on a shared machine); writes target/bench/cpu.json.
 # `--matrix`: ResNet-18/50 at 64/128/224 px; `--e2e [--seeds 3]`: the whole recipe vs fastai
 # (see benches/cpu.rs for every flag)
 bench-cpu *ARGS:

@@ -1558,7 +1558,9 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
 /// `[O, C, kh, kw]` at the current SIMD level: for at most four input
 /// channels, `"exact direct avx512"` or `"exact direct avx2"` (the direct
 /// kernel summing in `f64`, output channels in blocks of 32 or 8) or
-/// `"exact"` (im2col + an `f64` product); otherwise `"direct avx512"` or
+/// `"exact"` (im2col + an `f64` product); otherwise `"winograd avx512"` or
+/// `"winograd avx2"` (3×3, stride 1, padding 1, at least 256 tiles of 2×2
+/// outputs, see `cpu/winograd.rs`), `"direct avx512"` or
 /// `"direct avx2"` (output channels in blocks of 64 or 16, planes of at
 /// least 128 pixels and tasks of at least 256, see `cpu/direct.rs`), or
 /// `"im2col"` (im2col + `gemm`; no im2col for 1×1 stride 1). For tests and

@@ -6,8 +6,9 @@
 //! every activation, each on one thread. These ops do the same maths in few
 //! passes on rayon's pool:
 //!
-//! - [`conv2d`]: im2col + `gemm`, or a direct kernel for stride-1
-//!   convolutions on larger planes ([`conv2d_path`] says which); backward
+//! - [`conv2d`]: im2col + `gemm`, Winograd's F(2×2, 3×3) for 3×3 stride-1
+//!   convolutions, or a direct kernel for others on larger planes
+//!   ([`conv2d_path`] says which); backward
 //!   computes only the gradients whose operands track them (no kernel
 //!   gradient for a frozen kernel, no input gradient for the image).
 //! - [`conv2d_batch_norm_train`]: a convolution and the train-mode BatchNorm

@@ -13,10 +13,12 @@
 //! of values.
 //!
 //! The products run on the direct kernel (`direct.rs`) as 1×1
-//! convolutions, pixel-major, so the output transform reads each tile's 16
-//! rows of `O` values as vectors and writes the tile's four pixels into
-//! the same pixel-major scratch as the direct kernel's tiles, transposed
-//! and finished by the same code. A task's tiles are handled in chunks of
+//! convolutions, pixel-major. The input transform reads each tile row's
+//! patches straight from the image, its zero padding supplied by masked
+//! loads, and writes all 16 positions of a channel side by side; the output
+//! transform reads each tile's 16 rows of `O` values as vectors and writes
+//! the output planes directly, eight tiles × eight channels at a time
+//! turned by register transposes. A task's tiles are handled in chunks of
 //! whole tile rows whose transformed inputs and products stay in L2.
 //!
 //! Rounding differs from the definition's: inputs and kernel are combined
