@@ -635,12 +635,21 @@ fn tiles(
     tmp: &mut [f32],
 ) {
     check_tiles(d, image.len(), channels, w.len(), taps, pixels, tmp.len());
-    let plane = d.plane();
-    let args = (d.g.c, plane, channels, image, w, taps, pixels);
+    let args = (d.g.c, d.plane(), channels, image, w, taps, pixels);
+    // SAFETY: `check_tiles` bounds every read, and `tmp` has a row of
+    // `channels` values per pixel.
+    unsafe { run_tiles(d.level, args, tmp) };
+}
+
+/// The `f32` kernel at `level`.
+///
+/// # Safety
+/// `level` was detected on this CPU (as every `Direct` plan's); the
+/// arguments keep [`x86::tiles_avx512`]'s contract.
+unsafe fn run_tiles(level: SimdLevel, args: TileArgs, tmp: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    match d.level {
-        // SAFETY: the level was detected on this CPU; `check_tiles` bounds
-        // every read, and `tmp` has a row of `channels` values per pixel.
+    match level {
+        // SAFETY: per this function's contract.
         SimdLevel::Avx512 => unsafe { x86::tiles_avx512(args, tmp) },
         // SAFETY: as above.
         SimdLevel::Avx2 => unsafe { x86::tiles_avx2(args, tmp) },
@@ -648,7 +657,7 @@ fn tiles(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (args, tmp);
+        let _ = (level, args, tmp);
         unreachable!("Direct::plan refuses the baseline level")
     }
 }
@@ -677,20 +686,9 @@ pub(super) fn products(
     let last = pixels.iter().max().map_or(0, |&q| (c - 1) * plane + q);
     assert!(pixels.iter().all(|&q| q < plane) && last < v.len());
     let args = (c, plane, channels, v, w, &[0][..], pixels);
-    #[cfg(target_arch = "x86_64")]
-    match level {
-        // SAFETY: the caller's level was detected on this CPU (as every
-        // `Direct` plan's); the asserts above bound every read and write.
-        SimdLevel::Avx512 => unsafe { x86::tiles_avx512(args, tmp) },
-        // SAFETY: as above.
-        SimdLevel::Avx2 => unsafe { x86::tiles_avx2(args, tmp) },
-        SimdLevel::Baseline => unreachable!("Direct::plan refuses the baseline level"),
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (args, tmp);
-        unreachable!("Direct::plan refuses the baseline level")
-    }
+    // SAFETY: the caller's level was detected on this CPU (as every
+    // `Direct` plan's); the asserts above bound every read and write.
+    unsafe { run_tiles(level, args, tmp) };
 }
 
 /// `(input channels, padded plane, output channels (a multiple of the
@@ -719,7 +717,7 @@ type ExactArgs<'a> = (
 );
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{ExactArgs, NP, TileArgs, channel_chunk, transpose_scalar};
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
@@ -746,41 +744,54 @@ mod x86 {
                 // of rows o0..o0 + 8 of `dst` lie inside them (see above).
                 unsafe {
                     let s = src.as_ptr().add(q0 * channels + o0);
-                    let r = |i: usize| _mm256_loadu_ps(s.add(i * channels));
-                    let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-                    let (r4, r5, r6, r7) = (r(4), r(5), r(6), r(7));
-                    // Pairs of rows interleaved, then pairs of pairs: each
-                    // 128-bit lane holds four rows' values of one channel.
-                    let t0 = _mm256_unpacklo_ps(r0, r1);
-                    let t1 = _mm256_unpackhi_ps(r0, r1);
-                    let t2 = _mm256_unpacklo_ps(r2, r3);
-                    let t3 = _mm256_unpackhi_ps(r2, r3);
-                    let t4 = _mm256_unpacklo_ps(r4, r5);
-                    let t5 = _mm256_unpackhi_ps(r4, r5);
-                    let t6 = _mm256_unpacklo_ps(r6, r7);
-                    let t7 = _mm256_unpackhi_ps(r6, r7);
-                    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                    let rows = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * channels)));
                     let d = out.add(o0 * p + q0);
-                    // Low lanes are channels 0..4, high lanes 4..8.
-                    _mm256_storeu_ps(d, _mm256_permute2f128_ps::<0x20>(s0, s4));
-                    _mm256_storeu_ps(d.add(p), _mm256_permute2f128_ps::<0x20>(s1, s5));
-                    _mm256_storeu_ps(d.add(2 * p), _mm256_permute2f128_ps::<0x20>(s2, s6));
-                    _mm256_storeu_ps(d.add(3 * p), _mm256_permute2f128_ps::<0x20>(s3, s7));
-                    _mm256_storeu_ps(d.add(4 * p), _mm256_permute2f128_ps::<0x31>(s0, s4));
-                    _mm256_storeu_ps(d.add(5 * p), _mm256_permute2f128_ps::<0x31>(s1, s5));
-                    _mm256_storeu_ps(d.add(6 * p), _mm256_permute2f128_ps::<0x31>(s2, s6));
-                    _mm256_storeu_ps(d.add(7 * p), _mm256_permute2f128_ps::<0x31>(s3, s7));
+                    for (i, column) in transpose8(rows).into_iter().enumerate() {
+                        _mm256_storeu_ps(d.add(i * p), column);
+                    }
                 }
             }
         }
         transpose_scalar(src, channels, full, p, dst);
+    }
+
+    /// `out[j][i] = rows[i][j]` for eight vectors of eight values: pairs of
+    /// rows interleaved, then pairs of pairs (each 128-bit lane then holds
+    /// four rows' values of one column), then the lanes put together. Also
+    /// turns `winograd.rs`'s tiles into output rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub(in crate::cpu) unsafe fn transpose8(rows: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(rows[0], rows[1]);
+        let t1 = _mm256_unpackhi_ps(rows[0], rows[1]);
+        let t2 = _mm256_unpacklo_ps(rows[2], rows[3]);
+        let t3 = _mm256_unpackhi_ps(rows[2], rows[3]);
+        let t4 = _mm256_unpacklo_ps(rows[4], rows[5]);
+        let t5 = _mm256_unpackhi_ps(rows[4], rows[5]);
+        let t6 = _mm256_unpacklo_ps(rows[6], rows[7]);
+        let t7 = _mm256_unpackhi_ps(rows[6], rows[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        // Low lanes are columns 0..4, high lanes 4..8.
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
     }
 
     /// The heart of both kernels: for input channels `$channels` and every

@@ -371,6 +371,7 @@ fn input_row(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::direct::x86::transpose8;
     use super::{TB, XI};
     use std::arch::x86_64::*;
 
@@ -523,36 +524,6 @@ mod x86 {
                 let tw = w.div_ceil(2);
                 let p = h * w;
                 let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                // `dst[j][i] = src[i][j]` for eight vectors of eight values
-                // (a closure, so that it runs with this function's features).
-                let transpose8 = |src: [__m256; 8]| {
-                    let t0 = _mm256_unpacklo_ps(src[0], src[1]);
-                    let t1 = _mm256_unpackhi_ps(src[0], src[1]);
-                    let t2 = _mm256_unpacklo_ps(src[2], src[3]);
-                    let t3 = _mm256_unpackhi_ps(src[2], src[3]);
-                    let t4 = _mm256_unpacklo_ps(src[4], src[5]);
-                    let t5 = _mm256_unpackhi_ps(src[4], src[5]);
-                    let t6 = _mm256_unpacklo_ps(src[6], src[7]);
-                    let t7 = _mm256_unpackhi_ps(src[6], src[7]);
-                    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                    [
-                        _mm256_permute2f128_ps::<0x20>(s0, s4),
-                        _mm256_permute2f128_ps::<0x20>(s1, s5),
-                        _mm256_permute2f128_ps::<0x20>(s2, s6),
-                        _mm256_permute2f128_ps::<0x20>(s3, s7),
-                        _mm256_permute2f128_ps::<0x31>(s0, s4),
-                        _mm256_permute2f128_ps::<0x31>(s1, s5),
-                        _mm256_permute2f128_ps::<0x31>(s2, s6),
-                        _mm256_permute2f128_ps::<0x31>(s3, s7),
-                    ]
-                };
                 let mp = m.as_ptr();
                 let op = out.as_mut_ptr().cast::<f32>();
                 let rows = if 2 * ty + 1 < h { 2 } else { 1 };
@@ -596,12 +567,15 @@ mod x86 {
                             }
                         }
                         // Per channel: eight tiles' outputs side by side.
-                        let y = [
-                            transpose8(y[0]),
-                            transpose8(y[1]),
-                            transpose8(y[2]),
-                            transpose8(y[3]),
-                        ];
+                        // SAFETY: AVX is part of this function's features.
+                        let y = unsafe {
+                            [
+                                transpose8(y[0]),
+                                transpose8(y[1]),
+                                transpose8(y[2]),
+                                transpose8(y[3]),
+                            ]
+                        };
                         for row in 0..rows {
                             let (even, odd) = (&y[2 * row], &y[2 * row + 1]);
                             for ch in 0..TB {
