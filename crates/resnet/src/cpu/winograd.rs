@@ -25,11 +25,11 @@
 //! before they are multiplied, and each output is a combination of 16
 //! sums. In `tests/direct_conv.rs` the largest error is 1.5–2.2e-7 of the
 //! largest output, where im2col + `gemm` gives 2.5–7.6e-7 on the same
-//! cases (the test's bound is 1e-5 for every kernel). The transforms are the same
-//! additions in the same order at every SIMD level, and the products the
-//! direct kernel's, so AVX2 and AVX-512 give the same bits. [`set_winograd`]
-//! (or `MULTILABEL_WINOGRAD=0`) turns the path off, leaving these
-//! convolutions to the direct kernel or im2col + `gemm`.
+//! cases (the test's bound is 1e-5 for every kernel). The transforms are
+//! the same additions in the same order at every SIMD level, and the
+//! products the direct kernel's, so AVX2 and AVX-512 give the same bits.
+//! [`set_winograd`] (or `MULTILABEL_WINOGRAD=0`) turns the path off,
+//! leaving these convolutions to the direct kernel or im2col + `gemm`.
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -118,7 +118,7 @@ fn tile_grid(g: &Geometry) -> (usize, usize) {
 /// Images per task: enough for [`MIN_TILES`] tiles, in a number of tasks
 /// that is a multiple of the threads (so none waits on a last one), and
 /// one where there are fewer images than threads (their channel blocks
-/// are then shared out, see `direct::run_tasks`).
+/// are then shared out, see `direct::for_each_task`).
 pub(super) fn images_per_task(g: &Geometry, threads: usize) -> usize {
     let (th, tw) = tile_grid(g);
     let most = MIN_TILES.div_ceil(th * tw).max(1);
@@ -140,24 +140,27 @@ pub(super) fn transform_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) 
     let packed = &packed[offset..offset + kernel.len()];
     let blocks = o / b;
     let parts = c.div_ceil(KERNEL_CHANNELS);
-    // SAFETY: the tasks below write every value: task `(block, part)`
-    // writes `U[ξ, block, ci, ..]` for every `ξ` and each of its channels.
-    unsafe {
-        direct::aligned(XI * o * c, |out| {
-            let out = SharedOut(out.as_mut_ptr().cast::<f32>());
-            (0..blocks * parts).into_par_iter().for_each(|i| {
-                let (block, part) = (i / parts, i % parts);
-                let first = part * KERNEL_CHANNELS;
-                for ci in first..(first + KERNEL_CHANNELS).min(c) {
-                    let taps = &packed[(block * c + ci) * 9 * b..(block * c + ci + 1) * 9 * b];
-                    let at = (block * c + ci) * b;
-                    // SAFETY: the 16 runs `ξ·O·C + at .. + b` lie in the
-                    // buffer (`at + b ≤ O·C`), and no other task writes them.
-                    kernel_channel(taps, b, out.at(at), o * c);
+    let fill = |out: &mut [MaybeUninit<f32>]| {
+        let out = SharedOut(out.as_mut_ptr().cast::<f32>());
+        (0..blocks * parts).into_par_iter().for_each(|i| {
+            let (block, part) = (i / parts, i % parts);
+            let first = part * KERNEL_CHANNELS;
+            let mut u = [[0f32; MAX_BLOCK]; XI];
+            for ci in first..(first + KERNEL_CHANNELS).min(c) {
+                let taps = &packed[(block * c + ci) * 9 * b..(block * c + ci + 1) * 9 * b];
+                kernel_channel(taps, b, &mut u);
+                let at = (block * c + ci) * b;
+                for (xi, u) in u.iter().enumerate() {
+                    // SAFETY: the run `ξ·O·C + at .. + b` lies in the buffer
+                    // (`at + b ≤ O·C`), and no other task writes it.
+                    unsafe { out.write(xi * o * c + at, &u[..b]) };
                 }
-            });
-        })
-    }
+            }
+        });
+    };
+    // SAFETY: `fill` writes every value: task `(block, part)` writes
+    // `U[ξ, block, ci, ..]` for every `ξ` and each of its channels.
+    unsafe { direct::aligned(XI * o * c, fill) }
 }
 
 /// Input channels per task of [`transform_kernel`].
@@ -173,21 +176,21 @@ unsafe impl Sync for SharedOut {}
 unsafe impl Send for SharedOut {}
 
 impl SharedOut {
-    /// The position `at` in the buffer (in bounds per the caller).
-    fn at(self, at: usize) -> Dst {
-        // SAFETY: callers pass offsets inside the buffer.
-        Dst(unsafe { self.0.add(at) })
+    /// Copies `values` to position `at`.
+    ///
+    /// # Safety
+    /// `at .. at + values.len()` lies in the buffer and no other thread
+    /// reads or writes it meanwhile.
+    unsafe fn write(self, at: usize, values: &[f32]) {
+        // SAFETY: per this function's contract.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len()) };
     }
 }
 
-/// Where one channel's 16 transformed runs go: `ξ · stride` on.
-#[derive(Clone, Copy)]
-struct Dst(*mut f32);
-
 simd_kernel!(
     /// One input channel of one block: `taps` is `[9, B]`; position `ξ`'s
-    /// `B` values go to `dst + ξ · stride`.
-    fn kernel_channel => kernel_channel_body(taps: &[f32], b: usize, dst: Dst, stride: usize)
+    /// `B` values go to `u[ξ][..B]`.
+    fn kernel_channel => kernel_channel_body(taps: &[f32], b: usize, u: &mut [[f32; MAX_BLOCK]; XI])
 );
 
 /// `G·(v0, v1, v2)` for every lane: row `r` of `G`, one loop per row so
@@ -207,7 +210,7 @@ fn g_rows(r: usize, v0: &[f32], v1: &[f32], v2: &[f32], out: &mut [f32]) {
 const MAX_BLOCK: usize = 64;
 
 #[inline(always)]
-fn kernel_channel_body(taps: &[f32], b: usize, dst: Dst, stride: usize) {
+fn kernel_channel_body(taps: &[f32], b: usize, u: &mut [[f32; MAX_BLOCK]; XI]) {
     assert!(b <= MAX_BLOCK && taps.len() == 9 * b);
     let tap = |t: usize| &taps[t * b..(t + 1) * b];
     // Each kernel row along its columns first (`r[i][col]`), then down the
@@ -218,12 +221,15 @@ fn kernel_channel_body(taps: &[f32], b: usize, dst: Dst, stride: usize) {
             g_rows(col, tap(3 * i), tap(3 * i + 1), tap(3 * i + 2), &mut r[..b]);
         }
     }
-    for xi in 0..XI {
+    for (xi, u) in u.iter_mut().enumerate() {
         let (row, col) = (xi / 4, xi % 4);
-        // SAFETY: per `transform_kernel`, the run `ξ · stride .. + b` from
-        // `dst` is this task's to write.
-        let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(xi * stride), b) };
-        g_rows(row, &r[0][col][..b], &r[1][col][..b], &r[2][col][..b], out);
+        g_rows(
+            row,
+            &r[0][col][..b],
+            &r[1][col][..b],
+            &r[2][col][..b],
+            &mut u[..b],
+        );
     }
 }
 
