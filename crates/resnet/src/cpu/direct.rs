@@ -134,6 +134,7 @@ impl Direct {
         self.kind
     }
 
+    /// The convolution's shapes.
     pub(super) fn geometry(&self) -> &Geometry {
         &self.g
     }
