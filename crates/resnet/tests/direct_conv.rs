@@ -4,10 +4,12 @@
 //! `gemm` and the AVX2 and AVX-512 kernels all land within 1e-5 of the
 //! largest output (relative), AVX2 and AVX-512 give the same bits, the
 //! `f64` variant gives the definition's value rounded to `f32` to the bit,
-//! and the inference epilogue gives the bits of the separate ops. Strides
-//! 1 to 3, images grouped into tasks, planes too small for the direct
-//! kernel, odd planes cut into 2×2 tiles. One test, because the level and
-//! the Winograd switch are process-wide.
+//! and the inference epilogue gives the bits of the separate ops. The
+//! kernel gradients (Winograd's where it applies) land within the same
+//! bound, with the same bits on one thread as on four. Strides 1 to 3,
+//! images grouped into tasks, planes too small for the direct kernel, odd
+//! planes cut into 2×2 tiles. One test, because the level and the
+//! Winograd switch are process-wide.
 
 use candle_core::{Device, Tensor};
 use multilabel_resnet::cpu::{self, SimdLevel};
@@ -83,7 +85,7 @@ impl Case {
     }
 }
 
-const CASES: [Case; 19] = [
+const CASES: [Case; 20] = [
     // 64 output channels: AVX-512's kernel; 256 pixels (whole tiles of 6 but
     // for 4).
     Case::new(2, 8, 64, (16, 16), 3),
@@ -133,6 +135,9 @@ const CASES: [Case; 19] = [
     Case::new(7, 32, 48, (23, 25), 3).family(Family::Winograd),
     // One image, fewer than the threads: its channel blocks shared out.
     Case::new(1, 5, 64, (64, 64), 3).family(Family::Winograd),
+    // Channels enough for the kernel gradient's shared chunks (16·O·C
+    // values over 1 MiB), 144 outputs (AVX2's blocks), odd planes.
+    Case::new(3, 120, 144, (21, 19), 3).family(Family::Winograd),
     // Five output channels: no direct block fits; im2col + the `f64` product.
     Case::new(2, 3, 5, (9, 9), 3).family(Family::Im2col),
 ];
@@ -197,6 +202,16 @@ fn reference_input_grad(g: &[f32], k: &[f32], case: Case) -> Vec<f64> {
         dx[xi] += f64::from(g[oi]) * f64::from(k[ki])
     });
     dx
+}
+
+/// The kernel gradient of the case's convolution for input `x` and output
+/// gradient `g`, in `f64`.
+fn reference_kernel_grad(x: &[f32], g: &[f32], case: Case) -> Vec<f64> {
+    let mut dk = vec![0f64; case.o * case.c * case.k * case.k];
+    for_each_term(case, |oi, xi, ki| {
+        dk[ki] += f64::from(g[oi]) * f64::from(x[xi])
+    });
+    dk
 }
 
 /// max |got − want| / max |want|.
@@ -284,10 +299,12 @@ fn check_every_case() {
         let shift = Tensor::from_vec(values(o, 500 + ci as u64), o, &dev).unwrap();
         let want = reference(&xv, &kv, case);
         let want_dx = reference_input_grad(&gv, &kv, case);
+        let want_dk = reference_kernel_grad(&xv, &gv, case);
         // Winograd only for its own cases, so that the other kernels keep
         // their coverage on shapes it would take.
         cpu::set_winograd(case.family == Family::Winograd);
-        let mut direct: Vec<(SimdLevel, Vec<f32>, Vec<f32>)> = Vec::new();
+        // Output, input gradient and kernel gradient at AVX2 and AVX-512.
+        let mut direct: Vec<[Vec<f32>; 3]> = Vec::new();
         for &level in &levels {
             cpu::set_simd_level(level).unwrap();
             let path = cpu::conv2d_path((n, c, h, w), (o, c, kk, kk), pad, stride).unwrap();
@@ -320,6 +337,40 @@ fn check_every_case() {
                 e <= 1e-5,
                 "case {case:?} at {level:?}: input gradient relative error {e}"
             );
+            let kernel_path =
+                cpu::conv2d_kernel_grad_path((n, c, h, w), (o, c, kk, kk), pad, stride).unwrap();
+            // The kernel gradient's own threshold: tiles ≥ 64 and tiles ×
+            // the fewer channels ≥ 32768.
+            let tiles = n * h.div_ceil(2) * w.div_ceil(2);
+            let winograd = case.family == Family::Winograd
+                && level >= SimdLevel::Avx2
+                && tiles >= 64
+                && tiles * c.min(o) >= 32 * 1024;
+            assert_eq!(
+                kernel_path,
+                if winograd { "winograd" } else { "im2col" },
+                "case {case:?} at {level:?}: kernel gradient"
+            );
+            let kernel_grad =
+                || flat(&cpu::conv2d_kernel_grad(&x, &g, (o, c, kk, kk), pad, stride).unwrap());
+            let dk = kernel_grad();
+            let e = rel_err(&dk, &want_dk);
+            assert!(
+                e <= 1e-5,
+                "case {case:?} at {level:?} ({kernel_path}): kernel gradient relative error {e}"
+            );
+            if winograd {
+                // The same sums in the same order on one thread.
+                let one = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap();
+                assert_eq!(
+                    bits(&one.install(kernel_grad)),
+                    bits(&dk),
+                    "case {case:?} at {level:?}: kernel gradient on one thread"
+                );
+            }
             // The inference epilogue gives the bits of the separate ops.
             let fused =
                 cpu::conv2d_affine(&x, &k, pad, stride, &scale, &shift, Some(&residual), true)
@@ -336,11 +387,11 @@ fn check_every_case() {
                 "case {case:?} at {level:?}: epilogue"
             );
             if level >= SimdLevel::Avx2 && case.family != Family::Im2col {
-                direct.push((level, y, dx));
+                direct.push([y, dx, dk]);
             }
         }
         // AVX2 and AVX-512 add the same products in the same order.
-        if let [(_, y2, dx2), (_, y5, dx5)] = &direct[..] {
+        if let [[y2, dx2, dk2], [y5, dx5, dk5]] = &direct[..] {
             assert_eq!(
                 bits(y2),
                 bits(y5),
@@ -350,6 +401,11 @@ fn check_every_case() {
                 bits(dx2),
                 bits(dx5),
                 "case {case:?}: AVX2 and AVX-512 input gradients differ"
+            );
+            assert_eq!(
+                bits(dk2),
+                bits(dk5),
+                "case {case:?}: AVX2 and AVX-512 kernel gradients differ"
             );
         }
     }

@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use super::Uninit;
 use super::direct;
 use super::simd::simd_kernel;
+use super::winograd;
 
 /// Shapes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -573,10 +574,12 @@ fn col2im_channel_body(
 
 /// A row-major `rows × cols` view with leading dimension `ld`, possibly transposed.
 #[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
+pub(super) struct Mat {
+    pub(super) ptr: *const f32,
+    /// Row stride (elements).
+    pub(super) rs: isize,
+    /// Column stride (elements).
+    pub(super) cs: isize,
 }
 
 // SAFETY: a `Mat` only reads, from buffers that outlive the parallel loops using it.
@@ -606,7 +609,7 @@ impl Mat {
 /// # Safety
 /// The views must cover the stated shapes and `dst` must not alias them.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
+pub(super) unsafe fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -691,7 +694,7 @@ fn image_col(
 }
 
 /// A raw view of a `MaybeUninit` chunk as the `f32` pointer gemm writes to.
-fn out_ptr(chunk: &mut [MaybeUninit<f32>]) -> *mut f32 {
+pub(super) fn out_ptr(chunk: &mut [MaybeUninit<f32>]) -> *mut f32 {
     chunk.as_mut_ptr().cast()
 }
 
@@ -1110,6 +1113,9 @@ pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32>
 }
 
 pub(crate) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    if winograd::takes_kernel_grad(g) {
+        return winograd::kernel_grad(g, x, grad);
+    }
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
     let img_out = o * p;
@@ -1587,6 +1593,26 @@ pub fn conv2d_path(
         (false, Some(super::SimdLevel::Avx512)) => "direct avx512",
         (false, Some(_)) => "direct avx2",
         (false, None) => "im2col",
+    })
+}
+
+/// Which kernel computes the gradient of [`conv2d`] with respect to its
+/// kernel: `"winograd"` (the adjoint of F(2×2, 3×3), for 3×3 stride-1
+/// convolutions with one pixel of padding, at least 64 tiles of 2×2 and
+/// 32768 tiles × channels (the fewer of input and output), at AVX2 and
+/// AVX-512, see `cpu/winograd.rs`) or `"im2col"` (im2col + `gemm`).
+/// For tests and benchmarks; an error for shapes [`conv2d`] refuses.
+pub fn conv2d_kernel_grad_path(
+    x_dims: (usize, usize, usize, usize),
+    k_dims: (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<&'static str> {
+    let g = Geometry::new(x_dims, k_dims, padding, stride)?;
+    Ok(if winograd::takes_kernel_grad(&g) {
+        "winograd"
+    } else {
+        "im2col"
     })
 }
 

@@ -35,7 +35,8 @@ pub(crate) mod simd;
 mod winograd;
 
 pub use conv::{
-    conv2d, conv2d_affine, conv2d_input_grad, conv2d_kernel_grad, conv2d_path, supported,
+    conv2d, conv2d_affine, conv2d_input_grad, conv2d_kernel_grad, conv2d_kernel_grad_path,
+    conv2d_path, supported,
 };
 pub use conv_bn::{conv2d_batch_norm_add_relu_train, conv2d_batch_norm_train};
 pub use norm::{add_relu, batch_norm_train, scale_shift};

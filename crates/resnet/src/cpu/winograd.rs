@@ -280,7 +280,7 @@ pub(super) fn task(d: &Direct, x: &[f32], u: &[f32], task: &Task, dst: &mut [May
                     r % th,
                     zeros,
                     v,
-                    padded_tiles,
+                    Runs::channel_major(padded_tiles),
                     (r - r0) * tw,
                 );
             }
@@ -307,6 +307,51 @@ pub(super) fn task(d: &Direct, x: &[f32], u: &[f32], task: &Task, dst: &mut [May
     });
 }
 
+/// Where a transform's runs of tiles go: value `(ci, ξ, t)` at `ci·channel
+/// + ξ·position + t`.
+#[derive(Clone, Copy, Debug)]
+struct Runs {
+    channel: usize,
+    position: usize,
+}
+
+impl Runs {
+    /// The 16 positions of a channel side by side, `stride` apart: `[C, 16, stride]`.
+    fn channel_major(stride: usize) -> Self {
+        Self {
+            channel: XI * stride,
+            position: stride,
+        }
+    }
+
+    /// One `[C, stride]` block per position, each a cache line longer
+    /// than it needs (so that a channel's 16 stores do not land 4 KiB
+    /// apart, in one cache set).
+    fn position_major(channels: usize, stride: usize) -> Self {
+        Self {
+            channel: stride,
+            position: channels * stride + 16,
+        }
+    }
+
+    /// Values spanned by `c` channels' runs of `stride` tiles.
+    fn len(self, c: usize, stride: usize) -> usize {
+        (c - 1) * self.channel + (XI - 1) * self.position + stride
+    }
+
+    /// Asserts that `c` channels' runs of `end` tiles lie in `len` values
+    /// and do not overlap.
+    fn check(self, c: usize, end: usize, len: usize) {
+        let (lo, hi) = (
+            self.channel.min(self.position),
+            self.channel.max(self.position),
+        );
+        let inner = if lo == self.channel { c } else { XI };
+        assert!(c > 0 && end <= lo && inner * lo <= hi);
+        assert!((c - 1) * self.channel + (XI - 1) * self.position + end <= len);
+    }
+}
+
 /// Tiles per step of the input transform.
 const TB: usize = 8;
 
@@ -315,8 +360,8 @@ const TB: usize = 8;
 /// -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]` (down the patch's
 /// rows first, then along them), `d` the tile's 4×4 patch of input rows
 /// `2·ty - 1 ..= 2·ty + 2` and columns `2·tx - 1 ..= 2·tx + 2`, zero
-/// outside the plane; into `v[(ci·16 + ξ)·stride + first ..][..tw]` (all
-/// 16 positions of a channel side by side). `zeros` (at least `w + 1`
+/// outside the plane; into `v[ci·runs.channel + ξ·runs.position + first
+/// ..][..tw]`. `zeros` (at least `w + 1`
 /// zeros) stands for the rows above and below the plane.
 #[allow(clippy::too_many_arguments)]
 fn input_row(
@@ -325,22 +370,22 @@ fn input_row(
     ty: usize,
     zeros: &[f32],
     v: &mut [f32],
-    stride: usize,
+    runs: Runs,
     first: usize,
 ) {
     let tw = w.div_ceil(2);
     assert!(image.len() >= c * h * w && ty < h.div_ceil(2) && w > 0);
     assert!(zeros.len() > w && zeros.iter().all(|&z| z == 0.0));
-    assert!(first + tw <= stride && v.len() >= XI * c * stride);
+    runs.check(c, first + tw, v.len());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the Winograd path runs at AVX2 or AVX-512 only (see
     // `Direct::plan`), at most the detected level; the asserts above bound
     // every write, and every read is masked to the plane's columns.
     unsafe {
         if super::simd::simd_level() == super::simd::SimdLevel::Avx512 {
-            x86::input_row_avx512(image, (c, h, w), ty, zeros, v, stride, first);
+            x86::input_row_avx512(image, (c, h, w), ty, zeros, v, runs, first);
         } else {
-            x86::input_row_avx2(image, (c, h, w), ty, zeros, v, stride, first);
+            x86::input_row_avx2(image, (c, h, w), ty, zeros, v, runs, first);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -371,7 +416,7 @@ fn input_row(
                 for a in 0..4 {
                     let (e0, e1, e2, e3) = (down[0][a], down[1][a], down[2][a], down[3][a]);
                     for (b, value) in [e0 - e2, e1 + e2, e2 - e1, e1 - e3].into_iter().enumerate() {
-                        v[(ci * XI + a * 4 + b) * stride + first + t] = value;
+                        v[ci * runs.channel + (a * 4 + b) * runs.position + first + t] = value;
                     }
                 }
             }
@@ -384,6 +429,60 @@ mod x86 {
     use super::super::direct::x86::transpose8;
     use super::{TB, XI};
     use std::arch::x86_64::*;
+
+    /// The even and odd columns of the sixteen values from `p`, in order;
+    /// lanes outside the masks `lo` (the first eight) and `hi` (the next
+    /// eight) read as zero.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; every lane inside the masks must be readable.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn split(p: *const f32, lo: __m256i, hi: __m256i) -> (__m256, __m256) {
+        // SAFETY: per this function's contract.
+        let (a, b) = unsafe {
+            (
+                _mm256_maskload_ps(p, lo),
+                _mm256_maskload_ps(p.wrapping_add(8), hi),
+            )
+        };
+        let even = _mm256_shuffle_ps::<0x88>(a, b);
+        let odd = _mm256_shuffle_ps::<0xDD>(a, b);
+        (
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(even))),
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(odd))),
+        )
+    }
+
+    /// Planes ahead whose values the transforms ask the CPU to fetch: the
+    /// planes lie 4 KiB apart or more, a page each, which the CPU's own
+    /// prefetchers do not cross, so each row would otherwise wait for memory.
+    const PREFETCH_PLANES: usize = 4;
+
+    /// Asks for the sixteen values from `p` (and the two after them) of
+    /// the plane [`PREFETCH_PLANES`] on (`plane` values apart); a hint that
+    /// reads nothing, wherever it points.
+    #[inline(always)]
+    fn prefetch_ahead(p: *const f32, plane: usize) {
+        let ahead = p.wrapping_add(PREFETCH_PLANES * plane).cast::<i8>();
+        // SAFETY: a prefetch is a hint; it does not fault or read.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * 17));
+        }
+    }
+
+    /// Lanes `0 .. 8` with `from + lane` in `0 .. w` set.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn inside(from: i32, w: usize) -> __m256i {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let col = _mm256_add_epi32(lane, _mm256_set1_epi32(from));
+        _mm256_and_si256(
+            _mm256_cmpgt_epi32(col, _mm256_set1_epi32(-1)),
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), col),
+        )
+    }
 
     /// [`super::input_row`], [`TB`] tiles at a time: each of the patch's
     /// four rows loaded as sixteen values from the tiles' first column and
@@ -406,37 +505,15 @@ mod x86 {
                 ty: usize,
                 zeros: &[f32],
                 v: &mut [f32],
-                stride: usize,
+                runs: super::Runs,
                 first: usize,
             ) {
                 let tw = w.div_ceil(2);
-                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                 // Lanes whose column `from + lane` lies in the plane.
-                let inside = |from: i32| {
-                    let col = _mm256_add_epi32(lane, _mm256_set1_epi32(from));
-                    _mm256_and_si256(
-                        _mm256_cmpgt_epi32(col, _mm256_set1_epi32(-1)),
-                        _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), col),
-                    )
-                };
-                // Even and odd columns of the sixteen values from `p`
-                // (lanes outside `lo` / `hi` zero), in order.
-                let split = |p: *const f32, lo: __m256i, hi: __m256i| {
-                    // SAFETY: only lanes inside the plane's row (or the
-                    // zero row) are read.
-                    let (a, b) = unsafe {
-                        (
-                            _mm256_maskload_ps(p, lo),
-                            _mm256_maskload_ps(p.wrapping_add(8), hi),
-                        )
-                    };
-                    let even = _mm256_shuffle_ps::<0x88>(a, b);
-                    let odd = _mm256_shuffle_ps::<0xDD>(a, b);
-                    (
-                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(even))),
-                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(odd))),
-                    )
-                };
+                let inside = |from: i32| inside(from, w);
+                // SAFETY: only lanes inside the plane's row (or the zero
+                // row) are read.
+                let split = |p: *const f32, lo: __m256i, hi: __m256i| unsafe { split(p, lo, hi) };
                 // `Bᵀ` down four rows.
                 let down = |x: [__m256; 4]| {
                     [
@@ -477,6 +554,9 @@ mod x86 {
                                 None => zeros.as_ptr().wrapping_add(1),
                             };
                             let p = start.wrapping_offset(from as isize);
+                            if row.is_some() {
+                                prefetch_ahead(p, h * w);
+                            }
                             (c0[k], c1[k]) = split(p, m0, m1);
                             (c2[k], c3[k]) = split(p.wrapping_add(2), m2, m3);
                         }
@@ -490,7 +570,7 @@ mod x86 {
                         }
                         // SAFETY: tiles t0 .. t0 + n of the channel's 16 runs
                         // lie in `v` (see `input_row`).
-                        let mut dst = vp.wrapping_add(ci * XI * stride + first + t0);
+                        let mut dst = vp.wrapping_add(ci * runs.channel + first + t0);
                         for out in out {
                             unsafe {
                                 if n == TB {
@@ -499,7 +579,7 @@ mod x86 {
                                     _mm256_maskstore_ps(dst, store_mask, out);
                                 }
                             }
-                            dst = dst.wrapping_add(stride);
+                            dst = dst.wrapping_add(runs.position);
                         }
                     }
                 }
@@ -509,6 +589,87 @@ mod x86 {
 
     input_row_impl!(input_row_avx2, "avx2");
     input_row_impl!(input_row_avx512, "avx2,avx512f,avx512vl");
+
+    /// [`super::grad_row`], [`TB`] tiles at a time: the tile row's two
+    /// output-gradient rows loaded as sixteen values from the tiles' first
+    /// column (masked to the plane's columns; the second row zero below
+    /// the plane), split into even and odd columns, combined down the rows,
+    /// then along them. The same AVX2 instructions at both levels.
+    ///
+    /// # Safety
+    /// The CPU must have the features; the bounds [`super::grad_row`]
+    /// asserts.
+    macro_rules! grad_row_impl {
+        ($name:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(
+                grad: &[f32],
+                (c, h, w): (usize, usize, usize),
+                ty: usize,
+                m: &mut [f32],
+                runs: super::Runs,
+                first: usize,
+            ) {
+                let tw = w.div_ceil(2);
+                let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let second = 2 * ty + 1 < h;
+                let sign = _mm256_set1_ps(-0.0);
+                let mp = m.as_mut_ptr();
+                for t0 in (0..tw).step_by(TB) {
+                    let from = 2 * t0;
+                    let (m0, m1) = (inside(from as i32, w), inside(from as i32 + 8, w));
+                    let n = TB.min(tw - t0);
+                    let store_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane_index);
+                    for ci in 0..c {
+                        let p = grad.as_ptr().wrapping_add(ci * h * w + 2 * ty * w + from);
+                        prefetch_ahead(p, h * w);
+                        if second {
+                            prefetch_ahead(p.wrapping_add(w), h * w);
+                        }
+                        // SAFETY: only lanes inside the plane's rows are read.
+                        let (a0, b0) = unsafe { split(p, m0, m1) };
+                        let (a1, b1) = if second {
+                            // SAFETY: as above, one row down (inside the plane).
+                            unsafe { split(p.wrapping_add(w), m0, m1) }
+                        } else {
+                            (_mm256_setzero_ps(), _mm256_setzero_ps())
+                        };
+                        // `A` down the two rows: r0 = row 0, r1 = row 0 +
+                        // row 1, r2 = row 0 - row 1, r3 = -row 1.
+                        let rows = [
+                            (a0, b0),
+                            (_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)),
+                            (_mm256_sub_ps(a0, a1), _mm256_sub_ps(b0, b1)),
+                            (_mm256_xor_ps(a1, sign), _mm256_xor_ps(b1, sign)),
+                        ];
+                        let mut dst = mp.wrapping_add(ci * runs.channel + first + t0);
+                        for (a, b) in rows {
+                            for out in [
+                                a,
+                                _mm256_add_ps(a, b),
+                                _mm256_sub_ps(a, b),
+                                _mm256_xor_ps(b, sign),
+                            ] {
+                                // SAFETY: tiles t0 .. t0 + n of the channel's
+                                // 16 runs lie in `m` (see `grad_row`).
+                                unsafe {
+                                    if n == TB {
+                                        _mm256_storeu_ps(dst, out);
+                                    } else {
+                                        _mm256_maskstore_ps(dst, store_mask, out);
+                                    }
+                                }
+                                dst = dst.wrapping_add(runs.position);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    grad_row_impl!(grad_row_avx2, "avx2");
+    grad_row_impl!(grad_row_avx512, "avx2,avx512f,avx512vl");
 
     /// [`super::output_row`], eight tiles × eight output channels at a
     /// time: each tile's four outputs for the eight channels, the same
@@ -660,6 +821,369 @@ fn output_row(
                     if x + 1 < w {
                         out[k * h * w + y * w + x + 1].write(s[1] - s[2] - s[3]);
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Tiles per convolution below which a kernel gradient keeps im2col +
+/// `gemm` (see [`kernel_grad`]), whatever the channels.
+const MIN_KERNEL_GRAD_TILES: usize = 64;
+
+/// Tiles × channels (the fewer of input and output) below which a kernel
+/// gradient keeps im2col + `gemm`: the saving per tile grows with the
+/// product of the channel counts, the transforms with their sum. Measured
+/// on two cores (AVX-512; Winograd against im2col + `gemm`, ms): 64 → 64
+/// channels at 8×8, batch 16 (256 tiles) 0.41 against 0.34, batch 64
+/// 1.09 against 1.27; 128 → 128 at 8×8, batch 16 (256 tiles) 1.08 against
+/// 1.20; 256 → 256 at 4×4, batch 16 (64 tiles) 1.11 against 1.38; 512 →
+/// 512 at 2×2, batch 32 (32 tiles) 2.36 against 2.15, batch 64 4.10
+/// against 4.51.
+const MIN_KERNEL_GRAD_WORK: usize = 32 * 1024;
+
+/// Tasks of a kernel gradient whose partial sums are small enough (see
+/// [`PARTIAL_BYTES`]): each sums a contiguous range of the batch's tile
+/// rows into its own `[16, O, C]`, and the partial sums are added in task
+/// order.
+const KERNEL_GRAD_TASKS: usize = 8;
+
+/// Bytes of one task's partial sum up to which a kernel gradient is split
+/// into [`KERNEL_GRAD_TASKS`] tasks, each on one thread with its chunks in
+/// its own cache; wider layers sum every chunk into one `[16, O, C]`, the
+/// chunk's transforms and its 16 products each spread over the threads.
+const PARTIAL_BYTES: usize = 1 << 20;
+
+/// Bytes of transformed inputs and output gradients per chunk of a task.
+const TASK_CHUNK_BYTES: usize = 1 << 20;
+
+/// Bytes of transformed inputs and output gradients per chunk shared by
+/// the threads.
+const SHARED_CHUNK_BYTES: usize = 2 << 20;
+
+/// Tiles per chunk of a kernel gradient at least, even where the chunk
+/// outgrows its bytes (wide layers): each chunk adds its products to the
+/// whole `[16, O, C]` sum, which should cost little next to them.
+const MIN_KERNEL_GRAD_CHUNK_TILES: usize = 128;
+
+/// Channels per task of a shared chunk's transforms.
+const TRANSFORM_CHANNELS: usize = 16;
+
+/// Whether the kernel gradient of `g` takes [`kernel_grad`].
+pub(super) fn takes_kernel_grad(g: &Geometry) -> bool {
+    (g.kh, g.kw, g.stride, g.padding) == (3, 3, 1, 1)
+        && super::simd::simd_level() >= super::simd::SimdLevel::Avx2
+        && g.n * tiles_per_image(g) >= MIN_KERNEL_GRAD_TILES
+        && g.n * tiles_per_image(g) * g.c.min(g.o) >= MIN_KERNEL_GRAD_WORK
+        && winograd_enabled()
+}
+
+thread_local! {
+    /// This thread's chunk of transformed inputs and output gradients for
+    /// [`kernel_grad`].
+    static GRAD_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The gradient `[O, C, 3, 3]` of the convolution `g` with respect to its
+/// kernel, given its input `x` (`[N, C, H, W]`) and output gradient `grad`
+/// (`[N, O, H, W]`): the adjoint of the forward pass's F(2×2, 3×3). With
+/// each input patch transformed as in the forward pass (`V = Bᵀ·d·B`) and
+/// each tile's 2×2 output gradient `m` into `M = A·m·Aᵀ`, the gradient with
+/// respect to the transformed kernel is, for each position `ξ`, `dU_ξ =
+/// Σ_tiles M_ξ ⊗ V_ξ`, a product `[O, tiles] × [tiles, C]`, and the
+/// kernel's gradient is `Gᵀ·dU·G`. As in the forward pass that is 16
+/// multiplications per tile and channel pair where im2col + `gemm` needs
+/// 36; both are sums over every tile of the batch, in `f32`.
+///
+/// The batch's tile rows are split into tasks (see [`PARTIAL_BYTES`]) and
+/// each task's into chunks whose transforms stay in cache; each chunk's 16
+/// products are added by `gemm` to the task's `dU_ξ`. The tasks, chunks
+/// and the order of every sum depend only on the shapes, so the result
+/// does not depend on the number of threads.
+pub(super) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (n, c, h, w, o) = (g.n, g.c, g.h, g.w, g.o);
+    assert!((g.oh, g.ow) == (h, w) && n > 0);
+    assert!(x.len() == n * c * h * w && grad.len() == n * o * h * w);
+    let (th, tw) = tile_grid(g);
+    let rows_total = n * th;
+    let shared = 4 * XI * o * c > PARTIAL_BYTES;
+    let tasks = if shared {
+        1
+    } else {
+        KERNEL_GRAD_TASKS.min(rows_total)
+    };
+    let rows_per_task = rows_total.div_ceil(tasks);
+    let tasks = rows_total.div_ceil(rows_per_task);
+    let chunk_bytes = if shared {
+        SHARED_CHUNK_BYTES
+    } else {
+        TASK_CHUNK_BYTES
+    };
+    let chunk_tiles = (chunk_bytes / (4 * XI * (c + o))).max(MIN_KERNEL_GRAD_CHUNK_TILES);
+    let partial = |t: usize| -> Vec<f32> {
+        let rows = t * rows_per_task..((t + 1) * rows_per_task).min(rows_total);
+        let mut du = super::Uninit::new(XI * o * c);
+        let chunks = rows.len().div_ceil(chunk_tiles.div_ceil(tw));
+        let rows_per_chunk = rows.len().div_ceil(chunks);
+        for r0 in rows.clone().step_by(rows_per_chunk) {
+            let chunk = r0..(r0 + rows_per_chunk).min(rows.end);
+            chunk_products(
+                g,
+                x,
+                grad,
+                chunk,
+                du.as_mut_slice(),
+                r0 > rows.start,
+                shared,
+            );
+        }
+        // SAFETY: the task's first chunk wrote every value.
+        unsafe { du.finish() }
+    };
+    let parts: Vec<Vec<f32>> = if tasks > 1 {
+        (0..tasks).into_par_iter().map(partial).collect()
+    } else {
+        vec![partial(0)]
+    };
+    let mut dw = super::Uninit::new(o * c * 9);
+    dw.as_mut_slice()
+        .par_chunks_mut(c * 9)
+        .enumerate()
+        .for_each(|(oc, dst)| {
+            let row = |xi: usize| (xi * o + oc) * c..(xi * o + oc + 1) * c;
+            if let [part] = &parts[..] {
+                kernel_grad_rows(std::array::from_fn(|xi| &part[row(xi)]), dst);
+                return;
+            }
+            // The output channel's rows summed over the parts, in part order.
+            let rows: [Vec<f32>; XI] = std::array::from_fn(|xi| {
+                let mut sum = parts[0][row(xi)].to_vec();
+                for part in &parts[1..] {
+                    for (a, &b) in sum.iter_mut().zip(&part[row(xi)]) {
+                        *a += b;
+                    }
+                }
+                sum
+            });
+            kernel_grad_rows(std::array::from_fn(|xi| &rows[xi][..]), dst);
+        });
+    // SAFETY: each output channel's `C·9` values were written.
+    unsafe { dw.finish() }
+}
+
+/// Tile rows `rows` of the batch: their input patches and output
+/// gradients transformed into this thread's scratch, then for each
+/// position `ξ`, `du_ξ (+)= M_ξ · V_ξᵀ` (`du` is `[16, O, C]`, overwritten
+/// unless `accumulate`). `shared`: the transforms and the products spread
+/// over the threads; otherwise all on this one.
+fn chunk_products(
+    g: &Geometry,
+    x: &[f32],
+    grad: &[f32],
+    rows: std::ops::Range<usize>,
+    du: &mut [MaybeUninit<f32>],
+    accumulate: bool,
+    shared: bool,
+) {
+    use super::conv::{Mat, matmul, out_ptr};
+    use rayon::prelude::*;
+    let (c, h, w, o) = (g.c, g.h, g.w, g.o);
+    let tiles = rows.len() * tile_grid(g).1;
+    // On one thread, each position's runs form one block (`[16, C,
+    // stride]`), an odd number of cache lines apart, so that the rows
+    // `gemm` reads across do not fall in the same cache sets. Shared, the
+    // threads transform channels of their own (`[C, 16, stride]`).
+    let stride = if shared {
+        tiles.next_multiple_of(16)
+    } else {
+        tiles.next_multiple_of(16) | 16
+    };
+    let layout = |channels: usize| {
+        if shared {
+            Runs::channel_major(stride)
+        } else {
+            Runs::position_major(channels, stride)
+        }
+    };
+    let (v_runs, m_runs) = (layout(c), layout(o));
+    GRAD_SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (v, m) = &mut *s;
+        v.resize(v_runs.len(c, stride), 0.0);
+        m.resize(m_runs.len(o, stride), 0.0);
+        let zeros = vec![0f32; w + 1];
+        let inputs = |v: &mut [f32]| {
+            transform_rows(
+                x,
+                (c, h, w),
+                rows.clone(),
+                v,
+                v_runs,
+                |image, dims, ty, out, runs, first| {
+                    input_row(image, dims, ty, &zeros, out, runs, first)
+                },
+            )
+        };
+        let grads =
+            |m: &mut [f32]| transform_rows(grad, (o, h, w), rows.clone(), m, m_runs, grad_row);
+        if shared {
+            rayon::join(|| inputs(v), || grads(m));
+        } else {
+            inputs(v);
+            grads(m);
+        }
+        let (v, m) = (&v[..], &m[..]);
+        let product = |(xi, dst): (usize, &mut [MaybeUninit<f32>])| {
+            // M_ξ as `[O, tiles]` and V_ξᵀ as `[tiles, C]`.
+            let lhs = Mat {
+                ptr: m[xi * m_runs.position..].as_ptr(),
+                rs: m_runs.channel as isize,
+                cs: 1,
+            };
+            let rhs = Mat {
+                ptr: v[xi * v_runs.position..].as_ptr(),
+                rs: 1,
+                cs: v_runs.channel as isize,
+            };
+            // SAFETY: `dst` is `[O, C]`; the views lie in `m` and `v`
+            // (see `Runs::check`).
+            unsafe { matmul(o, c, tiles, out_ptr(dst), c, accumulate, lhs, rhs, 1) };
+        };
+        if shared {
+            du.par_chunks_mut(o * c).enumerate().for_each(product);
+        } else {
+            du.chunks_mut(o * c).enumerate().for_each(product);
+        }
+    });
+}
+
+/// A chunk's tile rows `rows` (of the whole batch's, image by image) of
+/// `planes` (`[N, c, h, w]`) transformed by `row` (`input_row` or
+/// `grad_row`) into `out`, laid out as `runs` says; channel-major, the
+/// channels are spread over the threads in groups.
+fn transform_rows(
+    planes: &[f32],
+    (c, h, w): (usize, usize, usize),
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    runs: Runs,
+    row: impl Fn(&[f32], (usize, usize, usize), usize, &mut [f32], Runs, usize) + Sync,
+) {
+    use rayon::prelude::*;
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let plane = h * w;
+    let channel_major = runs.channel > runs.position;
+    let part = |(part, out): (usize, &mut [f32])| {
+        let first = part * TRANSFORM_CHANNELS;
+        let count = if channel_major {
+            out.len() / runs.channel
+        } else {
+            c
+        };
+        for r in rows.clone() {
+            let (image, ty) = (r / th, r % th);
+            let at = (image * c + first) * plane;
+            let planes = &planes[at..at + count * plane];
+            row(planes, (count, h, w), ty, out, runs, (r - rows.start) * tw);
+        }
+    };
+    let out = &mut out[..runs.len(c, runs.channel.min(runs.position))];
+    if channel_major {
+        out.par_chunks_mut(TRANSFORM_CHANNELS * runs.channel)
+            .enumerate()
+            .for_each(part);
+    } else {
+        part((0, out));
+    }
+}
+
+simd_kernel!(
+    /// One output channel's kernel gradient `[C, 3, 3]` from its 16 rows
+    /// `du[ξ]` (`[C]` each): `Gᵀ·dU·G` for every input channel, down the
+    /// rows first, then along them.
+    fn kernel_grad_rows => kernel_grad_rows_body(du: [&[f32]; XI], dst: &mut [MaybeUninit<f32>])
+);
+
+#[inline(always)]
+fn kernel_grad_rows_body(du: [&[f32]; XI], dst: &mut [MaybeUninit<f32>]) {
+    let c = du[0].len();
+    assert!(du.iter().all(|r| r.len() == c) && dst.len() == 9 * c);
+    // `Gᵀ` applied to (u0, u1, u2, u3): (u0 + h, (u1 - u2)·½, h + u3), h = (u1 + u2)·½.
+    let gt = |u0: f32, u1: f32, u2: f32, u3: f32| {
+        let half = (u1 + u2) * 0.5;
+        [u0 + half, (u1 - u2) * 0.5, half + u3]
+    };
+    const LANES: usize = 16;
+    for c0 in (0..c).step_by(LANES) {
+        let lanes = LANES.min(c - c0);
+        let mut out = [[0f32; LANES]; 9];
+        for l in 0..lanes {
+            let u = |xi: usize| du[xi][c0 + l];
+            // s[a][col] = Σ_row G[row][a]·dU[row][col].
+            let s: [[f32; 3]; 4] =
+                std::array::from_fn(|col| gt(u(col), u(4 + col), u(8 + col), u(12 + col)));
+            for a in 0..3 {
+                let d = gt(s[0][a], s[1][a], s[2][a], s[3][a]);
+                for b in 0..3 {
+                    out[a * 3 + b][l] = d[b];
+                }
+            }
+        }
+        for l in 0..lanes {
+            for (t, out) in out.iter().enumerate() {
+                dst[(c0 + l) * 9 + t].write(out[l]);
+            }
+        }
+    }
+}
+
+/// Tile row `ty` of one image's output gradient `grad` (`c` planes `h ×
+/// w`): for each channel `ci` and position `ξ = 4a + b`, `M = A·m·Aᵀ`
+/// with `A = [[1, 0], [1, 1], [1, -1], [0, -1]]` (down the rows first,
+/// then along them), `m` the tile's 2×2 gradient at rows `2·ty ..= 2·ty +
+/// 1` and columns `2·tx ..= 2·tx + 1`, zero outside the plane; into
+/// `m[ci·runs.channel + ξ·runs.position + first ..][..tw]`.
+fn grad_row(
+    grad: &[f32],
+    (c, h, w): (usize, usize, usize),
+    ty: usize,
+    m: &mut [f32],
+    runs: Runs,
+    first: usize,
+) {
+    let tw = w.div_ceil(2);
+    assert!(grad.len() >= c * h * w && ty < h.div_ceil(2) && w > 0);
+    runs.check(c, first + tw, m.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the kernel gradient takes this path at AVX2 or AVX-512 only
+    // (see `takes_kernel_grad`), at most the detected level; the asserts
+    // above bound every write, and every read is masked to the plane.
+    unsafe {
+        if super::simd::simd_level() == super::simd::SimdLevel::Avx512 {
+            x86::grad_row_avx512(grad, (c, h, w), ty, m, runs, first);
+        } else {
+            x86::grad_row_avx2(grad, (c, h, w), ty, m, runs, first);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for ci in 0..c {
+        let plane = &grad[ci * h * w..(ci + 1) * h * w];
+        let at = |y: usize, x: usize| {
+            if y < h && x < w {
+                plane[y * w + x]
+            } else {
+                0.0
+            }
+        };
+        for t in 0..tw {
+            let (y, x) = (2 * ty, 2 * t);
+            let (a0, b0, a1, b1) = (at(y, x), at(y, x + 1), at(y + 1, x), at(y + 1, x + 1));
+            let rows = [(a0, b0), (a0 + a1, b0 + b1), (a0 - a1, b0 - b1), (-a1, -b1)];
+            for (i, (a, b)) in rows.into_iter().enumerate() {
+                for (j, value) in [a, a + b, a - b, -b].into_iter().enumerate() {
+                    m[ci * runs.channel + (i * 4 + j) * runs.position + first + t] = value;
                 }
             }
         }
