@@ -742,6 +742,11 @@ fn main() -> Result<()> {
     // inherits it.
     // SAFETY: nothing else runs yet.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", o.threads.to_string()) };
+    // As the CLI does (see `use_main_thread_in_pool`); off with
+    // `MULTILABEL_BENCH_OUTSIDE_POOL=1` to see what it is worth.
+    if env_flag("outside-pool").is_none() {
+        multilabel_resnet::cpu::use_main_thread_in_pool();
+    }
     // The reference scripts live in the source tree; a binary carried to
     // another machine (the GPU check) finds them in the current directory.
     let mut root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -45,6 +45,9 @@ fn main() -> ExitCode {
     // Training allocates and frees gigabytes per step; keep that memory
     // mapped for the next step instead of page-faulting it in again.
     multilabel_resnet::cpu::keep_freed_memory();
+    // This thread drives training: run it as one of the pool's threads, so
+    // that each parallel op does not put it to sleep and wake it again.
+    multilabel_resnet::cpu::use_main_thread_in_pool();
     let result = match cli.command {
         Command::Train(args) => cli::train::train(args),
         Command::Eval(args) => cli::eval::eval(args),
