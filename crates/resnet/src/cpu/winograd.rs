@@ -705,16 +705,20 @@ mod x86 {
                 let mp = m.as_ptr();
                 let op = out.as_mut_ptr().cast::<f32>();
                 let rows = if 2 * ty + 1 < h { 2 } else { 1 };
-                for t0 in (0..tw).step_by(TB) {
-                    let tiles = TB.min(tw - t0);
-                    // Lanes whose column 2·t0 + `from` + lane is inside the plane.
-                    let inside = |from: usize| {
-                        let col = _mm256_add_epi32(lane, _mm256_set1_epi32((2 * t0 + from) as i32));
-                        _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), col)
-                    };
-                    let whole = 2 * t0 + 2 * TB <= w;
-                    let (lo_mask, hi_mask) = (inside(0), inside(TB));
-                    for k in (0..oc).step_by(TB) {
+                // Eight channels at a time, the whole tile row each: each
+                // plane's two rows are written in one sweep (as `input_row`
+                // reads them).
+                for k in (0..oc).step_by(TB) {
+                    for t0 in (0..tw).step_by(TB) {
+                        let tiles = TB.min(tw - t0);
+                        // Lanes whose column 2·t0 + `from` + lane is inside the plane.
+                        let inside = |from: usize| {
+                            let col =
+                                _mm256_add_epi32(lane, _mm256_set1_epi32((2 * t0 + from) as i32));
+                            _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), col)
+                        };
+                        let whole = 2 * t0 + 2 * TB <= w;
+                        let (lo_mask, hi_mask) = (inside(0), inside(TB));
                         let zero = _mm256_setzero_ps();
                         // y[q][t]: output q (00, 01, 10, 11) of tile t for
                         // channels k .. k + 8.
