@@ -739,8 +739,11 @@ pub(super) mod x86 {
     ) {
         let full = p / 8 * 8;
         let out = dst.as_mut_ptr().cast::<f32>();
-        for q0 in (0..full).step_by(8) {
-            for o0 in (0..channels).step_by(8) {
+        // Eight channels at a time, every pixel each: each plane is written
+        // in one sweep (64 -> 128 channels, stride 2 onto 28×28, batch 32:
+        // forward 14.4–15.0 -> 12.9–13.1 ms against pixels outside).
+        for o0 in (0..channels).step_by(8) {
+            for q0 in (0..full).step_by(8) {
                 // SAFETY: rows q0..q0 + 8 of `src` and columns q0..q0 + 8
                 // of rows o0..o0 + 8 of `dst` lie inside them (see above).
                 unsafe {
