@@ -472,6 +472,34 @@ mod x86 {
         }
     }
 
+    /// The 16 positions' values of [`TB`] tiles into their runs, from
+    /// `dst` on, `step` values apart: whole, or the first `n` lanes
+    /// (`mask`) at a row's end.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; the lanes stored must lie in the buffer.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store_runs(
+        mut dst: *mut f32,
+        step: usize,
+        values: [__m256; XI],
+        n: usize,
+        mask: __m256i,
+    ) {
+        for value in values {
+            // SAFETY: per this function's contract.
+            unsafe {
+                if n == TB {
+                    _mm256_storeu_ps(dst, value);
+                } else {
+                    _mm256_maskstore_ps(dst, mask, value);
+                }
+            }
+            dst = dst.wrapping_add(step);
+        }
+    }
+
     /// Lanes `0 .. 8` with `from + lane` in `0 .. w` set.
     #[target_feature(enable = "avx2")]
     #[inline]
@@ -573,19 +601,10 @@ mod x86 {
                             out[a * 4 + 2] = _mm256_sub_ps(c2[a], c1[a]);
                             out[a * 4 + 3] = _mm256_sub_ps(c1[a], c3[a]);
                         }
+                        let dst = vp.wrapping_add(ci * runs.channel + first + t0);
                         // SAFETY: tiles t0 .. t0 + n of the channel's 16 runs
                         // lie in `v` (see `input_row`).
-                        let mut dst = vp.wrapping_add(ci * runs.channel + first + t0);
-                        for out in out {
-                            unsafe {
-                                if n == TB {
-                                    _mm256_storeu_ps(dst, out);
-                                } else {
-                                    _mm256_maskstore_ps(dst, store_mask, out);
-                                }
-                            }
-                            dst = dst.wrapping_add(runs.position);
-                        }
+                        unsafe { store_runs(dst, runs.position, out, n, store_mask) };
                     }
                 }
             }
@@ -649,26 +668,20 @@ mod x86 {
                             (_mm256_sub_ps(a0, a1), _mm256_sub_ps(b0, b1)),
                             (_mm256_xor_ps(a1, sign), _mm256_xor_ps(b1, sign)),
                         ];
-                        let mut dst = mp.wrapping_add(ci * runs.channel + first + t0);
-                        for (a, b) in rows {
-                            for out in [
-                                a,
-                                _mm256_add_ps(a, b),
-                                _mm256_sub_ps(a, b),
-                                _mm256_xor_ps(b, sign),
-                            ] {
-                                // SAFETY: tiles t0 .. t0 + n of the channel's
-                                // 16 runs lie in `m` (see `grad_row`).
-                                unsafe {
-                                    if n == TB {
-                                        _mm256_storeu_ps(dst, out);
-                                    } else {
-                                        _mm256_maskstore_ps(dst, store_mask, out);
-                                    }
-                                }
-                                dst = dst.wrapping_add(runs.position);
+                        // Then `Aᵀ` along each: (a, a + b, a - b, -b).
+                        let out: [__m256; XI] = std::array::from_fn(|xi| {
+                            let (a, b) = rows[xi / 4];
+                            match xi % 4 {
+                                0 => a,
+                                1 => _mm256_add_ps(a, b),
+                                2 => _mm256_sub_ps(a, b),
+                                _ => _mm256_xor_ps(b, sign),
                             }
-                        }
+                        });
+                        let dst = mp.wrapping_add(ci * runs.channel + first + t0);
+                        // SAFETY: tiles t0 .. t0 + n of the channel's 16 runs
+                        // lie in `m` (see `grad_row`).
+                        unsafe { store_runs(dst, runs.position, out, n, store_mask) };
                     }
                 }
             }
