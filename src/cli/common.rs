@@ -92,14 +92,13 @@ fn open_device(spec: &str) -> anyhow::Result<Device> {
 /// A name for the device, for messages.
 pub fn device_name(device: &Device) -> String {
     match device {
-        Device::Cpu => format!("cpu ({} threads)", rayon_threads()),
+        Device::Cpu => match rayon::current_num_threads() {
+            1 => "cpu (1 thread)".into(),
+            n => format!("cpu ({n} threads)"),
+        },
         Device::Cuda(_) => "cuda".into(),
         Device::Metal(_) => "metal".into(),
     }
-}
-
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The first line of a message, shortened to 160 characters.
