@@ -52,6 +52,9 @@ enum Family {
     Im2col,
     /// Winograd's F(2×2, 3×3) (3×3, stride 1, padding 1, enough tiles).
     Winograd,
+    /// The direct kernel over each pixel's valid taps (planes where at
+    /// most half of all taps read the image).
+    ValidTaps,
 }
 
 impl Case {
@@ -85,7 +88,7 @@ impl Case {
     }
 }
 
-const CASES: [Case; 20] = [
+const CASES: [Case; 25] = [
     // 64 output channels: AVX-512's kernel; 256 pixels (whole tiles of 6 but
     // for 4).
     Case::new(2, 8, 64, (16, 16), 3),
@@ -138,6 +141,21 @@ const CASES: [Case; 20] = [
     // Channels enough for the kernel gradient's shared chunks (16·O·C
     // values over 1 MiB), 144 outputs (AVX2's blocks), odd planes.
     Case::new(3, 120, 144, (21, 19), 3).family(Family::Winograd),
+    // Valid taps: 3×3 on 2×2 planes (16 of 36 taps read the image), 64
+    // outputs (AVX-512's blocks); the input gradient has 16 (AVX2's).
+    Case::new(8, 16, 64, (2, 2), 3).family(Family::ValidTaps),
+    // One image, fewer than the threads: its two blocks shared out.
+    Case::new(1, 32, 128, (2, 2), 3).family(Family::ValidTaps),
+    // 1×3 planes: three classes of taps (2·1, 3·1, 2·1 of 9), 48 outputs
+    // (AVX2's blocks at either level).
+    Case::new(6, 24, 48, (1, 3), 3).family(Family::ValidTaps),
+    // 5×5 on 3×3 planes (100 of 225 taps), five images in tasks of two
+    // and a last one of one.
+    Case::new(5, 7, 64, (3, 3), 5).family(Family::ValidTaps),
+    // Stride 2 onto 2×2 (16 of 36 taps; the input gradient takes col2im).
+    Case::new(4, 8, 64, (3, 3), 3)
+        .stride(2)
+        .family(Family::ValidTaps),
     // Five output channels: no direct block fits; im2col + the `f64` product.
     Case::new(2, 3, 5, (9, 9), 3).family(Family::Im2col),
 ];
@@ -253,6 +271,9 @@ fn expected_path(level: SimdLevel, case: &Case) -> &'static str {
         (Family::Winograd, SimdLevel::Baseline) => "im2col",
         (Family::Winograd, _) if avx512 && case.o.is_multiple_of(64) => "winograd avx512",
         (Family::Winograd, _) => "winograd avx2",
+        (Family::ValidTaps, SimdLevel::Baseline) => "im2col",
+        (Family::ValidTaps, _) if avx512 && case.o.is_multiple_of(64) => "valid taps avx512",
+        (Family::ValidTaps, _) => "valid taps avx2",
     }
 }
 
@@ -321,6 +342,21 @@ fn check_every_case() {
                 e <= 1e-5,
                 "case {case:?} at {level:?} ({path}): relative error {e}"
             );
+            if path.starts_with("valid taps") {
+                // Each output's sum runs over channels and taps in the
+                // same order whatever the tasks: the same bits on one
+                // thread.
+                let one = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap();
+                let alone = one.install(|| flat(&cpu::conv2d(&x, &k, pad, stride).unwrap()));
+                assert_eq!(
+                    bits(&alone),
+                    bits(&y),
+                    "case {case:?} at {level:?}: valid taps on one thread"
+                );
+            }
             if path.starts_with("exact direct") {
                 // The same f64 sums in the same order, rounded once: the
                 // definition's value rounded to f32, to the bit.

@@ -1013,6 +1013,12 @@ pub(crate) fn input_grad(g: &Geometry, grad: &[f32], kernel: &[f32]) -> Vec<f32>
     // gradient and one product, instead of a product into `col` form and
     // col2im's read-modify-write of every input pixel kh·kw times.
     if let Some(fwd) = input_grad_as_forward(g) {
+        if let Some(d) = fwd.direct().filter(direct::packs_kernel) {
+            let mut dx = Uninit::new(g.n * g.c * g.h * g.w);
+            direct::forward_flipped(&d, grad, kernel, dx.as_mut_slice(), |_, _| {});
+            // SAFETY: the direct kernel writes every output value.
+            return unsafe { dx.finish() };
+        }
         return forward(&fwd, grad, &flipped_kernel(g, kernel), None);
     }
     let (k, p, o) = (g.k(), g.p(), g.o);
@@ -1568,7 +1574,10 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
 /// `"winograd avx2"` (3×3, stride 1, padding 1, at least 256 tiles of 2×2
 /// outputs, see `cpu/winograd.rs`), `"direct avx512"` or
 /// `"direct avx2"` (output channels in blocks of 64 or 16, planes of at
-/// least 128 pixels and tasks of at least 256, see `cpu/direct.rs`), or
+/// least 128 pixels and tasks of at least 256, see `cpu/direct.rs`),
+/// `"valid taps avx512"` or `"valid taps avx2"` (the direct kernel over
+/// the taps that read the image, on smaller planes where at most half of
+/// all taps do, such as 3×3 on 2×2 pixels), or
 /// `"im2col"` (im2col + `gemm`; no im2col for 1×1 stride 1). For tests and
 /// benchmarks; an error for shapes [`conv2d`] refuses.
 pub fn conv2d_path(
@@ -1583,6 +1592,12 @@ pub fn conv2d_path(
         return Ok(match d.level() {
             super::SimdLevel::Avx512 => "winograd avx512",
             _ => "winograd avx2",
+        });
+    }
+    if let Some(d) = direct.filter(|d| d.kind() == direct::Kind::ValidTaps) {
+        return Ok(match d.level() {
+            super::SimdLevel::Avx512 => "valid taps avx512",
+            _ => "valid taps avx2",
         });
     }
     let level = direct.map(|d| d.level());

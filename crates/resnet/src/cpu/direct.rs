@@ -38,7 +38,7 @@ use rayon::prelude::*;
 
 use super::Uninit;
 use super::conv::Geometry;
-use super::simd::{SimdLevel, simd_level};
+use super::simd::{SimdLevel, simd_kernel, simd_level};
 
 /// Output pixels per microkernel tile.
 pub(super) const NP: usize = 6;
@@ -79,6 +79,17 @@ const MIN_PIXELS: usize = 256;
 /// against 12.6 ms), 7×7 (22.3 against 21.8) and 4×4 (14.1 against 12.3),
 /// where each weight serves too few pixels between loads.
 const MIN_PLANE_PIXELS: usize = 128;
+
+/// On planes below the direct kernel's sizes, the share of the taps
+/// `(output pixel, i, j)` that read the image rather than its padding at
+/// or below which [`Kind::ValidTaps`] replaces im2col + `gemm`, which
+/// multiplies the padding's zeros too. Measured on two cores (AVX-512,
+/// forward / input gradient, ms, against im2col + `gemm`): 512 → 512
+/// channels of 3×3 on 2×2 pixels (a share of 0.44), batch 64, 3.6 / 3.8
+/// against 4.6 / 5.5; but at a share of 0.69, 256 → 256 on 4×4 at batch
+/// 32 took 1.96 / 2.02 against 1.87 / 2.13, and 256 → 512 with stride 2
+/// onto 2×2 2.56 against 2.29 (forward).
+const MAX_VALID_TAP_SHARE: f64 = 0.5;
 
 /// Output channels per block at `level`: four vectors.
 fn block_channels(level: SimdLevel) -> usize {
@@ -121,6 +132,11 @@ pub(super) enum Kind {
     /// Winograd's F(2×2, 3×3) (`winograd.rs`), whose products run on the
     /// direct kernel.
     Winograd,
+    /// The `f32` direct kernel over each output pixel's valid taps only,
+    /// the ones that read the image and not its padding: for planes so
+    /// small that most taps fall in the padding (a 3×3 kernel on 2×2
+    /// pixels reads the image with 16 of its 36 taps).
+    ValidTaps,
 }
 
 impl Direct {
@@ -170,16 +186,19 @@ impl Direct {
         }
         let group = images_per_task(g.n, g.p(), threads);
         let pointwise = g.kh == 1 && g.kw == 1 && g.padding == 0 && g.stride == 1;
-        let takes = !pointwise
-            && g.o.is_multiple_of(block_channels(level))
-            && g.c >= MIN_CHANNELS
-            && g.p() >= MIN_PLANE_PIXELS
-            && group * g.p() >= MIN_PIXELS;
-        takes.then_some(Self {
+        let fits = !pointwise && g.o.is_multiple_of(block_channels(level)) && g.c >= MIN_CHANNELS;
+        let kind = if g.p() >= MIN_PLANE_PIXELS && group * g.p() >= MIN_PIXELS {
+            Kind::Direct
+        } else if valid_tap_share(g) <= MAX_VALID_TAP_SHARE {
+            Kind::ValidTaps
+        } else {
+            return None;
+        };
+        fits.then_some(Self {
             g: *g,
             level,
             group,
-            kind: Kind::Direct,
+            kind,
         })
     }
 
@@ -207,7 +226,7 @@ impl Direct {
     pub(super) fn block(&self) -> usize {
         match self.kind {
             Kind::Exact => exact_block_channels(self.level),
-            Kind::Direct | Kind::Winograd => block_channels(self.level),
+            Kind::Direct | Kind::Winograd | Kind::ValidTaps => block_channels(self.level),
         }
     }
 
@@ -260,6 +279,92 @@ fn images_per_task(n: usize, p: usize, threads: usize) -> usize {
         .max(1)
 }
 
+/// The taps `i` (or `j`) of a `k`-tap kernel axis that read the image
+/// rather than its padding, for output row (or column) `y`.
+fn valid_range(
+    y: usize,
+    stride: usize,
+    padding: usize,
+    k: usize,
+    len: usize,
+) -> std::ops::Range<usize> {
+    let top = y * stride;
+    // Input row `top + i - padding` lies in `0..len`.
+    padding.saturating_sub(top)..k.min((len + padding).saturating_sub(top))
+}
+
+/// The share of all taps `(output pixel, i, j)` that read the image.
+fn valid_tap_share(g: &Geometry) -> f64 {
+    let axis = |out: usize, k: usize, len: usize| -> usize {
+        (0..out)
+            .map(|y| valid_range(y, g.stride, g.padding, k, len).len())
+            .sum()
+    };
+    let valid = axis(g.oh, g.kh, g.h) * axis(g.ow, g.kw, g.w);
+    valid as f64 / (g.p() * g.kh * g.kw) as f64
+}
+
+/// Output pixels that share their valid taps ([`Kind::ValidTaps`]), for
+/// a task's images: each tap as (offset from the pixel's top-left tap in
+/// the padded plane, index among the kernel's `kh·kw`), and each pixel as
+/// its offset (as in [`Direct::pixels`]) and its row in the task's
+/// pixel-major results, the last one repeated up to whole tiles.
+pub(super) struct TapClass {
+    taps: Vec<(usize, usize)>,
+    pixels: Vec<usize>,
+    rows: Vec<usize>,
+}
+
+/// The [`TapClass`]es of `count` images of `d`'s geometry, in the order
+/// of their first pixel.
+fn tap_classes(d: &Direct, count: usize) -> Vec<TapClass> {
+    let g = &d.g;
+    let (wp, image, p) = (d.wp(), d.image_in(), g.p());
+    let mut classes: Vec<(std::ops::Range<usize>, std::ops::Range<usize>, TapClass)> = Vec::new();
+    for q in 0..p {
+        let (y, x) = (q / g.ow, q % g.ow);
+        let rows = valid_range(y, g.stride, g.padding, g.kh, g.h);
+        let cols = valid_range(x, g.stride, g.padding, g.kw, g.w);
+        let at = match classes
+            .iter()
+            .position(|(r, c, _)| *r == rows && *c == cols)
+        {
+            Some(at) => at,
+            None => {
+                let taps = rows
+                    .clone()
+                    .flat_map(|i| cols.clone().map(move |j| (i * wp + j, i * g.kw + j)))
+                    .collect();
+                let class = TapClass {
+                    taps,
+                    pixels: Vec::new(),
+                    rows: Vec::new(),
+                };
+                classes.push((rows, cols, class));
+                classes.len() - 1
+            }
+        };
+        let class = &mut classes[at].2;
+        for b in 0..count {
+            class.pixels.push(b * image + (y * wp + x) * g.stride);
+            class.rows.push(b * p + q);
+        }
+    }
+    classes
+        .into_iter()
+        .map(|(_, _, mut class)| {
+            let len = class.pixels.len().next_multiple_of(NP);
+            let (last, row) = (
+                class.pixels[class.pixels.len() - 1],
+                class.rows[class.rows.len() - 1],
+            );
+            class.pixels.resize(len, last);
+            class.rows.resize(len, row);
+            class
+        })
+        .collect()
+}
+
 /// `out[n, o, :, :] = Σ_c,i,j kernel[o, c, i, j] · x[n, c, y·s+i-pad, x·s+j-pad]`
 /// with zero padding, written in full; `finish(row, planes)` then runs on
 /// each task's output planes (`row` = `image·O + first channel`: a group
@@ -288,9 +393,59 @@ pub(super) fn forward(
             tiles_exact(d, images, task.channels(d), w, &taps, task.pixels, tmp);
         });
     } else {
-        let padded = pad_input::<f32>(d, x);
         let (weights, offset) = pack_kernel(d, kernel);
-        let weights = &weights[offset..offset + kernel.len()];
+        forward_packed(d, x, &weights[offset..offset + kernel.len()], out, finish);
+    }
+}
+
+/// Whether [`forward_flipped`] takes this convolution: the `f32` direct
+/// kernels, whose packing can turn the kernel as it goes.
+pub(super) fn packs_kernel(d: &Direct) -> bool {
+    matches!(d.kind, Kind::Direct | Kind::ValidTaps)
+}
+
+/// [`forward`] with the kernel `W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j]`
+/// of a stride-1 input gradient, given `W` `[d.C, d.O, kh, kw]` itself:
+/// turned as it is packed, without a copy of the turned kernel first.
+/// Only for convolutions [`packs_kernel`] takes.
+pub(super) fn forward_flipped(
+    d: &Direct,
+    x: &[f32],
+    kernel: &[f32],
+    out: &mut [MaybeUninit<f32>],
+    finish: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) {
+    assert!(packs_kernel(d));
+    let (weights, offset) = pack_flipped_kernel(d, kernel);
+    forward_packed(d, x, &weights[offset..offset + kernel.len()], out, finish);
+}
+
+/// [`forward`] for the `f32` direct kernels, from weights packed by
+/// [`pack_kernel`] or [`pack_flipped_kernel`].
+fn forward_packed(
+    d: &Direct,
+    x: &[f32],
+    weights: &[f32],
+    out: &mut [MaybeUninit<f32>],
+    finish: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) {
+    let padded = pad_input::<f32>(d, x);
+    if d.kind == Kind::ValidTaps {
+        // A task holds `group` images, or one (see `for_each_task`).
+        let full = tap_classes(d, d.group);
+        let tail = tap_classes(d, (d.g.n % d.group).max(1));
+        let one = tap_classes(d, 1);
+        run_tasks(d, out, finish, |task, tmp| {
+            let (images, w) = task.operands(d, &padded, weights);
+            let classes = match task.images.len() {
+                n if n == d.group => &full,
+                1 => &one,
+                _ => &tail,
+            };
+            valid_tiles(d, images, task.channels(d), w, classes, tmp);
+        });
+    } else {
+        let taps = d.taps();
         run_tasks(d, out, finish, |task, tmp| {
             let (images, w) = task.operands(d, &padded, weights);
             tiles(d, images, task.channels(d), w, &taps, task.pixels, tmp);
@@ -550,6 +705,46 @@ pub(super) fn pack_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
     }
 }
 
+/// [`pack_kernel`]'s layout `[O/B, C, kh·kw, B]` for the turned kernel
+/// `W'[o, c, i, j] = W[c, o, kh−1−i, kw−1−j]` (`O` and `C` being `d`'s),
+/// read from `W` `[C, O, kh, kw]`: each `W[c, block, :, :]`, `[B, kh·kw]`
+/// in a row, becomes the block's `[kh·kw, B]` of input channel `c`, taps
+/// in reverse.
+fn pack_flipped_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
+    let taps = d.g.kh * d.g.kw;
+    let bc = block_channels(d.level);
+    let (c, o) = (d.g.c, d.g.o);
+    assert_eq!(kernel.len(), c * o * taps);
+    // SAFETY: each block's `c` chunks of `taps · bc` values are written.
+    unsafe {
+        aligned(kernel.len(), |out| {
+            out.par_chunks_mut(c * taps * bc)
+                .enumerate()
+                .for_each(|(block, dst)| {
+                    for (ci, dst) in dst.chunks_mut(taps * bc).enumerate() {
+                        let start = (ci * o + block * bc) * taps;
+                        turn_taps(&kernel[start..start + bc * taps], taps, bc, dst);
+                    }
+                });
+        })
+    }
+}
+
+simd_kernel! {
+    /// `dst[t][b] = src[b][taps − 1 − t]`.
+    fn turn_taps => turn_taps_body(src: &[f32], taps: usize, bc: usize, dst: &mut [MaybeUninit<f32>])
+}
+
+#[inline(always)]
+fn turn_taps_body(src: &[f32], taps: usize, bc: usize, dst: &mut [MaybeUninit<f32>]) {
+    for (t, row) in dst.chunks_mut(bc).enumerate() {
+        let tap = taps - 1 - t;
+        for (b, v) in row.iter_mut().enumerate() {
+            v.write(src[b * taps + tap]);
+        }
+    }
+}
+
 /// The kernel `[O, C, kh, kw]` in `f64` as `[O/B, C, kh·kw, B]` for the
 /// exact kernel (an image's few channels: a few thousand values).
 fn pack_kernel_f64(d: &Direct, kernel: &[f32]) -> Vec<f64> {
@@ -642,6 +837,67 @@ fn tiles(
     unsafe { run_tiles(d.level, args, tmp) };
 }
 
+/// [`tiles`] over each class's valid taps only ([`Kind::ValidTaps`]),
+/// into the rows of `tmp` (`[pixels, channels]`) the classes name.
+fn valid_tiles(
+    d: &Direct,
+    image: &[f32],
+    channels: usize,
+    w: &[f32],
+    classes: &[TapClass],
+    tmp: &mut [f32],
+) {
+    let taps = d.g.kh * d.g.kw;
+    let (plane, image_in) = (d.plane(), d.image_in());
+    assert!(!image.is_empty() && image.len().is_multiple_of(image_in));
+    assert_eq!(channels % d.block(), 0);
+    assert_eq!(w.len(), channels * d.g.c * taps);
+    assert!(tmp.len().is_multiple_of(channels));
+    let rows = tmp.len() / channels;
+    for class in classes {
+        assert_eq!(class.pixels.len() % NP, 0);
+        assert_eq!(class.rows.len(), class.pixels.len());
+        assert!(class.rows.iter().all(|&r| r < rows));
+        assert!(class.taps.iter().all(|&(_, t)| t < taps));
+        let tap_max = class.taps.iter().map(|&(off, _)| off).max().unwrap_or(0);
+        assert!(
+            class
+                .pixels
+                .iter()
+                .all(|&q| q < image.len() && q % image_in + tap_max < plane)
+        );
+    }
+    let args = (d.g.c, plane, channels, image, w, taps, classes);
+    #[cfg(target_arch = "x86_64")]
+    match d.level {
+        // SAFETY: the level was detected on this CPU; the asserts above
+        // bound every read and write.
+        SimdLevel::Avx512 => unsafe { x86::valid_tiles_avx512(args, tmp) },
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { x86::valid_tiles_avx2(args, tmp) },
+        SimdLevel::Baseline => unreachable!("Direct::plan refuses the baseline level"),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (args, tmp);
+        unreachable!("Direct::plan refuses the baseline level")
+    }
+}
+
+/// `(input channels, padded plane, output channels (a multiple of the
+/// block), images, their packed weights, taps per channel in them, the
+/// tap classes)`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+type ValidArgs<'a> = (
+    usize,
+    usize,
+    usize,
+    &'a [f32],
+    &'a [f32],
+    usize,
+    &'a [TapClass],
+);
+
 /// The `f32` kernel at `level`.
 ///
 /// # Safety
@@ -719,7 +975,7 @@ type ExactArgs<'a> = (
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{ExactArgs, NP, TileArgs, channel_chunk, transpose_scalar};
+    use super::{ExactArgs, NP, TileArgs, ValidArgs, channel_chunk, transpose_scalar};
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
@@ -908,6 +1164,111 @@ pub(super) mod x86 {
     );
     tiles_impl!(
         tiles_avx2,
+        "avx2,fma",
+        __m256,
+        8,
+        2,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_storeu_ps
+    );
+
+    /// [`tiles_impl`] over each tap class's valid taps: the weights of tap
+    /// `t` of channel `ci` sit at `(ci·taps + t)·B` in a block, and each
+    /// pixel's results go to the row of `tmp` its class names.
+    macro_rules! valid_tiles_impl {
+        ($name:ident, $feature:literal, $reg:ty, $lanes:literal, $nv:literal, $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $store:ident) => {
+            /// # Safety
+            /// The CPU must have the target features; the image holds `c`
+            /// planes of `plane` values and every pixel offset plus every
+            /// tap of its class stays inside a plane; the weights are
+            /// `[O/B, c, taps, B]` and every class's tap index below
+            /// `taps`; `tmp` is `[rows, O]` with every class's rows below
+            /// `rows`.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name(
+                (c, plane, o, image, w, taps, classes): ValidArgs,
+                tmp: &mut [f32],
+            ) {
+                const L: usize = $lanes;
+                const NV: usize = $nv;
+                const B: usize = L * NV;
+                let per_block = c * taps * B;
+                let most = classes.iter().map(|k| k.taps.len()).max().unwrap_or(1);
+                let step = channel_chunk(most);
+                let tmp = tmp.as_mut_ptr();
+                for first in (0..c).step_by(step) {
+                    let chunk = step.min(c - first);
+                    for block in 0..o / B {
+                        // SAFETY: `w` holds `O/B` blocks of `c·taps·B` weights.
+                        let wb = unsafe { w.as_ptr().add(block * per_block) };
+                        for class in classes {
+                            for (px, rows) in class
+                                .pixels
+                                .chunks_exact(NP)
+                                .zip(class.rows.chunks_exact(NP))
+                            {
+                                // SAFETY (here and below): every row is in `tmp`.
+                                let out: [*mut f32; NP] = std::array::from_fn(|k| unsafe {
+                                    tmp.add(rows[k] * o + block * B)
+                                });
+                                let mut acc = [[$zero(); NV]; NP];
+                                if first > 0 {
+                                    for (k, acc) in acc.iter_mut().enumerate() {
+                                        for v in 0..NV {
+                                            acc[v] = unsafe { $load(out[k].add(v * L)) };
+                                        }
+                                    }
+                                }
+                                for ci in first..first + chunk {
+                                    // SAFETY: see the contract.
+                                    let base = unsafe { image.as_ptr().add(ci * plane) };
+                                    let wc = unsafe { wb.add(ci * taps * B) };
+                                    for &(tap, t) in &class.taps {
+                                        unsafe {
+                                            let wp = wc.add(t * B);
+                                            let mut wv = [$zero(); NV];
+                                            for v in 0..NV {
+                                                wv[v] = $load(wp.add(v * L));
+                                            }
+                                            for (k, acc) in acc.iter_mut().enumerate() {
+                                                let xv = $set1(*base.add(px[k] + tap));
+                                                for v in 0..NV {
+                                                    acc[v] = $fmadd(wv[v], xv, acc[v]);
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                                for (k, acc) in acc.iter().enumerate() {
+                                    for v in 0..NV {
+                                        unsafe { $store(out[k].add(v * L), acc[v]) };
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    valid_tiles_impl!(
+        valid_tiles_avx512,
+        "avx512f",
+        __m512,
+        16,
+        4,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps
+    );
+    valid_tiles_impl!(
+        valid_tiles_avx2,
         "avx2,fma",
         __m256,
         8,
