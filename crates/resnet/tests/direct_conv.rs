@@ -50,8 +50,11 @@ enum Family {
     ExactDirect,
     /// im2col + `gemm` at every level (here: planes too small).
     Im2col,
-    /// Winograd's F(2×2, 3×3) (3×3, stride 1, padding 1, enough tiles).
+    /// Winograd's F(2×2, 3×3) (3×3, stride 1, padding 1, enough tiles),
+    /// with F(4×4, 3×3) turned off.
     Winograd,
+    /// Winograd's F(4×4, 3×3) (the same, on planes its tiles fit).
+    Winograd4,
     /// The direct kernel over each pixel's valid taps (planes where at
     /// most half of all taps read the image).
     ValidTaps,
@@ -88,7 +91,7 @@ impl Case {
     }
 }
 
-const CASES: [Case; 25] = [
+const CASES: [Case; 30] = [
     // 64 output channels: AVX-512's kernel; 256 pixels (whole tiles of 6 but
     // for 4).
     Case::new(2, 8, 64, (16, 16), 3),
@@ -141,6 +144,18 @@ const CASES: [Case; 25] = [
     // Channels enough for the kernel gradient's shared chunks (16·O·C
     // values over 1 MiB), 144 outputs (AVX2's blocks), odd planes.
     Case::new(3, 120, 144, (21, 19), 3).family(Family::Winograd),
+    // F(4×4, 3×3): 16×16 planes (four tiles a side), 64 outputs; the
+    // input gradient 16 (AVX2's blocks).
+    Case::new(4, 16, 64, (16, 16), 3).family(Family::Winograd4),
+    // 14×14 planes (the last tile row and column cut in half), 48 outputs
+    // (AVX2's blocks at either level).
+    Case::new(6, 24, 48, (14, 14), 3).family(Family::Winograd4),
+    // Odd 7×9 planes, 13 images.
+    Case::new(13, 8, 64, (7, 9), 3).family(Family::Winograd4),
+    // One image, fewer than the threads: its channel blocks shared out.
+    Case::new(1, 8, 128, (32, 32), 3).family(Family::Winograd4),
+    // 64 tiles an image, channels enough for two chunks of 32.
+    Case::new(2, 160, 64, (32, 32), 3).family(Family::Winograd4),
     // Valid taps: 3×3 on 2×2 planes (16 of 36 taps read the image), 64
     // outputs (AVX-512's blocks); the input gradient has 16 (AVX2's).
     Case::new(8, 16, 64, (2, 2), 3).family(Family::ValidTaps),
@@ -271,6 +286,9 @@ fn expected_path(level: SimdLevel, case: &Case) -> &'static str {
         (Family::Winograd, SimdLevel::Baseline) => "im2col",
         (Family::Winograd, _) if avx512 && case.o.is_multiple_of(64) => "winograd avx512",
         (Family::Winograd, _) => "winograd avx2",
+        (Family::Winograd4, SimdLevel::Baseline) => "im2col",
+        (Family::Winograd4, _) if avx512 && case.o.is_multiple_of(64) => "winograd 4x4 avx512",
+        (Family::Winograd4, _) => "winograd 4x4 avx2",
         (Family::ValidTaps, SimdLevel::Baseline) => "im2col",
         (Family::ValidTaps, _) if avx512 && case.o.is_multiple_of(64) => "valid taps avx512",
         (Family::ValidTaps, _) => "valid taps avx2",
@@ -323,7 +341,9 @@ fn check_every_case() {
         let want_dk = reference_kernel_grad(&xv, &gv, case);
         // Winograd only for its own cases, so that the other kernels keep
         // their coverage on shapes it would take.
-        cpu::set_winograd(case.family == Family::Winograd);
+        let winograd_family = matches!(case.family, Family::Winograd | Family::Winograd4);
+        cpu::set_winograd(winograd_family);
+        cpu::set_winograd_large_tiles(case.family == Family::Winograd4);
         // Output, input gradient and kernel gradient at AVX2 and AVX-512.
         let mut direct: Vec<[Vec<f32>; 3]> = Vec::new();
         for &level in &levels {
@@ -378,7 +398,7 @@ fn check_every_case() {
             // The kernel gradient's own threshold: tiles ≥ 64 and tiles ×
             // the fewer channels ≥ 32768.
             let tiles = n * h.div_ceil(2) * w.div_ceil(2);
-            let winograd = case.family == Family::Winograd
+            let winograd = winograd_family
                 && level >= SimdLevel::Avx2
                 && tiles >= 64
                 && tiles * c.min(o) >= 32 * 1024;
@@ -447,4 +467,5 @@ fn check_every_case() {
     }
     cpu::set_simd_level(detected).unwrap();
     cpu::set_winograd(true);
+    cpu::set_winograd_large_tiles(true);
 }

@@ -1594,6 +1594,12 @@ pub fn conv2d_path(
             _ => "winograd avx2",
         });
     }
+    if let Some(d) = direct.filter(|d| d.kind() == direct::Kind::Winograd4) {
+        return Ok(match d.level() {
+            super::SimdLevel::Avx512 => "winograd 4x4 avx512",
+            _ => "winograd 4x4 avx2",
+        });
+    }
     if let Some(d) = direct.filter(|d| d.kind() == direct::Kind::ValidTaps) {
         return Ok(match d.level() {
             super::SimdLevel::Avx512 => "valid taps avx512",

@@ -132,6 +132,9 @@ pub(super) enum Kind {
     /// Winograd's F(2×2, 3×3) (`winograd.rs`), whose products run on the
     /// direct kernel.
     Winograd,
+    /// Winograd's F(4×4, 3×3) (`winograd4.rs`), likewise, where its tiles
+    /// cover the planes with little waste.
+    Winograd4,
     /// The `f32` direct kernel over each output pixel's valid taps only,
     /// the ones that read the image and not its padding: for planes so
     /// small that most taps fall in the padding (a 3×3 kernel on 2×2
@@ -177,6 +180,14 @@ impl Direct {
         };
         let threads = rayon::current_num_threads();
         if super::winograd::applies(g, block_channels(level)) {
+            if super::winograd::large_tiles_enabled() && super::winograd4::beats_small_tiles(g) {
+                return Some(Self {
+                    g: *g,
+                    level,
+                    group: super::winograd4::images_per_task(g, threads),
+                    kind: Kind::Winograd4,
+                });
+            }
             return Some(Self {
                 g: *g,
                 level,
@@ -226,7 +237,9 @@ impl Direct {
     pub(super) fn block(&self) -> usize {
         match self.kind {
             Kind::Exact => exact_block_channels(self.level),
-            Kind::Direct | Kind::Winograd | Kind::ValidTaps => block_channels(self.level),
+            Kind::Direct | Kind::Winograd | Kind::Winograd4 | Kind::ValidTaps => {
+                block_channels(self.level)
+            }
         }
     }
 
@@ -377,31 +390,13 @@ pub(super) fn forward(
     out: &mut [MaybeUninit<f32>],
     finish: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 ) {
-    let taps = d.taps();
-    if d.kind == Kind::Winograd {
-        let (weights, offset) = super::winograd::transform_kernel(d, kernel);
-        let weights = &weights[offset..offset + 16 * d.g.o * d.g.c];
-        for_each_task(d, out, |task, dst| {
-            super::winograd::task(d, x, weights, task, dst);
-            finish(task.first_row(d), dst);
-        });
-    } else if d.kind == Kind::Exact {
-        let padded = pad_input::<f64>(d, x);
-        let weights = pack_kernel_f64(d, kernel);
-        run_tasks(d, out, finish, |task, tmp| {
-            let (images, w) = task.operands(d, &padded, &weights);
-            tiles_exact(d, images, task.channels(d), w, &taps, task.pixels, tmp);
-        });
-    } else {
-        let (weights, offset) = pack_kernel(d, kernel);
-        forward_packed(d, x, &weights[offset..offset + kernel.len()], out, finish);
-    }
+    forward_with(d, x, kernel, false, out, finish);
 }
 
-/// Whether [`forward_flipped`] takes this convolution: the `f32` direct
-/// kernels, whose packing can turn the kernel as it goes.
+/// Whether [`forward_flipped`] takes this convolution: the `f32` kernels,
+/// whose packing of the kernel can turn it as it goes.
 pub(super) fn packs_kernel(d: &Direct) -> bool {
-    matches!(d.kind, Kind::Direct | Kind::ValidTaps)
+    d.kind != Kind::Exact
 }
 
 /// [`forward`] with the kernel `W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j]`
@@ -416,8 +411,55 @@ pub(super) fn forward_flipped(
     finish: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 ) {
     assert!(packs_kernel(d));
-    let (weights, offset) = pack_flipped_kernel(d, kernel);
-    forward_packed(d, x, &weights[offset..offset + kernel.len()], out, finish);
+    forward_with(d, x, kernel, true, out, finish);
+}
+
+/// The kernel `[O, C, kh, kw]`, or with `flipped` the turned kernel of
+/// [`forward_flipped`] from its `W`, packed as [`pack_kernel`] does.
+pub(super) fn pack_any_kernel(d: &Direct, kernel: &[f32], flipped: bool) -> (Vec<f32>, usize) {
+    if flipped {
+        pack_flipped_kernel(d, kernel)
+    } else {
+        pack_kernel(d, kernel)
+    }
+}
+
+/// [`forward`] or, with `flipped`, [`forward_flipped`].
+fn forward_with(
+    d: &Direct,
+    x: &[f32],
+    kernel: &[f32],
+    flipped: bool,
+    out: &mut [MaybeUninit<f32>],
+    finish: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) {
+    let taps = d.taps();
+    if d.kind == Kind::Winograd {
+        let (weights, offset) = super::winograd::transform_kernel(d, kernel, flipped);
+        let weights = &weights[offset..offset + 16 * d.g.o * d.g.c];
+        for_each_task(d, out, |task, dst| {
+            super::winograd::task(d, x, weights, task, dst);
+            finish(task.first_row(d), dst);
+        });
+    } else if d.kind == Kind::Winograd4 {
+        let (weights, offset) = super::winograd4::transform_kernel(d, kernel, flipped);
+        let weights = &weights[offset..offset + 36 * d.g.o * d.g.c];
+        for_each_task(d, out, |task, dst| {
+            super::winograd4::task(d, x, weights, task, dst);
+            finish(task.first_row(d), dst);
+        });
+    } else if d.kind == Kind::Exact {
+        assert!(!flipped, "the exact kernel packs the kernel as it is");
+        let padded = pad_input::<f64>(d, x);
+        let weights = pack_kernel_f64(d, kernel);
+        run_tasks(d, out, finish, |task, tmp| {
+            let (images, w) = task.operands(d, &padded, &weights);
+            tiles_exact(d, images, task.channels(d), w, &taps, task.pixels, tmp);
+        });
+    } else {
+        let (weights, offset) = pack_any_kernel(d, kernel, flipped);
+        forward_packed(d, x, &weights[offset..offset + kernel.len()], out, finish);
+    }
 }
 
 /// [`forward`] for the `f32` direct kernels, from weights packed by

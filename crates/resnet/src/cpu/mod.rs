@@ -33,6 +33,7 @@ mod direct;
 mod norm;
 pub(crate) mod simd;
 mod winograd;
+mod winograd4;
 
 pub use conv::{
     conv2d, conv2d_affine, conv2d_input_grad, conv2d_kernel_grad, conv2d_kernel_grad_path,
@@ -41,7 +42,7 @@ pub use conv::{
 pub use conv_bn::{conv2d_batch_norm_add_relu_train, conv2d_batch_norm_train};
 pub use norm::{add_relu, batch_norm_train, scale_shift};
 pub use simd::{SimdLevel, detected_simd_level, set_simd_level, simd_level};
-pub use winograd::{set_winograd, winograd_enabled};
+pub use winograd::{set_winograd, set_winograd_large_tiles, winograd_enabled};
 
 /// Keeps freed memory in the process for reuse instead of handing it back
 /// to the OS; call once at the start of a program that trains on the CPU.

@@ -93,6 +93,33 @@ pub fn set_winograd(on: bool) -> bool {
     before
 }
 
+/// 0: not yet read from the environment; 1: on; 2: off.
+static LARGE_TILES: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the Winograd path may take F(4×4, 3×3) (`winograd4.rs`) where
+/// its tiles fit the planes: on unless `MULTILABEL_WINOGRAD_4X4` is `0`,
+/// `off` or `false`, or [`set_winograd_large_tiles`] turned it off.
+pub(super) fn large_tiles_enabled() -> bool {
+    match LARGE_TILES.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var("MULTILABEL_WINOGRAD_4X4")
+                .is_ok_and(|v| matches!(v.trim(), "0" | "off" | "false"));
+            LARGE_TILES.store(if off { 2 } else { 1 }, Ordering::Relaxed);
+            !off
+        }
+    }
+}
+
+/// Lets the Winograd path take F(4×4, 3×3) or keeps it to F(2×2, 3×3)
+/// (for comparisons and tests); returns whether it was allowed.
+pub fn set_winograd_large_tiles(on: bool) -> bool {
+    let before = large_tiles_enabled();
+    LARGE_TILES.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    before
+}
+
 /// Whether the convolution takes this path, with output channels in
 /// blocks of `block`.
 pub(super) fn applies(g: &Geometry, block: usize) -> bool {
@@ -130,13 +157,15 @@ pub(super) fn images_per_task(g: &Geometry, threads: usize) -> usize {
 /// 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`, laid out `[16, O/B, C, B]` (for
 /// each position, the direct kernel's packing of a 1×1 kernel) in a
 /// cache-line aligned buffer: the buffer and the offset of its start.
-pub(super) fn transform_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
+/// With `flipped`, the kernel is the `W` of a stride-1 input gradient and
+/// its turned kernel is transformed (see `direct::forward_flipped`).
+pub(super) fn transform_kernel(d: &Direct, kernel: &[f32], flipped: bool) -> (Vec<f32>, usize) {
     use rayon::prelude::*;
     let g = d.geometry();
     let (o, c, b) = (g.o, g.c, d.block());
     assert!(b <= MAX_BLOCK);
     // `[O/B, C, 9, B]`: each channel's nine taps, B output channels side by side.
-    let (packed, offset) = direct::pack_kernel(d, kernel);
+    let (packed, offset) = direct::pack_any_kernel(d, kernel, flipped);
     let packed = &packed[offset..offset + kernel.len()];
     let blocks = o / b;
     let parts = c.div_ceil(KERNEL_CHANNELS);
