@@ -1572,7 +1572,9 @@ pub fn conv2d(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Res
 /// kernel summing in `f64`, output channels in blocks of 32 or 8) or
 /// `"exact"` (im2col + an `f64` product); otherwise `"winograd avx512"` or
 /// `"winograd avx2"` (3×3, stride 1, padding 1, at least 256 tiles of 2×2
-/// outputs, see `cpu/winograd.rs`), `"direct avx512"` or
+/// outputs, see `cpu/winograd.rs`), `"winograd 4x4 avx512"` or
+/// `"winograd 4x4 avx2"` (the same convolutions on planes of at most 32×32
+/// that 4×4 tiles fit, see `cpu/winograd4.rs`), `"direct avx512"` or
 /// `"direct avx2"` (output channels in blocks of 64 or 16, planes of at
 /// least 128 pixels and tasks of at least 256, see `cpu/direct.rs`),
 /// `"valid taps avx512"` or `"valid taps avx2"` (the direct kernel over

@@ -1130,9 +1130,12 @@ pub(super) mod x86 {
     }
 
     /// [`NP`] pixels × `$nv` vectors of output channels at a time: 6 × 4
-    /// with AVX-512's 32 registers, 6 × 2 with AVX2's 16.
+    /// with AVX-512's 32 registers, 6 × 2 with AVX2's 16. `$name` runs
+    /// every tap; `$valid` each tap class's valid taps (the weights of tap
+    /// `t` of channel `ci` at `(ci·taps + t)·B` in a block, each pixel's
+    /// results in the row of `tmp` its class names).
     macro_rules! tiles_impl {
-        ($name:ident, $feature:literal, $reg:ty, $lanes:literal, $nv:literal, $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $store:ident) => {
+        ($name:ident, $valid:ident, $feature:literal, $reg:ty, $lanes:literal, $nv:literal, $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $store:ident) => {
             /// # Safety
             /// The CPU must have the target features; the image holds `c`
             /// planes of `plane` values and every pixel offset plus every
@@ -1189,39 +1192,7 @@ pub(super) mod x86 {
                     }
                 }
             }
-        };
-    }
 
-    tiles_impl!(
-        tiles_avx512,
-        "avx512f",
-        __m512,
-        16,
-        4,
-        _mm512_setzero_ps,
-        _mm512_loadu_ps,
-        _mm512_set1_ps,
-        _mm512_fmadd_ps,
-        _mm512_storeu_ps
-    );
-    tiles_impl!(
-        tiles_avx2,
-        "avx2,fma",
-        __m256,
-        8,
-        2,
-        _mm256_setzero_ps,
-        _mm256_loadu_ps,
-        _mm256_set1_ps,
-        _mm256_fmadd_ps,
-        _mm256_storeu_ps
-    );
-
-    /// [`tiles_impl`] over each tap class's valid taps: the weights of tap
-    /// `t` of channel `ci` sit at `(ci·taps + t)·B` in a block, and each
-    /// pixel's results go to the row of `tmp` its class names.
-    macro_rules! valid_tiles_impl {
-        ($name:ident, $feature:literal, $reg:ty, $lanes:literal, $nv:literal, $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $store:ident) => {
             /// # Safety
             /// The CPU must have the target features; the image holds `c`
             /// planes of `plane` values and every pixel offset plus every
@@ -1230,7 +1201,7 @@ pub(super) mod x86 {
             /// `taps`; `tmp` is `[rows, O]` with every class's rows below
             /// `rows`.
             #[target_feature(enable = $feature)]
-            pub(super) unsafe fn $name(
+            pub(super) unsafe fn $valid(
                 (c, plane, o, image, w, taps, classes): ValidArgs,
                 tmp: &mut [f32],
             ) {
@@ -1297,7 +1268,8 @@ pub(super) mod x86 {
         };
     }
 
-    valid_tiles_impl!(
+    tiles_impl!(
+        tiles_avx512,
         valid_tiles_avx512,
         "avx512f",
         __m512,
@@ -1309,7 +1281,8 @@ pub(super) mod x86 {
         _mm512_fmadd_ps,
         _mm512_storeu_ps
     );
-    valid_tiles_impl!(
+    tiles_impl!(
+        tiles_avx2,
         valid_tiles_avx2,
         "avx2,fma",
         __m256,

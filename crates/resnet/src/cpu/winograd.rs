@@ -148,9 +148,20 @@ fn tile_grid(g: &Geometry) -> (usize, usize) {
 /// are then shared out, see `direct::for_each_task`).
 pub(super) fn images_per_task(g: &Geometry, threads: usize) -> usize {
     let (th, tw) = tile_grid(g);
-    let most = MIN_TILES.div_ceil(th * tw).max(1);
-    let tasks = g.n.div_ceil(most).next_multiple_of(threads.max(1));
-    g.n.div_ceil(tasks).max(1)
+    images_per_task_of(g.n, th * tw, MIN_TILES, threads)
+}
+
+/// [`images_per_task`] for `n` images of `tiles` tiles each and at least
+/// `min_tiles` per task.
+pub(super) fn images_per_task_of(
+    n: usize,
+    tiles: usize,
+    min_tiles: usize,
+    threads: usize,
+) -> usize {
+    let most = min_tiles.div_ceil(tiles).max(1);
+    let tasks = n.div_ceil(most).next_multiple_of(threads.max(1));
+    n.div_ceil(tasks).max(1)
 }
 
 /// The kernel `[O, C, 3, 3]` transformed, `U = G·g·Gᵀ` with `G = [[1, 0,
@@ -160,10 +171,32 @@ pub(super) fn images_per_task(g: &Geometry, threads: usize) -> usize {
 /// With `flipped`, the kernel is the `W` of a stride-1 input gradient and
 /// its turned kernel is transformed (see `direct::forward_flipped`).
 pub(super) fn transform_kernel(d: &Direct, kernel: &[f32], flipped: bool) -> (Vec<f32>, usize) {
+    transform_kernel_with::<XI, _>(
+        d,
+        kernel,
+        flipped,
+        [[[0f32; MAX_BLOCK]; 4]; 3],
+        kernel_channel,
+    )
+}
+
+/// The kernel `[O, C, 3, 3]` (with `flipped`, see [`transform_kernel`])
+/// transformed into `P` positions, laid out `[P, O/B, C, B]` in a
+/// cache-line aligned buffer: the buffer and the offset of its start.
+/// `channel(taps, B, scratch, runs)` transforms one input channel of one
+/// block, `taps` `[9, B]`, into its `P` runs of `B` values; each task
+/// starts from a copy of `scratch`.
+pub(super) fn transform_kernel_with<const P: usize, S: Clone + Send + Sync>(
+    d: &Direct,
+    kernel: &[f32],
+    flipped: bool,
+    scratch: S,
+    channel: impl Fn(&[f32], usize, &mut S, [&mut [f32]; P]) + Sync,
+) -> (Vec<f32>, usize) {
     use rayon::prelude::*;
     let g = d.geometry();
     let (o, c, b) = (g.o, g.c, d.block());
-    assert!(b <= MAX_BLOCK);
+    assert!(b <= MAX_BLOCK && kernel.len() == o * c * 9);
     // `[O/B, C, 9, B]`: each channel's nine taps, B output channels side by side.
     let (packed, offset) = direct::pack_any_kernel(d, kernel, flipped);
     let packed = &packed[offset..offset + kernel.len()];
@@ -174,52 +207,58 @@ pub(super) fn transform_kernel(d: &Direct, kernel: &[f32], flipped: bool) -> (Ve
         (0..blocks * parts).into_par_iter().for_each(|i| {
             let (block, part) = (i / parts, i % parts);
             let first = part * KERNEL_CHANNELS;
-            let mut u = [[0f32; MAX_BLOCK]; XI];
+            let mut scratch = scratch.clone();
             for ci in first..(first + KERNEL_CHANNELS).min(c) {
                 let taps = &packed[(block * c + ci) * 9 * b..(block * c + ci + 1) * 9 * b];
-                kernel_channel(taps, b, &mut u);
                 let at = (block * c + ci) * b;
-                for (xi, u) in u.iter().enumerate() {
-                    // SAFETY: the run `ξ·O·C + at .. + b` lies in the buffer
-                    // (`at + b ≤ O·C`), and no other task writes it.
-                    unsafe { out.write(xi * o * c + at, &u[..b]) };
-                }
+                // SAFETY: the runs `ξ·O·C + at .. + b` lie in the buffer
+                // (`at + b ≤ O·C`), are disjoint, and no other task writes
+                // them.
+                let runs = std::array::from_fn(|xi| unsafe { out.run(xi * o * c + at, b) });
+                channel(taps, b, &mut scratch, runs);
             }
         });
     };
     // SAFETY: `fill` writes every value: task `(block, part)` writes
     // `U[ξ, block, ci, ..]` for every `ξ` and each of its channels.
-    unsafe { direct::aligned(XI * o * c, fill) }
+    unsafe { direct::aligned(P * o * c, fill) }
 }
 
-/// Input channels per task of [`transform_kernel`].
+/// Input channels per task of [`transform_kernel_with`].
 const KERNEL_CHANNELS: usize = 32;
 
 /// The transformed kernel's buffer, shared by tasks that write disjoint runs.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 
-// SAFETY: only used by tasks that write disjoint runs (see `transform_kernel`).
+// SAFETY: only used by tasks that write disjoint runs (see
+// `transform_kernel_with`).
 unsafe impl Sync for SharedOut {}
 // SAFETY: as above.
 unsafe impl Send for SharedOut {}
 
 impl SharedOut {
-    /// Copies `values` to position `at`.
+    /// The run of `len` values from position `at`.
     ///
     /// # Safety
-    /// `at .. at + values.len()` lies in the buffer and no other thread
-    /// reads or writes it meanwhile.
-    unsafe fn write(self, at: usize, values: &[f32]) {
+    /// `at .. at + len` lies in the buffer and no other reference to it
+    /// lives meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn run<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
         // SAFETY: per this function's contract.
-        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len()) };
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
     }
 }
 
 simd_kernel!(
     /// One input channel of one block: `taps` is `[9, B]`; position `ξ`'s
-    /// `B` values go to `u[ξ][..B]`.
-    fn kernel_channel => kernel_channel_body(taps: &[f32], b: usize, u: &mut [[f32; MAX_BLOCK]; XI])
+    /// `B` values go to `u[ξ]`; `r` is scratch.
+    fn kernel_channel => kernel_channel_body(
+        taps: &[f32],
+        b: usize,
+        r: &mut [[[f32; MAX_BLOCK]; 4]; 3],
+        u: [&mut [f32]; XI],
+    )
 );
 
 /// `G·(v0, v1, v2)` for every lane: row `r` of `G`, one loop per row so
@@ -236,29 +275,27 @@ fn g_rows(r: usize, v0: &[f32], v1: &[f32], v2: &[f32], out: &mut [f32]) {
 }
 
 /// Lanes of a block at most (AVX-512's 64 output channels).
-const MAX_BLOCK: usize = 64;
+pub(super) const MAX_BLOCK: usize = 64;
 
 #[inline(always)]
-fn kernel_channel_body(taps: &[f32], b: usize, u: &mut [[f32; MAX_BLOCK]; XI]) {
+fn kernel_channel_body(
+    taps: &[f32],
+    b: usize,
+    r: &mut [[[f32; MAX_BLOCK]; 4]; 3],
+    u: [&mut [f32]; XI],
+) {
     assert!(b <= MAX_BLOCK && taps.len() == 9 * b);
     let tap = |t: usize| &taps[t * b..(t + 1) * b];
     // Each kernel row along its columns first (`r[i][col]`), then down the
     // rows.
-    let mut r = [[[0f32; MAX_BLOCK]; 4]; 3];
     for (i, r) in r.iter_mut().enumerate() {
         for (col, r) in r.iter_mut().enumerate() {
             g_rows(col, tap(3 * i), tap(3 * i + 1), tap(3 * i + 2), &mut r[..b]);
         }
     }
-    for (xi, u) in u.iter_mut().enumerate() {
+    for (xi, u) in u.into_iter().enumerate() {
         let (row, col) = (xi / 4, xi % 4);
-        g_rows(
-            row,
-            &r[0][col][..b],
-            &r[1][col][..b],
-            &r[2][col][..b],
-            &mut u[..b],
-        );
+        g_rows(row, &r[0][col][..b], &r[1][col][..b], &r[2][col][..b], u);
     }
 }
 

@@ -36,11 +36,10 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
 use super::conv::Geometry;
 use super::direct::{self, Direct, NP, Task};
 use super::simd::simd_kernel;
+use super::winograd::MAX_BLOCK;
 
 /// Positions of the 6×6 transformed tile.
 const XI: usize = 36;
@@ -48,9 +47,6 @@ const XI: usize = 36;
 /// Tiles (input transform) or output channels (output transform) per
 /// step of the transforms' loops: one AVX-512 vector, two of AVX2.
 const LANES: usize = 16;
-
-/// Lanes of a block at most (AVX-512's 64 output channels).
-const MAX_BLOCK: usize = 64;
 
 /// Bytes of transformed inputs and products per chunk of tiles: about
 /// half of a core's L2.
@@ -97,9 +93,7 @@ pub(super) fn beats_small_tiles(g: &Geometry) -> bool {
 /// images than threads (see `winograd::images_per_task`).
 pub(super) fn images_per_task(g: &Geometry, threads: usize) -> usize {
     let (th, tw) = tile_grid(g);
-    let most = MIN_TILES.div_ceil(th * tw).max(1);
-    let tasks = g.n.div_ceil(most).next_multiple_of(threads.max(1));
-    g.n.div_ceil(tasks).max(1)
+    super::winograd::images_per_task_of(g.n, th * tw, MIN_TILES, threads)
 }
 
 /// The kernel `[O, C, 3, 3]` transformed, `U = G·g·Gᵀ`, laid out `[36,
@@ -109,59 +103,8 @@ pub(super) fn images_per_task(g: &Geometry, threads: usize) -> usize {
 /// gradient and its turned kernel is transformed (see
 /// `direct::forward_flipped`).
 pub(super) fn transform_kernel(d: &Direct, kernel: &[f32], flipped: bool) -> (Vec<f32>, usize) {
-    let g = d.geometry();
-    let (o, c, b) = (g.o, g.c, d.block());
-    assert!(b <= MAX_BLOCK && kernel.len() == o * c * 9);
-    // `[O/B, C, 9, B]`: each channel's nine taps, B output channels side by side.
-    let (packed, offset) = direct::pack_any_kernel(d, kernel, flipped);
-    let packed = &packed[offset..offset + kernel.len()];
-    let blocks = o / b;
-    let parts = c.div_ceil(KERNEL_CHANNELS);
-    let fill = |out: &mut [MaybeUninit<f32>]| {
-        let out = SharedOut(out.as_mut_ptr().cast::<f32>());
-        (0..blocks * parts).into_par_iter().for_each(|i| {
-            let (block, part) = (i / parts, i % parts);
-            let first = part * KERNEL_CHANNELS;
-            let mut rows = [[[0f32; MAX_BLOCK]; 6]; 3];
-            for ci in first..(first + KERNEL_CHANNELS).min(c) {
-                let taps = &packed[(block * c + ci) * 9 * b..(block * c + ci + 1) * 9 * b];
-                let at = (block * c + ci) * b;
-                // SAFETY: the runs `ξ·O·C + at .. + b` lie in the buffer
-                // (`at + b ≤ O·C`), are disjoint, and no other task writes
-                // them.
-                let u = std::array::from_fn(|xi| unsafe { out.run(xi * o * c + at, b) });
-                kernel_channel(taps, b, &mut rows, u);
-            }
-        });
-    };
-    // SAFETY: `fill` writes every value: task `(block, part)` writes
-    // `U[ξ, block, ci, ..]` for every `ξ` and each of its channels.
-    unsafe { direct::aligned(XI * o * c, fill) }
-}
-
-/// Input channels per task of [`transform_kernel`].
-const KERNEL_CHANNELS: usize = 32;
-
-/// The transformed kernel's buffer, shared by tasks that write disjoint runs.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: only used by tasks that write disjoint runs (see `transform_kernel`).
-unsafe impl Sync for SharedOut {}
-// SAFETY: as above.
-unsafe impl Send for SharedOut {}
-
-impl SharedOut {
-    /// The run of `len` values from position `at`.
-    ///
-    /// # Safety
-    /// `at .. at + len` lies in the buffer and no other reference to it
-    /// lives meanwhile.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn run<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
-        // SAFETY: per this function's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
-    }
+    let scratch = [[[0f32; MAX_BLOCK]; 6]; 3];
+    super::winograd::transform_kernel_with::<XI, _>(d, kernel, flipped, scratch, kernel_channel)
 }
 
 simd_kernel!(
