@@ -38,7 +38,7 @@ use rayon::prelude::*;
 
 use super::Uninit;
 use super::conv::Geometry;
-use super::simd::{SimdLevel, simd_kernel, simd_level};
+use super::simd::{SimdLevel, simd_level};
 
 /// Output pixels per microkernel tile.
 pub(super) const NP: usize = 6;
@@ -765,21 +765,28 @@ fn pack_flipped_kernel(d: &Direct, kernel: &[f32]) -> (Vec<f32>, usize) {
                 .for_each(|(block, dst)| {
                     for (ci, dst) in dst.chunks_mut(taps * bc).enumerate() {
                         let start = (ci * o + block * bc) * taps;
-                        turn_taps(&kernel[start..start + bc * taps], taps, bc, dst);
+                        turn_taps(d.level, &kernel[start..start + bc * taps], taps, bc, dst);
                     }
                 });
         })
     }
 }
 
-simd_kernel! {
-    /// `dst[t][b] = src[b][taps − 1 − t]`.
-    fn turn_taps => turn_taps_body(src: &[f32], taps: usize, bc: usize, dst: &mut [MaybeUninit<f32>])
-}
-
-#[inline(always)]
-fn turn_taps_body(src: &[f32], taps: usize, bc: usize, dst: &mut [MaybeUninit<f32>]) {
-    for (t, row) in dst.chunks_mut(bc).enumerate() {
+/// `dst[t][b] = src[b][taps − 1 − t]` for `b < bc`, `t < taps`: with AVX
+/// and a 3×3 kernel, eight rows at a time through an 8 × 8 register
+/// transpose (taps 0 to 7) and the ninth tap's column gathered; a copy,
+/// so the same values either way.
+fn turn_taps(level: SimdLevel, src: &[f32], taps: usize, bc: usize, dst: &mut [MaybeUninit<f32>]) {
+    assert!(src.len() >= taps * bc && dst.len() >= taps * bc);
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && taps == 9 && bc.is_multiple_of(8) {
+        // SAFETY: AVX is part of the detected level; the assert above
+        // bounds every read and write.
+        unsafe { x86::turn_taps9_avx(src, bc, dst) };
+        return;
+    }
+    let _ = level;
+    for (t, row) in dst.chunks_mut(bc).take(taps).enumerate() {
         let tap = taps - 1 - t;
         for (b, v) in row.iter_mut().enumerate() {
             v.write(src[b * taps + tap]);
@@ -1055,6 +1062,31 @@ pub(super) mod x86 {
             }
         }
         transpose_scalar(src, channels, full, p, dst);
+    }
+
+    /// [`super::turn_taps`] for 3×3 kernels: `dst[t][b] = src[b][8 − t]`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX; `bc` is a multiple of 8, `src` and `dst`
+    /// hold `9·bc` values.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn turn_taps9_avx(src: &[f32], bc: usize, dst: &mut [MaybeUninit<f32>]) {
+        assert!(bc.is_multiple_of(8) && src.len() >= 9 * bc && dst.len() >= 9 * bc);
+        let s = src.as_ptr();
+        let d = dst.as_mut_ptr().cast::<f32>();
+        for b0 in (0..bc).step_by(8) {
+            // SAFETY (here and below): row `b0 + i` holds taps `(b0 + i)·9
+            // .. + 9`, inside `src`; the stores stay inside `dst`.
+            let rows: [__m256; 8] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(s.add((b0 + i) * 9)) });
+            // `taps[k][i]` = tap `k` of row `b0 + i`.
+            let taps = unsafe { transpose8(rows) };
+            for (k, v) in taps.into_iter().enumerate() {
+                unsafe { _mm256_storeu_ps(d.add((8 - k) * bc + b0), v) };
+            }
+            let last: [f32; 8] = std::array::from_fn(|i| unsafe { *s.add((b0 + i) * 9 + 8) });
+            unsafe { _mm256_storeu_ps(d.add(b0), _mm256_loadu_ps(last.as_ptr())) };
+        }
     }
 
     /// `out[j][i] = rows[i][j]` for eight vectors of eight values: pairs of
