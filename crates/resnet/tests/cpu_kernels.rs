@@ -666,3 +666,51 @@ fn conv2d_batch_norm_add_relu_train_skips_a_frozen_kernel() {
     }
     assert!(grads.get(&kernel).is_none());
 }
+
+/// At a block's end the residual's gradient is the output gradient where
+/// the block's output is positive (`+0` elsewhere), written by the
+/// BatchNorm's backward pass: the same values whether that pass also
+/// computes the convolution's gradient (input and kernel tracked) or only
+/// the mask (neither tracked).
+#[test]
+fn block_end_residual_gradient_is_the_relu_mask() {
+    let x = values(&[2, 8, 6, 6], 11);
+    let kernel = values(&[16, 8, 3, 3], 12);
+    let wt = Var::from_tensor(&values(&[16], 13)).unwrap();
+    let b = Var::from_tensor(&values(&[16], 14)).unwrap();
+    let res = Var::from_tensor(&values(&[2, 16, 6, 6], 15)).unwrap();
+    let r = values(&[2, 16, 6, 6], 16);
+    let run = |x: &Tensor, k: &Tensor| {
+        let (y, _, _) =
+            cpu::conv2d_batch_norm_add_relu_train(x, k, 1, 1, &wt, &b, 1e-5, &res).unwrap();
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let get = |v: &Var| grads.get(v).expect("a gradient").clone();
+        (y, get(&res), get(&wt))
+    };
+    let (y, dres, dw) = run(&x, &kernel);
+    let (xv, kv) = (
+        Var::from_tensor(&x).unwrap(),
+        Var::from_tensor(&kernel).unwrap(),
+    );
+    let (y_tracked, dres_tracked, dw_tracked) = run(xv.as_tensor(), kv.as_tensor());
+    let positive = y.gt(0f32).unwrap();
+    let want = positive.where_cond(&r, &r.zeros_like().unwrap()).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    assert!(
+        positive
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.2
+    );
+    assert_eq!(bits(&dres), bits(&want), "mask alone");
+    assert_eq!(bits(&dres_tracked), bits(&want), "mask beside dx");
+    assert_eq!(bits(&y), bits(&y_tracked));
+    assert_eq!(bits(&dw), bits(&dw_tracked));
+}

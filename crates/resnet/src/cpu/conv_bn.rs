@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::conv::{Geometry, data, forward, input_grad, kernel_grad, supported};
-use super::norm::{BatchNormGrad, Stats, add_relu, batch_norm_train, bn_train_forward, relu_mask};
+use super::norm::{BatchNormGrad, Stats, add_relu, batch_norm_train, bn_train_forward};
 
 /// What the forward pass keeps for the backward pass and the caller.
 struct Saved {
@@ -336,11 +336,11 @@ impl CustomOp3 for ConvBnAddReluTrain {
         let grad = grad.detach().contiguous()?;
         let y = y.detach();
         let device = x.device();
+        // The residual's gradient (the ReLU's mask on `grad`) comes out of
+        // the BatchNorm's backward pass, which computes it anyway.
         let (flat, dres) = with_data(&y, "output", |y| {
             with_data(&grad, "output gradient", |gr| {
-                let flat = bn.run(&saved.conv, y, gr, (n, o, oh * ow));
-                let dres = need_r.then(|| relu_mask(y, gr));
-                Ok((flat, dres))
+                Ok(bn.run_with_mask(&saved.conv, y, gr, (n, o, oh * ow), need_r))
             })
         })?;
         let dres = dres

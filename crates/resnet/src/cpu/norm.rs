@@ -400,19 +400,41 @@ impl BatchNormGrad {
         x: &[f32],
         y: &[f32],
         g: &[f32],
-        (n, c, hw): (usize, usize, usize),
+        dims: (usize, usize, usize),
     ) -> Vec<f32> {
+        self.run_with_mask(x, y, g, dims, false).0
+    }
+
+    /// [`run`](Self::run) and, with `mask` (and `relu`), the gradient
+    /// through the ReLU, `g` where `y > 0`, as a second buffer: what a
+    /// residual branch added before the ReLU receives, written in the
+    /// same pass as `dx` rather than one of its own.
+    pub(crate) fn run_with_mask(
+        &self,
+        x: &[f32],
+        y: &[f32],
+        g: &[f32],
+        (n, c, hw): (usize, usize, usize),
+        mask: bool,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        assert!(!mask || self.relu, "a ReLU mask needs the ReLU");
         let len = 2 * c + if self.need_x { x.len() } else { 0 };
         let mut out = Uninit::new(len);
         let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
+        let mut masked = mask.then(|| Uninit::new(g.len()));
+        let mask_ptr = masked
+            .as_mut()
+            .map(|m| OutPtr(m.as_mut_slice().as_mut_ptr()));
         let block = channel_block(n, c, hw);
         (0..c.div_ceil(block)).into_par_iter().for_each(|blk| {
             let channels = blk * block..((blk + 1) * block).min(c);
-            bn_backward_block(self, x, y, g, (n, c, hw), &ptr, channels);
+            let outs = (&ptr, mask_ptr.as_ref());
+            bn_backward_block(self, x, y, g, (n, c, hw), outs, channels);
         });
         // SAFETY: every channel's task wrote its dweight and dbias entries
-        // and, with `need_x`, all of its dx rows.
-        unsafe { out.finish() }
+        // and, with `need_x`, all of its dx rows, and with `mask` all of
+        // its rows of the masked gradient.
+        unsafe { (out.finish(), masked.map(|m| m.finish())) }
     }
 }
 
@@ -545,7 +567,7 @@ simd_kernel! {
         y: &[f32],
         g: &[f32],
         dims: (usize, usize, usize),
-        ptr: &OutPtr,
+        outs: (&OutPtr, Option<&OutPtr>),
         channels: Range<usize>,
     )
 }
@@ -590,7 +612,7 @@ fn bn_backward_block_body(
     y: &[f32],
     g: &[f32],
     (n, c, hw): (usize, usize, usize),
-    ptr: &OutPtr,
+    (ptr, mask): (&OutPtr, Option<&OutPtr>),
     channels: Range<usize>,
 ) {
     let count = (n * hw) as f64;
@@ -625,6 +647,16 @@ fn bn_backward_block_body(
         let k3 = (k1 * inv_std * dw / count) as f32;
         coefs.push((k1 as f32, k2, k3));
     }
+    if let (Some(mask), false) = (mask, op.need_x) {
+        for ni in 0..n {
+            let r = run(ni);
+            // SAFETY: image ni's rows of this block belong to this task only.
+            let dst = unsafe { mask.slice(r.start, r.len()) };
+            for (d, (&yv, &gv)) in dst.iter_mut().zip(y[r.clone()].iter().zip(&g[r])) {
+                d.write(relu_grad_of(yv, gv));
+            }
+        }
+    }
     if !op.need_x {
         return;
     }
@@ -641,8 +673,22 @@ fn bn_backward_block_body(
         let r = run(ni);
         // SAFETY: image ni's rows of this block of dx belong to this task only.
         let dst = unsafe { ptr.slice(2 * c + r.start, r.len()) };
-        let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r]);
+        let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r.clone()]);
         let coef = k1s.iter().zip(&k2s).zip(k3s.iter().zip(&ms));
+        if let Some(mask) = mask {
+            // SAFETY: as above, for the masked gradient.
+            let masked = unsafe { mask.slice(r.start, r.len()) };
+            for ((d, dm), ((&xv, (&yv, &gv)), ((&k1, &k2), (&k3, &m)))) in dst
+                .iter_mut()
+                .zip(masked.iter_mut())
+                .zip(xr.iter().zip(yr.iter().zip(gr)).zip(coef))
+            {
+                let gv = relu_grad_of(yv, gv);
+                dm.write(gv);
+                d.write(k1 * gv - k2 - k3 * (xv - m));
+            }
+            continue;
+        }
         for ((d, (&xv, (&yv, &gv))), ((&k1, &k2), (&k3, &m))) in dst
             .iter_mut()
             .zip(xr.iter().zip(yr.iter().zip(gr)))
