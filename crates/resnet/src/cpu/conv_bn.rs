@@ -121,15 +121,18 @@ impl CustomOp3 for ConvBnTrain {
             inv_std: saved.stats.inv_std.clone(),
             weight,
             relu: self.relu,
+            // The ReLU's mask from the conv output and the forward's affine
+            // map: `y` is not read.
+            relu_from_input: self
+                .relu
+                .then(|| (saved.stats.scale.clone(), saved.stats.shift.clone())),
             // The conv output's gradient feeds both conv gradients.
             need_x: need_x || need_k,
         };
         let grad = grad.detach().contiguous()?;
-        let y = y.detach();
-        let flat = with_data(&y, "output", |y| {
-            with_data(&grad, "output gradient", |g| {
-                Ok(bn.run(&saved.conv, y, g, (n, o, oh * ow)))
-            })
+        let _ = y;
+        let flat = with_data(&grad, "output gradient", |g| {
+            Ok(bn.run(&saved.conv, &saved.conv, g, (n, o, oh * ow)))
         })?;
         let device = x.device();
         let dparams = need_p
@@ -331,6 +334,7 @@ impl CustomOp3 for ConvBnAddReluTrain {
             inv_std: saved.stats.inv_std.clone(),
             weight,
             relu: true,
+            relu_from_input: None,
             need_x: need_x || need_k,
         };
         let grad = grad.detach().contiguous()?;

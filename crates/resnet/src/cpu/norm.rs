@@ -169,7 +169,16 @@ simd_kernel! {
         residual: Option<&[f32]>,
         ptr: &OutPtr,
         channels: Range<usize>,
-    ) -> Vec<(f32, f32, f32)>
+    ) -> Vec<ChannelStats>
+}
+
+/// One channel's statistics and affine map from [`bn_forward_block`].
+struct ChannelStats {
+    mean: f32,
+    var: f32,
+    inv_std: f32,
+    scale: f32,
+    shift: f32,
 }
 
 #[inline(always)]
@@ -184,7 +193,7 @@ fn bn_forward_block_body(
     residual: Option<&[f32]>,
     ptr: &OutPtr,
     channels: Range<usize>,
-) -> Vec<(f32, f32, f32)> {
+) -> Vec<ChannelStats> {
     let count = (n * hw) as f64;
     let row = |ni: usize, ci: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
     // Image by image, the block's rows are one contiguous run of memory (see
@@ -214,7 +223,13 @@ fn bn_forward_block_body(
         let inv_std = 1.0 / (var + eps).sqrt();
         let scale = (f64::from(w[ci]) * inv_std) as f32;
         let shift = (f64::from(b[ci]) - mean * f64::from(scale)) as f32;
-        stats.push((mean as f32, var as f32, inv_std as f32));
+        stats.push(ChannelStats {
+            mean: mean as f32,
+            var: var as f32,
+            inv_std: inv_std as f32,
+            scale,
+            shift,
+        });
         affine.push((scale, shift));
     }
     // Each channel's scale and shift repeated along its row, so that an
@@ -262,6 +277,10 @@ pub(crate) struct Stats {
     /// Biased variance, as used for normalising.
     pub(crate) var: Vec<f32>,
     pub(crate) inv_std: Vec<f32>,
+    /// The forward's `y = x·scale + shift` (before a residual and ReLU),
+    /// per channel, as it computed them.
+    pub(crate) scale: Vec<f32>,
+    pub(crate) shift: Vec<f32>,
 }
 
 /// Train-mode BatchNorm (+ residual) (+ ReLU) of `x` `[N, C, HW]` with its
@@ -281,7 +300,7 @@ pub(crate) fn bn_train_forward(
     let mut out = Uninit::new(x.len());
     let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
     let block = channel_block(n, c, hw);
-    let per_channel: Vec<(f32, f32, f32)> = (0..c.div_ceil(block))
+    let per_channel: Vec<ChannelStats> = (0..c.div_ceil(block))
         .into_par_iter()
         .flat_map_iter(|blk| {
             let channels = blk * block..((blk + 1) * block).min(c);
@@ -289,9 +308,11 @@ pub(crate) fn bn_train_forward(
         })
         .collect();
     let stats = Stats {
-        mean: per_channel.iter().map(|s| s.0).collect(),
-        var: per_channel.iter().map(|s| s.1).collect(),
-        inv_std: per_channel.iter().map(|s| s.2).collect(),
+        mean: per_channel.iter().map(|s| s.mean).collect(),
+        var: per_channel.iter().map(|s| s.var).collect(),
+        inv_std: per_channel.iter().map(|s| s.inv_std).collect(),
+        scale: per_channel.iter().map(|s| s.scale).collect(),
+        shift: per_channel.iter().map(|s| s.shift).collect(),
     };
     // SAFETY: every channel's task wrote all of its rows.
     (unsafe { out.finish() }, stats)
@@ -363,6 +384,7 @@ impl CustomOp3 for BatchNormTrain {
             inv_std: stats.inv_std,
             weight: weight.detach().to_vec1::<f32>()?,
             relu: self.relu,
+            relu_from_input: None,
             need_x,
         };
         let flat = x
@@ -389,6 +411,10 @@ pub(crate) struct BatchNormGrad {
     pub(crate) inv_std: Vec<f32>,
     pub(crate) weight: Vec<f32>,
     pub(crate) relu: bool,
+    /// With `relu` and no residual: the forward's per-channel `scale` and
+    /// `shift` (see [`Stats`]), so that the ReLU's mask comes from `x`
+    /// and `y` is never read (the caller may pass `x` for it).
+    pub(crate) relu_from_input: Option<(Vec<f32>, Vec<f32>)>,
     pub(crate) need_x: bool,
 }
 
@@ -417,7 +443,10 @@ impl BatchNormGrad {
         (n, c, hw): (usize, usize, usize),
         mask: bool,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
-        assert!(!mask || self.relu, "a ReLU mask needs the ReLU");
+        assert!(
+            !mask || (self.relu && self.relu_from_input.is_none()),
+            "a ReLU mask needs the ReLU and its output"
+        );
         let len = 2 * c + if self.need_x { x.len() } else { 0 };
         let mut out = Uninit::new(len);
         let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
@@ -448,24 +477,96 @@ fn relu_grad_of(y: f32, g: f32) -> f32 {
     f32::from_bits(g.to_bits() & keep)
 }
 
-/// Lane sums of `g'` and `g'·(x − m)` over whole chunks of a row, `g'`
-/// the gradient through the ReLU when `RELU`. One loop per case and
-/// zipped lanes: with the flag tested inside, or the lanes indexed, LLVM
-/// left this loop scalar.
+/// The gradient through `relu(z)` (Rust's `max`, which gives `0` for a
+/// NaN `z`) from `z` itself: `g` where `z > 0`, else `+0`; the same as
+/// [`relu_grad_of`] on that ReLU's output.
 #[inline(always)]
-fn grad_lane_sums<const RELU: bool>(
+fn relu_grad_pre(z: f32, g: f32) -> f32 {
+    let keep = u32::from(z > 0.0).wrapping_neg();
+    f32::from_bits(g.to_bits() & keep)
+}
+
+/// Where the BatchNorm backward's ReLU mask comes from, for a block's rows.
+#[derive(Clone, Copy)]
+pub(crate) enum Mask<'a> {
+    /// No ReLU.
+    Off,
+    /// From the output `y`.
+    Output,
+    /// From the input, `z = x·scale + shift` as the forward computed it
+    /// (per row), without reading `y`: for a BatchNorm + ReLU with no
+    /// residual.
+    Input { scale: &'a [f32], shift: &'a [f32] },
+}
+
+/// [`Mask`] for one row.
+#[derive(Clone, Copy)]
+enum RowMask {
+    Off,
+    Output,
+    Input(f32, f32),
+}
+
+impl Mask<'_> {
+    fn row(self, r: usize) -> RowMask {
+        match self {
+            Mask::Off => RowMask::Off,
+            Mask::Output => RowMask::Output,
+            Mask::Input { scale, shift } => RowMask::Input(scale[r], shift[r]),
+        }
+    }
+}
+
+impl RowMask {
+    /// `g` through the ReLU, for input `x` and output `y`.
+    #[inline(always)]
+    fn apply(self, x: f32, y: f32, g: f32) -> f32 {
+        match self {
+            RowMask::Off => g,
+            RowMask::Output => relu_grad_of(y, g),
+            RowMask::Input(scale, shift) => relu_grad_pre(x * scale + shift, g),
+        }
+    }
+}
+
+/// [`grad_lane_sums_with`] for each kind of mask.
+#[inline(always)]
+fn grad_lane_sums(
+    (xc, yc, gc): (&[[f32; LANES]], &[[f32; LANES]], &[[f32; LANES]]),
+    m: f32,
+    mask: RowMask,
+) -> ([f32; LANES], [f32; LANES]) {
+    match mask {
+        RowMask::Off => grad_lane_sums_with::<0>(xc, yc, gc, m, (0.0, 0.0)),
+        RowMask::Output => grad_lane_sums_with::<1>(xc, yc, gc, m, (0.0, 0.0)),
+        RowMask::Input(scale, shift) => grad_lane_sums_with::<2>(xc, yc, gc, m, (scale, shift)),
+    }
+}
+
+/// Lane sums of `g'` and `g'·(x − m)` over whole chunks of a row, `g'`
+/// the gradient through the ReLU: none (`MODE` 0), from `y` (1), or from
+/// `x·scale + shift` (2, `y` unread). One loop per case and zipped lanes:
+/// with the flag tested inside, or the lanes indexed, LLVM left this loop
+/// scalar.
+#[inline(always)]
+fn grad_lane_sums_with<const MODE: u8>(
     xc: &[[f32; LANES]],
     yc: &[[f32; LANES]],
     gc: &[[f32; LANES]],
     m: f32,
+    (scale, shift): (f32, f32),
 ) -> ([f32; LANES], [f32; LANES]) {
     let mut acc_g = [0f32; LANES];
     let mut acc_gx = [0f32; LANES];
     for ((xs, ys), gs) in xc.iter().zip(yc).zip(gc) {
         let mut gv = *gs;
-        if RELU {
+        if MODE == 1 {
             for (g, &y) in gv.iter_mut().zip(ys) {
                 *g = relu_grad_of(y, *g);
+            }
+        } else if MODE == 2 {
+            for (g, &x) in gv.iter_mut().zip(xs) {
+                *g = relu_grad_pre(x * scale + shift, *g);
             }
         }
         for (a, &g) in acc_g.iter_mut().zip(&gv) {
@@ -487,7 +588,7 @@ fn add_grad_rows(
     (x, y, g): (&[f32], &[f32], &[f32]),
     hw: usize,
     means: &[f32],
-    relu: bool,
+    mask: Mask,
     sums: &mut [(f64, f64)],
 ) {
     const G: usize = ROW_GROUP;
@@ -504,11 +605,8 @@ fn add_grad_rows(
                 let (xc, _) = x[at(r)].as_chunks::<LANES>();
                 let (yc, _) = y[at(r)].as_chunks::<LANES>();
                 let (gc, _) = g[at(r)].as_chunks::<LANES>();
-                let (acc_g, acc_gx) = if relu {
-                    grad_lane_sums::<true>(xc, yc, gc, means[base + r])
-                } else {
-                    grad_lane_sums::<false>(xc, yc, gc, means[base + r])
-                };
+                let (acc_g, acc_gx) =
+                    grad_lane_sums((xc, yc, gc), means[base + r], mask.row(base + r));
                 for j in 0..LANES {
                     lanes_g[j][r] = acc_g[j];
                     lanes_gx[j][r] = acc_gx[j];
@@ -525,7 +623,7 @@ fn add_grad_rows(
         for k in full..hw {
             for r in 0..G {
                 let i = (base + r) * hw + k;
-                let gv = if relu { relu_grad_of(y[i], g[i]) } else { g[i] };
+                let gv = mask.row(base + r).apply(x[i], y[i], g[i]);
                 sg[r] += f64::from(gv);
                 sgx[r] += f64::from(gv * (x[i] - means[base + r]));
             }
@@ -555,7 +653,7 @@ fn add_grad_rows(
             &y[r * hw..(r + 1) * hw],
             &g[r * hw..(r + 1) * hw],
         );
-        add_grad_row(rows, means[r], relu, (sum_g, sum_gx));
+        add_grad_row(rows, means[r], mask.row(r), (sum_g, sum_gx));
     }
 }
 
@@ -578,7 +676,7 @@ simd_kernel! {
 fn add_grad_row(
     (xr, yr, gr): (&[f32], &[f32], &[f32]),
     m: f32,
-    relu: bool,
+    mask: RowMask,
     (sum_g, sum_gx): (&mut f64, &mut f64),
 ) {
     // Chunks as arrays let the loop vectorise without bounds checks:
@@ -588,13 +686,9 @@ fn add_grad_row(
     let (xc, xt) = xr.as_chunks::<LANES>();
     let (yc, yt) = yr.as_chunks::<LANES>();
     let (gc, gt) = gr.as_chunks::<LANES>();
-    let (acc_g, acc_gx) = if relu {
-        grad_lane_sums::<true>(xc, yc, gc, m)
-    } else {
-        grad_lane_sums::<false>(xc, yc, gc, m)
-    };
+    let (acc_g, acc_gx) = grad_lane_sums((xc, yc, gc), m, mask);
     for ((&xv, &yv), &gv) in xt.iter().zip(yt).zip(gt) {
-        let gv = if relu { relu_grad_of(yv, gv) } else { gv };
+        let gv = mask.apply(xv, yv, gv);
         *sum_g += f64::from(gv);
         *sum_gx += f64::from(gv * (xv - m));
     }
@@ -612,11 +706,18 @@ fn bn_backward_block_body(
     y: &[f32],
     g: &[f32],
     (n, c, hw): (usize, usize, usize),
-    (ptr, mask): (&OutPtr, Option<&OutPtr>),
+    (ptr, masked_out): (&OutPtr, Option<&OutPtr>),
     channels: Range<usize>,
 ) {
     let count = (n * hw) as f64;
-    let relu = op.relu;
+    let mask = match (op.relu, &op.relu_from_input) {
+        (false, _) => Mask::Off,
+        (true, None) => Mask::Output,
+        (true, Some((scale, shift))) => Mask::Input {
+            scale: &scale[channels.clone()],
+            shift: &shift[channels.clone()],
+        },
+    };
     let row = |ni: usize, ci: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
     // Image by image, the block's rows are one contiguous run of memory:
     // read in that order rather than a channel's rows one image apart.
@@ -629,7 +730,7 @@ fn bn_backward_block_body(
     for ni in 0..n {
         let r = run(ni);
         let rows = (&x[r.clone()], &y[r.clone()], &g[r]);
-        add_grad_rows(rows, hw, means, relu, &mut sums);
+        add_grad_rows(rows, hw, means, mask, &mut sums);
     }
     // dx = w·σ⁻¹·(g − db/M − x̂·dw/M), x̂ = (x − mean)·σ⁻¹.
     let mut coefs = Vec::with_capacity(channels.len());
@@ -647,11 +748,11 @@ fn bn_backward_block_body(
         let k3 = (k1 * inv_std * dw / count) as f32;
         coefs.push((k1 as f32, k2, k3));
     }
-    if let (Some(mask), false) = (mask, op.need_x) {
+    if let (Some(out), false) = (masked_out, op.need_x) {
         for ni in 0..n {
             let r = run(ni);
             // SAFETY: image ni's rows of this block belong to this task only.
-            let dst = unsafe { mask.slice(r.start, r.len()) };
+            let dst = unsafe { out.slice(r.start, r.len()) };
             for (d, (&yv, &gv)) in dst.iter_mut().zip(y[r.clone()].iter().zip(&g[r])) {
                 d.write(relu_grad_of(yv, gv));
             }
@@ -669,15 +770,35 @@ fn bn_backward_block_body(
     };
     let (k1s, k2s) = (repeat(&|i| coefs[i].0), repeat(&|i| coefs[i].1));
     let (k3s, ms) = (repeat(&|i| coefs[i].2), repeat(&|i| means[i]));
+    if let Mask::Input { scale, shift } = mask {
+        let (scales, shifts) = (repeat(&|i| scale[i]), repeat(&|i| shift[i]));
+        for ni in 0..n {
+            let r = run(ni);
+            // SAFETY: image ni's rows of this block of dx belong to this
+            // task only.
+            let dst = unsafe { ptr.slice(2 * c + r.start, r.len()) };
+            let (xr, gr) = (&x[r.clone()], &g[r]);
+            let coef = k1s.iter().zip(&k2s).zip(k3s.iter().zip(&ms));
+            let affine = scales.iter().zip(&shifts);
+            for ((d, (&xv, &gv)), (((&k1, &k2), (&k3, &m)), (&sc, &sh))) in
+                dst.iter_mut().zip(xr.iter().zip(gr)).zip(coef.zip(affine))
+            {
+                let gv = relu_grad_pre(xv * sc + sh, gv);
+                d.write(k1 * gv - k2 - k3 * (xv - m));
+            }
+        }
+        return;
+    }
+    let relu = op.relu;
     for ni in 0..n {
         let r = run(ni);
         // SAFETY: image ni's rows of this block of dx belong to this task only.
         let dst = unsafe { ptr.slice(2 * c + r.start, r.len()) };
         let (xr, yr, gr) = (&x[r.clone()], &y[r.clone()], &g[r.clone()]);
         let coef = k1s.iter().zip(&k2s).zip(k3s.iter().zip(&ms));
-        if let Some(mask) = mask {
+        if let Some(out) = masked_out {
             // SAFETY: as above, for the masked gradient.
-            let masked = unsafe { mask.slice(r.start, r.len()) };
+            let masked = unsafe { out.slice(r.start, r.len()) };
             for ((d, dm), ((&xv, (&yv, &gv)), ((&k1, &k2), (&k3, &m)))) in dst
                 .iter_mut()
                 .zip(masked.iter_mut())
@@ -1097,16 +1218,25 @@ mod tests {
                 add_lane_sums(&x, hw, &mut got, |v, r| (v - means[r]) * (v - means[r]));
                 let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "lane sums, hw {hw}, {count} rows");
-                for relu in [false, true] {
+                let (scale, shift) = (values(count, 7), values(count, 8));
+                let masks = [
+                    Mask::Off,
+                    Mask::Output,
+                    Mask::Input {
+                        scale: &scale,
+                        shift: &shift,
+                    },
+                ];
+                for (relu, mask) in masks.into_iter().enumerate() {
                     let earlier: Vec<(f64, f64)> = earlier.iter().map(|&e| (e, -3.0 * e)).collect();
                     let mut want = earlier.clone();
                     for (r, (sg, sgx)) in want.iter_mut().enumerate() {
                         let at = r * hw..(r + 1) * hw;
                         let rows = (&x[at.clone()], &y[at.clone()], &g[at]);
-                        add_grad_row(rows, means[r], relu, (sg, sgx));
+                        add_grad_row(rows, means[r], mask.row(r), (sg, sgx));
                     }
                     let mut got = earlier.clone();
-                    add_grad_rows((&x, &y, &g), hw, &means, relu, &mut got);
+                    add_grad_rows((&x, &y, &g), hw, &means, mask, &mut got);
                     let pairs = |v: &[(f64, f64)]| {
                         v.iter()
                             .map(|(a, b)| (a.to_bits(), b.to_bits()))
