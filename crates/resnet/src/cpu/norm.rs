@@ -529,13 +529,12 @@ impl RowMask {
     }
 }
 
+/// Whole chunks of a row's `x`, `y` and `g`.
+type RowChunks<'a> = (&'a [[f32; LANES]], &'a [[f32; LANES]], &'a [[f32; LANES]]);
+
 /// [`grad_lane_sums_with`] for each kind of mask.
 #[inline(always)]
-fn grad_lane_sums(
-    (xc, yc, gc): (&[[f32; LANES]], &[[f32; LANES]], &[[f32; LANES]]),
-    m: f32,
-    mask: RowMask,
-) -> ([f32; LANES], [f32; LANES]) {
+fn grad_lane_sums((xc, yc, gc): RowChunks, m: f32, mask: RowMask) -> ([f32; LANES], [f32; LANES]) {
     match mask {
         RowMask::Off => grad_lane_sums_with::<0>(xc, yc, gc, m, (0.0, 0.0)),
         RowMask::Output => grad_lane_sums_with::<1>(xc, yc, gc, m, (0.0, 0.0)),
