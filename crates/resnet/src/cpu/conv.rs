@@ -1589,33 +1589,21 @@ pub fn conv2d_path(
     stride: usize,
 ) -> Result<&'static str> {
     let g = Geometry::new(x_dims, k_dims, padding, stride)?;
-    let direct = g.direct();
-    if let Some(d) = direct.filter(|d| d.kind() == direct::Kind::Winograd) {
-        return Ok(match d.level() {
-            super::SimdLevel::Avx512 => "winograd avx512",
-            _ => "winograd avx2",
-        });
-    }
-    if let Some(d) = direct.filter(|d| d.kind() == direct::Kind::Winograd4) {
-        return Ok(match d.level() {
-            super::SimdLevel::Avx512 => "winograd 4x4 avx512",
-            _ => "winograd 4x4 avx2",
-        });
-    }
-    if let Some(d) = direct.filter(|d| d.kind() == direct::Kind::ValidTaps) {
-        return Ok(match d.level() {
-            super::SimdLevel::Avx512 => "valid taps avx512",
-            _ => "valid taps avx2",
-        });
-    }
-    let level = direct.map(|d| d.level());
-    Ok(match (g.exact(), level) {
-        (true, Some(super::SimdLevel::Avx512)) => "exact direct avx512",
-        (true, Some(_)) => "exact direct avx2",
-        (true, None) => "exact",
-        (false, Some(super::SimdLevel::Avx512)) => "direct avx512",
-        (false, Some(_)) => "direct avx2",
-        (false, None) => "im2col",
+    let Some(d) = g.direct() else {
+        return Ok(if g.exact() { "exact" } else { "im2col" });
+    };
+    let avx512 = d.level() == super::SimdLevel::Avx512;
+    Ok(match (d.kind(), avx512) {
+        (direct::Kind::Exact, true) => "exact direct avx512",
+        (direct::Kind::Exact, false) => "exact direct avx2",
+        (direct::Kind::Direct, true) => "direct avx512",
+        (direct::Kind::Direct, false) => "direct avx2",
+        (direct::Kind::Winograd, true) => "winograd avx512",
+        (direct::Kind::Winograd, false) => "winograd avx2",
+        (direct::Kind::Winograd4, true) => "winograd 4x4 avx512",
+        (direct::Kind::Winograd4, false) => "winograd 4x4 avx2",
+        (direct::Kind::ValidTaps, true) => "valid taps avx512",
+        (direct::Kind::ValidTaps, false) => "valid taps avx2",
     })
 }
 

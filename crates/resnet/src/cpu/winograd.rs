@@ -284,18 +284,38 @@ fn kernel_channel_body(
     r: &mut [[[f32; MAX_BLOCK]; 4]; 3],
     u: [&mut [f32]; XI],
 ) {
-    assert!(b <= MAX_BLOCK && taps.len() == 9 * b);
+    separable_kernel(taps, b, r, u, g_rows);
+}
+
+/// `U = G·g·Gᵀ` of one input channel of one block, `G` with `N` rows
+/// (`g_row(r, v0, v1, v2, out)` applies row `r` lane by lane) and `P = N²`
+/// positions: `taps` is `[9, B]`, position `ξ = N·row + col` goes to
+/// `u[ξ]`, `rows` is scratch. Each kernel row along its columns first
+/// (`rows[i][col]`), then down the rows. For F(2×2, 3×3) and F(4×4, 3×3).
+#[inline(always)]
+pub(super) fn separable_kernel<const N: usize, const P: usize>(
+    taps: &[f32],
+    b: usize,
+    rows: &mut [[[f32; MAX_BLOCK]; N]; 3],
+    u: [&mut [f32]; P],
+    g_row: impl Fn(usize, &[f32], &[f32], &[f32], &mut [f32]),
+) {
+    assert!(b <= MAX_BLOCK && taps.len() == 9 * b && P == N * N);
     let tap = |t: usize| &taps[t * b..(t + 1) * b];
-    // Each kernel row along its columns first (`r[i][col]`), then down the
-    // rows.
-    for (i, r) in r.iter_mut().enumerate() {
+    for (i, r) in rows.iter_mut().enumerate() {
         for (col, r) in r.iter_mut().enumerate() {
-            g_rows(col, tap(3 * i), tap(3 * i + 1), tap(3 * i + 2), &mut r[..b]);
+            g_row(col, tap(3 * i), tap(3 * i + 1), tap(3 * i + 2), &mut r[..b]);
         }
     }
     for (xi, u) in u.into_iter().enumerate() {
-        let (row, col) = (xi / 4, xi % 4);
-        g_rows(row, &r[0][col][..b], &r[1][col][..b], &r[2][col][..b], u);
+        let (row, col) = (xi / N, xi % N);
+        g_row(
+            row,
+            &rows[0][col][..b],
+            &rows[1][col][..b],
+            &rows[2][col][..b],
+            u,
+        );
     }
 }
 

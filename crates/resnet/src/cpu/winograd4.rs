@@ -141,25 +141,7 @@ fn kernel_channel_body(
     rows: &mut [[[f32; MAX_BLOCK]; 6]; 3],
     u: [&mut [f32]; XI],
 ) {
-    assert!(b <= MAX_BLOCK && taps.len() == 9 * b);
-    let tap = |t: usize| &taps[t * b..(t + 1) * b];
-    // Each kernel row along its columns first (`rows[i][col]`), then down
-    // the rows.
-    for (i, r) in rows.iter_mut().enumerate() {
-        for (col, r) in r.iter_mut().enumerate() {
-            g_row(col, tap(3 * i), tap(3 * i + 1), tap(3 * i + 2), &mut r[..b]);
-        }
-    }
-    for (xi, u) in u.into_iter().enumerate() {
-        let (row, col) = (xi / 6, xi % 6);
-        g_row(
-            row,
-            &rows[0][col][..b],
-            &rows[1][col][..b],
-            &rows[2][col][..b],
-            u,
-        );
-    }
+    super::winograd::separable_kernel(taps, b, rows, u, g_row);
 }
 
 /// `Bᵀ·(d0, …, d5)` for lane `l` of six rows of lanes, into six rows.
