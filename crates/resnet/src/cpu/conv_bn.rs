@@ -101,7 +101,9 @@ impl CustomOp3 for ConvBnTrain {
         x: &Tensor,
         kernel: &Tensor,
         params: &Tensor,
-        y: &Tensor,
+        // The output is not needed: the ReLU's mask comes from the conv
+        // output saved by the forward pass.
+        _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (need_x, need_k, need_p) = (x.track_op(), kernel.track_op(), params.track_op());
@@ -130,7 +132,6 @@ impl CustomOp3 for ConvBnTrain {
             need_x: need_x || need_k,
         };
         let grad = grad.detach().contiguous()?;
-        let _ = y;
         let flat = with_data(&grad, "output gradient", |g| {
             Ok(bn.run(&saved.conv, &saved.conv, g, (n, o, oh * ow)))
         })?;
