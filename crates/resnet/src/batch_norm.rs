@@ -18,7 +18,7 @@ use crate::init;
 use crate::ops::Ops;
 
 /// PyTorch's defaults.
-const EPS: f64 = 1e-5;
+pub(crate) const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
 
 #[derive(Debug, Clone)]
@@ -168,13 +168,21 @@ impl BatchNorm {
         Ok((scale, shift))
     }
 
-    fn update_running(
+    /// Updates the running statistics from a train-mode batch's `mean`
+    /// and biased variance over `count` values per channel.
+    pub(crate) fn update_running(
         &self,
         ops: &Ops,
         mean: &Tensor,
         biased_var: &Tensor,
         count: usize,
     ) -> Result<()> {
+        if count < 2 {
+            candle_core::bail!(
+                "batch-norm {}: train mode needs more than one value per channel, got {count}; use a larger batch",
+                self.name
+            )
+        }
         let unbias = count as f64 / (count - 1) as f64;
         ops.update_running(&self.running_mean, mean, MOMENTUM, 1.0)?;
         ops.update_running(&self.running_var, biased_var, MOMENTUM, unbias)

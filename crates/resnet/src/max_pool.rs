@@ -209,6 +209,18 @@ fn as_f32_mut<T: WithDType>(xs: &mut [T]) -> Option<&mut [f32]> {
 }
 
 crate::cpu::simd::simd_kernel! {
+    /// Whether `plane` holds a NaN: a fold without an early exit, so that
+    /// it vectorises (`Iterator::any` compiled to a scalar loop, 3% of a
+    /// ResNet-18 @ 64 inference).
+    fn any_nan => any_nan_body(plane: &[f32]) -> bool
+}
+
+#[inline(always)]
+fn any_nan_body(plane: &[f32]) -> bool {
+    plane.iter().fold(false, |seen, v| seen | v.is_nan())
+}
+
+crate::cpu::simd::simd_kernel! {
     /// [`pool_plane_f32_body`] built for the CPU's SIMD level.
     fn pool_plane_f32 => pool_plane_f32_body(
         plane: &[f32],
@@ -388,7 +400,7 @@ fn pool_forward<T: WithDType + Default>(
             let out_plane = zeroed(out_plane);
             let mut codes = codes.map(zeroed);
             if let (Some(plane), Some(out_plane)) = (as_f32(plane), as_f32_mut(out_plane))
-                && !plane.iter().any(|v| v.is_nan())
+                && !any_nan(plane)
             {
                 pool_plane_f32(plane, height, width, out_plane, codes);
                 return;

@@ -7,8 +7,9 @@ use candle_core::{Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
-use crate::batch_norm::{BatchNorm, get_var, join};
+use crate::batch_norm::{self, BatchNorm, get_var, join};
 use crate::config::{BlockKind, ResNetConfig};
+use crate::cpu::BlockLayer;
 use crate::error::{ResNetError, WithName};
 use crate::head::{Head, dropout_rng};
 use crate::init;
@@ -191,28 +192,47 @@ impl Block {
         train: bool,
         frozen_groups: usize,
     ) -> Result<Tensor> {
+        if train {
+            return self.forward_train(ops, x, frozen_groups);
+        }
         let identity = match &self.downsample {
-            Some((conv, bn)) => conv.forward_bn_t(ops, bn, x, train, frozen_groups, false)?,
+            Some((conv, bn)) => conv.forward_bn_t(ops, bn, x, false, frozen_groups, false)?,
             None => x.clone(),
         };
         let last = self.convs.len() - 1;
         let mut out = x.clone();
         for (j, (conv, bn)) in self.convs.iter().enumerate() {
-            if j == last && train {
-                // The last conv, its BatchNorm, the add and the ReLU: one op.
-                let kernel = conv.kernel(frozen_groups);
-                return bn.conv_forward_train(
-                    ops,
-                    &out,
-                    &kernel,
-                    conv.geometry(),
-                    true,
-                    Some(&identity),
-                );
-            }
-            out = conv.forward_bn_t(ops, bn, &out, train, frozen_groups, j < last)?;
+            out = conv.forward_bn_t(ops, bn, &out, false, frozen_groups, j < last)?;
         }
         ops.add_relu(&out, &identity)
+    }
+
+    /// Train mode: the whole block as one op of `ops` (on the CPU one graph
+    /// node); updates every BatchNorm's running statistics.
+    fn forward_train(&self, ops: &Ops, x: &Tensor, frozen_groups: usize) -> Result<Tensor> {
+        let kernels: Vec<Tensor> = self
+            .layers()
+            .map(|(conv, _)| conv.kernel(frozen_groups))
+            .collect();
+        let spec: Vec<BlockLayer> = self
+            .layers()
+            .zip(&kernels)
+            .map(|((conv, bn), kernel)| BlockLayer {
+                kernel,
+                padding: conv.padding,
+                stride: conv.stride,
+                weight: bn.weight.as_tensor(),
+                bias: bn.bias.as_tensor(),
+            })
+            .collect();
+        let (main, downsample) = spec.split_at(self.convs.len());
+        let (y, stats) = ops
+            .residual_block_train(x, main, downsample.first(), batch_norm::EPS)
+            .map_err(|e| e.context(format!("block of {}", self.convs[0].1.name)))?;
+        for ((_, bn), (mean, var, count)) in self.layers().zip(&stats) {
+            bn.update_running(ops, mean, var, *count)?;
+        }
+        Ok(y)
     }
 
     /// Eval mode without a gradient graph, each conv fused with what follows it.

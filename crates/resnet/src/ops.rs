@@ -242,6 +242,39 @@ impl Ops {
         }
     }
 
+    /// Train mode residual block, `relu(bn(conv(…relu(bn(conv(x)))…)) +
+    /// r)` with `r` the input or the `downsample` layer's `bn(conv(x))`:
+    /// the output and each BatchNorm's `(mean, biased var, values per
+    /// channel)`, main path first (see [`cpu::residual_block_train`]). On
+    /// the CPU one graph node; elsewhere one op per layer.
+    pub fn residual_block_train(
+        &self,
+        x: &Tensor,
+        layers: &[cpu::BlockLayer],
+        downsample: Option<&cpu::BlockLayer>,
+        eps: f64,
+    ) -> Result<(Tensor, Vec<cpu::LayerStats>)> {
+        let operands = layers
+            .iter()
+            .chain(downsample)
+            .flat_map(|l| [l.kernel, l.weight, l.bias]);
+        let operands: Vec<&Tensor> = std::iter::once(x).chain(operands).collect();
+        if self.cpu(&operands) {
+            return cpu::residual_block_train(x, layers, downsample, eps);
+        }
+        cpu::block_per_layer(x, layers, downsample, eps, &|x, l, eps, after| {
+            let (conv, w, b) = ((l.padding, l.stride), l.weight, l.bias);
+            match after {
+                cpu::After::Relu(relu) => {
+                    self.conv2d_batch_norm_train(x, l.kernel, conv, w, b, eps, relu)
+                }
+                cpu::After::AddRelu(r) => {
+                    self.conv2d_batch_norm_add_relu_train(x, l.kernel, conv, w, b, eps, r)
+                }
+            }
+        })
+    }
+
     /// `relu?(x · scale[c] + shift[c])`: eval-mode BatchNorm.
     pub fn scale_shift(
         &self,

@@ -248,10 +248,11 @@ fn batch_norm_reference(
 /// bias match the composition of candle ops.
 #[test]
 fn batch_norm_train_matches_candle_ops() {
-    // Rows of at least 16 values, short rows gathered per channel (2×2,
-    // 1×3 and 3×3 planes, and rank 2 with 40 rows: whole chunks and a
-    // tail), and channels of fewer than 16 values in all.
-    let cases: [&[usize]; 8] = [
+    // Planes summed by position (5×7, 2×2, 1×3 and 3×3, and rank 2) and
+    // by lanes (8×8, and 9×9 with a tail), and channels of fewer than 16
+    // values in all.
+    let cases: [&[usize]; 9] = [
+        &[3, 4, 9, 9],
         &[4, 3, 5, 7],
         &[2, 6, 8, 8],
         &[8, 6, 2, 2],
@@ -713,4 +714,201 @@ fn block_end_residual_gradient_is_the_relu_mask() {
     assert_eq!(bits(&dres_tracked), bits(&want), "mask beside dx");
     assert_eq!(bits(&y), bits(&y_tracked));
     assert_eq!(bits(&dw), bits(&dw_tracked));
+}
+
+/// (c_in, c_out, kernel, stride) of a block's layers.
+type LayerShape = (usize, usize, usize, usize);
+
+/// A residual block as one node gives the bits of its layers as separate
+/// nodes (conv + BatchNorm + ReLU, the last with the residual add): the
+/// output, every BatchNorm's statistics, and the gradients of the input,
+/// every trainable kernel and every BatchNorm weight and bias; for basic
+/// and bottleneck blocks, with and without a downsample, with every
+/// kernel trainable, none, or some.
+#[test]
+fn residual_block_matches_its_layers() {
+    #[allow(clippy::type_complexity)]
+    let cases: [([usize; 4], &[LayerShape], Option<LayerShape>); 4] = [
+        ([4, 16, 8, 8], &[(16, 16, 3, 1), (16, 16, 3, 1)], None),
+        (
+            [3, 16, 9, 9],
+            &[(16, 32, 3, 2), (32, 32, 3, 1)],
+            Some((16, 32, 1, 2)),
+        ),
+        (
+            [3, 64, 6, 6],
+            &[(64, 32, 1, 1), (32, 32, 3, 2), (32, 128, 1, 1)],
+            Some((64, 128, 1, 2)),
+        ),
+        (
+            [2, 64, 5, 5],
+            &[(64, 16, 1, 1), (16, 16, 3, 1), (16, 64, 1, 1)],
+            None,
+        ),
+    ];
+    let bits = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    // The first index where two results differ (`==`, so ±0 agree).
+    let differ = |a: &Option<Vec<f32>>, b: &Option<Vec<f32>>| -> Option<String> {
+        match (a, b) {
+            (Some(a), Some(b)) if a.len() == b.len() => (0..a.len())
+                .find(|&i| a[i] != b[i])
+                .map(|i| format!("at {i}: {} against {}", a[i], b[i])),
+            (None, None) => None,
+            _ => Some("present on one side only, or of other lengths".into()),
+        }
+    };
+    let check = |what: String, a: Option<Vec<f32>>, b: Option<Vec<f32>>| {
+        if let Some(d) = differ(&a, &b) {
+            panic!("{what}: {d}");
+        }
+    };
+    for (ci, (xdims, shapes, ds)) in cases.iter().enumerate() {
+        let all: Vec<LayerShape> = shapes.iter().copied().chain(*ds).collect();
+        for trainable in ["all", "none", "first frozen"] {
+            let seed = 100 * ci as u64;
+            let x = Var::from_tensor(&values(xdims, seed)).unwrap();
+            let kernels: Vec<Var> = all
+                .iter()
+                .enumerate()
+                .map(|(j, &(c, o, k, _))| {
+                    let t = (values(&[o, c, k, k], seed + 10 + j as u64) * 0.2).unwrap();
+                    Var::from_tensor(&t).unwrap()
+                })
+                .collect();
+            let bn: Vec<(Var, Var)> = all
+                .iter()
+                .enumerate()
+                .map(|(j, &(_, o, _, _))| {
+                    let w = (values(&[o], seed + 20 + j as u64) + 1.5).unwrap();
+                    let b = values(&[o], seed + 30 + j as u64);
+                    (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap())
+                })
+                .collect();
+            let tracked = |j: usize| match trainable {
+                "all" => true,
+                "none" => false,
+                _ => j > 0,
+            };
+            let ks: Vec<Tensor> = kernels
+                .iter()
+                .enumerate()
+                .map(|(j, k)| {
+                    if tracked(j) {
+                        k.as_tensor().clone()
+                    } else {
+                        k.as_detached_tensor()
+                    }
+                })
+                .collect();
+            let layers: Vec<cpu::BlockLayer> = all
+                .iter()
+                .enumerate()
+                .map(|(j, &(_, _, k, s))| cpu::BlockLayer {
+                    kernel: &ks[j],
+                    padding: k / 2,
+                    stride: s,
+                    weight: bn[j].0.as_tensor(),
+                    bias: bn[j].1.as_tensor(),
+                })
+                .collect();
+            let (main, downsample) = layers.split_at(shapes.len());
+            let (y, stats) =
+                cpu::residual_block_train(x.as_tensor(), main, downsample.first(), 1e-5).unwrap();
+            // The same block as one node per layer.
+            let mut want_stats = Vec::new();
+            let count = |t: &Tensor| t.elem_count() / t.dim(1).unwrap();
+            let mut h = x.as_tensor().clone();
+            let residual = match downsample.first() {
+                Some(l) => {
+                    let (r, m, v) = cpu::conv2d_batch_norm_train(
+                        x.as_tensor(),
+                        l.kernel,
+                        l.padding,
+                        l.stride,
+                        l.weight,
+                        l.bias,
+                        1e-5,
+                        false,
+                    )
+                    .unwrap();
+                    want_stats.push((m, v, count(&r)));
+                    r
+                }
+                None => x.as_tensor().clone(),
+            };
+            let mut layer_stats = Vec::new();
+            let (last, inner) = main.split_last().unwrap();
+            for l in inner {
+                let (out, m, v) = cpu::conv2d_batch_norm_train(
+                    &h, l.kernel, l.padding, l.stride, l.weight, l.bias, 1e-5, true,
+                )
+                .unwrap();
+                layer_stats.push((m, v, count(&out)));
+                h = out;
+            }
+            let (want_y, m, v) = cpu::conv2d_batch_norm_add_relu_train(
+                &h,
+                last.kernel,
+                last.padding,
+                last.stride,
+                last.weight,
+                last.bias,
+                1e-5,
+                &residual,
+            )
+            .unwrap();
+            layer_stats.push((m, v, count(&want_y)));
+            layer_stats.extend(want_stats);
+            let what = format!("case {ci}, kernels trainable: {trainable}");
+            check(
+                format!("{what}: output"),
+                Some(bits(&y)),
+                Some(bits(&want_y)),
+            );
+            assert_eq!(stats.len(), layer_stats.len());
+            for (j, ((m, v, n), (wm, wv, wn))) in stats.iter().zip(&layer_stats).enumerate() {
+                check(
+                    format!("{what}: layer {j} mean"),
+                    Some(bits(m)),
+                    Some(bits(wm)),
+                );
+                check(
+                    format!("{what}: layer {j} variance"),
+                    Some(bits(v)),
+                    Some(bits(wv)),
+                );
+                assert_eq!(n, wn, "{what}: layer {j} values per channel");
+            }
+            let r = values(y.dims(), seed + 99);
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let want_g = (&want_y * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad =
+                |store: &candle_core::backprop::GradStore, v: &Var| store.get(v).map(|t| bits(t));
+            assert!(grad(&g, &x).is_some(), "{what}: no input gradient");
+            check(
+                format!("{what}: input gradient"),
+                grad(&g, &x),
+                grad(&want_g, &x),
+            );
+            for j in 0..all.len() {
+                let (dk, want_dk) = (grad(&g, &kernels[j]), grad(&want_g, &kernels[j]));
+                assert_eq!(
+                    dk.is_some(),
+                    tracked(j),
+                    "{what}: layer {j} kernel gradient present"
+                );
+                check(format!("{what}: layer {j} kernel gradient"), dk, want_dk);
+                for (name, v) in [("weight", &bn[j].0), ("bias", &bn[j].1)] {
+                    assert!(grad(&g, v).is_some(), "{what}: layer {j} {name}");
+                    let (a, b) = (grad(&g, v), grad(&want_g, v));
+                    check(format!("{what}: layer {j} {name} gradient"), a, b);
+                }
+            }
+        }
+    }
 }

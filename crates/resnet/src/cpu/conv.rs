@@ -713,7 +713,7 @@ pub(crate) struct Epilogue<'a> {
 
 impl Epilogue<'_> {
     /// Writes the epilogue of `src`, output row `row` (`image·O + channel`), into `dst`.
-    #[inline]
+    #[inline(always)]
     fn apply(&self, row: usize, channels: usize, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
         let c = row % channels;
         let (a, b) = (self.scale[c], self.shift[c]);
@@ -756,12 +756,8 @@ pub(crate) fn forward(
         let p = g.p();
         direct::forward(&d, x, kernel, out.as_mut_slice(), |first, planes| {
             if let Some(e) = epilogue {
-                for (i, row) in planes.chunks_mut(p).enumerate() {
-                    // SAFETY: the direct kernel wrote the plane; the
-                    // epilogue rewrites it in place, value by value.
-                    let src = unsafe { std::slice::from_raw_parts(row.as_ptr().cast(), p) };
-                    e.apply(first + i, g.o, src, row);
-                }
+                // SAFETY: the direct kernel wrote these planes.
+                unsafe { epilogue_in_place(e, first, g.o, p, planes) };
             }
         });
         // SAFETY: the direct kernel writes every output value.
@@ -797,12 +793,8 @@ pub(crate) fn forward(
                 // gemm writes every value without reading any.
                 unsafe { matmul(o, p, k, out_ptr(out), p, false, lhs, rhs, threads) };
                 if let Some(e) = epilogue {
-                    for (oc, row) in out.chunks_mut(p).enumerate() {
-                        // SAFETY: gemm initialised the row; the epilogue
-                        // rewrites it in place, value by value.
-                        let src = unsafe { std::slice::from_raw_parts(row.as_ptr().cast(), p) };
-                        e.apply(first * o + oc, o, src, row);
-                    }
+                    // SAFETY: gemm wrote every value of the image's output.
+                    unsafe { epilogue_in_place(e, first * o, o, p, out) };
                 }
                 return;
             }
@@ -833,9 +825,63 @@ pub(crate) fn forward(
     unsafe { out.finish() }
 }
 
-/// Writes one group's product `[O, count·P]` (its images side by side) into
-/// their outputs `[count, O, P]`, applying the epilogue if there is one.
-fn scatter_group(
+/// Applies `e` in place to the consecutive output rows of `p` values in
+/// `rows`, the first of them output row `first` (`image·O + channel`).
+///
+/// # Safety
+/// Every value in `rows` has been written.
+unsafe fn epilogue_in_place(
+    e: &Epilogue,
+    first: usize,
+    channels: usize,
+    p: usize,
+    rows: &mut [MaybeUninit<f32>],
+) {
+    epilogue_rows(e, first, channels, p, rows)
+}
+
+simd_kernel! {
+    /// The loop of [`epilogue_in_place`].
+    fn epilogue_rows => epilogue_rows_body(
+        e: &Epilogue,
+        first: usize,
+        channels: usize,
+        p: usize,
+        rows: &mut [MaybeUninit<f32>],
+    )
+}
+
+#[inline(always)]
+fn epilogue_rows_body(
+    e: &Epilogue,
+    first: usize,
+    channels: usize,
+    p: usize,
+    rows: &mut [MaybeUninit<f32>],
+) {
+    for (i, row) in rows.chunks_mut(p).enumerate() {
+        // SAFETY: the caller of `epilogue_in_place` wrote the row; the
+        // epilogue rewrites it in place, value by value.
+        let src = unsafe { std::slice::from_raw_parts(row.as_ptr().cast(), row.len()) };
+        e.apply(first + i, channels, src, row);
+    }
+}
+
+simd_kernel! {
+    /// Writes one group's product `[O, count·P]` (its images side by side)
+    /// into their outputs `[count, O, P]`, applying the epilogue if there
+    /// is one.
+    fn scatter_group => scatter_group_body(
+        g: &Geometry,
+        product: &[f32],
+        first: usize,
+        out: &mut [MaybeUninit<f32>],
+        epilogue: Option<&Epilogue>,
+    )
+}
+
+#[inline(always)]
+fn scatter_group_body(
     g: &Geometry,
     product: &[f32],
     first: usize,
@@ -1245,6 +1291,20 @@ fn sum_parts(parts: &[Vec<f32>], o: usize, k: usize, transposed: bool) -> Vec<f3
     });
     // SAFETY: the blocks cover every row, and each block writes all of its values.
     unsafe { out.finish() }
+}
+
+/// Runs `f` on the contiguous `f32` data of a CPU tensor (`what` names
+/// it in errors).
+pub(crate) fn with_data<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(data(cpu, layout, what)?),
+        _ => candle_core::bail!("cpu op: the {what} is not on the CPU"),
+    }
 }
 
 /// The contiguous `f32` data of a CPU operand.

@@ -11,9 +11,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::conv::{Geometry, data, forward, input_grad, kernel_grad, supported};
+use super::conv::{Geometry, data, forward, input_grad, kernel_grad, supported, with_data};
 use super::norm::{BatchNormGrad, Stats, add_relu, batch_norm_train, bn_train_forward};
 
 /// What the forward pass keeps for the backward pass and the caller.
@@ -40,15 +40,6 @@ impl ConvBnTrain {
             self.padding,
             self.stride,
         )
-    }
-}
-
-/// Runs `f` on the contiguous `f32` data of a CPU tensor.
-fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => f(data(cpu, layout, what)?),
-        _ => candle_core::bail!("cpu conv-batch-norm: the {what} is not on the CPU"),
     }
 }
 

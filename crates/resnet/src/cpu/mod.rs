@@ -27,6 +27,7 @@
 //! take the fast path ([`supported`]); anything else (CUDA, Metal, other
 //! dtypes) runs the equivalent candle ops, so the GPU builds keep working.
 
+mod block;
 mod conv;
 mod conv_bn;
 mod direct;
@@ -35,6 +36,8 @@ pub(crate) mod simd;
 mod winograd;
 mod winograd4;
 
+pub(crate) use block::{After, block_per_layer};
+pub use block::{BlockLayer, LayerStats, residual_block_train};
 pub use conv::{
     conv2d, conv2d_affine, conv2d_input_grad, conv2d_kernel_grad, conv2d_kernel_grad_path,
     conv2d_path, supported,

@@ -9,6 +9,13 @@
 //! block are one contiguous run of memory: reading one channel's rows, one
 //! image (`C·H·W` values) apart, had every row of a large plane fall in the
 //! same cache sets. Blocks run in parallel on rayon's pool.
+//!
+//! The sums behind the statistics and the gradients are `f64`. On planes
+//! of 8×8 and more the forward adds each row in `f32` lanes first; on
+//! smaller planes, and throughout the backward, each position of an
+//! image's run gets its images' terms in `f64`, then each channel adds its
+//! positions. Either way a channel's arithmetic does not depend on the
+//! block it is in, so neither does the result on the thread count.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -61,8 +68,6 @@ impl OutPtr {
     }
 }
 
-const LANES: usize = 16;
-
 /// Values per channel block that the BatchNorm passes aim at: three `f32`
 /// streams of this many values (384 KiB) stay in a core's L2 cache between
 /// a block's passes.
@@ -78,82 +83,70 @@ fn channel_block(n: usize, c: usize, hw: usize) -> usize {
     by_cache.min(by_tasks).max(1)
 }
 
-/// `Σ f(x)` with independent lane accumulators, so the loop vectorises.
+/// `Σ xs` over eight independent `f64` lanes, then the lanes in order and
+/// the tail: a long row's sum is not one chain of dependent additions.
 #[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+fn sum_f64(xs: &[f64]) -> f64 {
+    const L: usize = 8;
+    let (chunks, rest) = xs.as_chunks::<L>();
+    let mut acc = [0f64; L];
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    let mut total = 0f64;
+    for a in acc {
+        total += a;
+    }
+    for &v in rest {
+        total += v;
+    }
+    total
+}
+
+/// Plane sizes from which the forward sums each row in `f32` lanes (see
+/// [`lane_sum`]) rather than each position of a block in `f64`. On these
+/// rows the lanes are the cheaper; on smaller ones, 2×2 to 7×7, one loop
+/// over a block's positions is (two to three times, for the sums alone).
+const LANE_SUM_MIN: usize = 64;
+
+const LANES: usize = 16;
+
+/// Adds `f(x)` over a row into a channel's `f64` lanes: the row's whole
+/// chunks summed lane by lane in `f32` (independent chains, so the loop
+/// vectorises), those sums added to the lanes, and the tail's values to
+/// the first lanes one each. Each channel's lanes are summed once, at the
+/// end ([`sum_f64`]), not per row: sixteen dependent `f64` additions per
+/// row cost more than an 8×8 row itself.
+#[inline(always)]
+fn add_row_lanes(xs: &[f32], lanes: &mut [f64; LANES], f: impl Fn(f32) -> f32) {
     let mut acc = [0f32; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let rest = chunks.remainder();
+    let (chunks, rest) = xs.as_chunks::<LANES>();
     for chunk in chunks {
         for (a, &x) in acc.iter_mut().zip(chunk) {
             *a += f(x);
         }
     }
-    // Rows shorter than the lanes (the 2×2 and 4×4 planes of small images)
-    // have nothing in them: adding sixteen zeros per row cost more than the
-    // row itself.
-    let mut total: f64 = if xs.len() >= LANES {
-        acc.iter().map(|&a| f64::from(a)).sum()
-    } else {
-        0.0
-    };
-    for &x in rest {
-        total += f64::from(f(x));
+    for (l, a) in lanes.iter_mut().zip(acc) {
+        *l += f64::from(a);
     }
-    total
+    for (l, &x) in lanes.iter_mut().zip(rest) {
+        *l += f64::from(f(x));
+    }
 }
 
-/// Rows summed side by side by [`add_lane_sums`] and [`add_grad_rows`].
-const ROW_GROUP: usize = 8;
+/// Each channel's total of a block's position sums (`channels × hw`
+/// values, channel after channel).
+fn channel_sums(positions: &[f64], hw: usize) -> Vec<f64> {
+    positions.chunks_exact(hw).map(sum_f64).collect()
+}
 
-/// Adds [`lane_sum`]`(row, |v| f(v, r))` of each of the consecutive rows
-/// of `hw` values in `rows` to `sums[r]`: the same operations in the same
-/// order per row, but [`ROW_GROUP`] rows side by side, so that short rows
-/// (the 2×2 to 8×8 planes of small images) no longer each wait on a chain
-/// of dependent `f64` additions. The same bits as row by row.
-#[inline(always)]
-fn add_lane_sums(rows: &[f32], hw: usize, sums: &mut [f64], f: impl Fn(f32, usize) -> f32) {
-    const G: usize = ROW_GROUP;
-    let count = sums.len();
-    debug_assert_eq!(rows.len(), count * hw);
-    let full = hw / LANES * LANES;
-    let start: f64 = std::iter::empty::<f64>().sum();
-    for base in (0..count / G * G).step_by(G) {
-        let row = |r: usize| &rows[(base + r) * hw..(base + r + 1) * hw];
-        // `lane_sum`'s total starts at its lanes' sum, or at zero.
-        let mut total = [0f64; G];
-        if hw >= LANES {
-            let mut lanes = [[0f32; G]; LANES];
-            for r in 0..G {
-                let mut acc = [0f32; LANES];
-                for chunk in row(r).chunks_exact(LANES) {
-                    for (a, &x) in acc.iter_mut().zip(chunk) {
-                        *a += f(x, base + r);
-                    }
-                }
-                for (lane, &a) in lanes.iter_mut().zip(&acc) {
-                    lane[r] = a;
-                }
-            }
-            total = [start; G];
-            for lane in &lanes {
-                for (t, &a) in total.iter_mut().zip(lane) {
-                    *t += f64::from(a);
-                }
-            }
-        }
-        for k in full..hw {
-            for (r, t) in total.iter_mut().enumerate() {
-                *t += f64::from(f(row(r)[k], base + r));
-            }
-        }
-        for (s, &t) in sums[base..base + G].iter_mut().zip(&total) {
-            *s += t;
-        }
-    }
-    for r in count / G * G..count {
-        sums[r] += lane_sum(&rows[r * hw..(r + 1) * hw], |v| f(v, r));
-    }
+/// Each of `values` (one per channel of a block) repeated along its row of
+/// `hw`, so that an image's rows of the block go through one loop: rows of
+/// 4 or 16 values one at a time cost several times their arithmetic.
+fn along_rows<T: Copy>(values: impl Iterator<Item = T>, hw: usize) -> Vec<T> {
+    values.flat_map(|v| std::iter::repeat_n(v, hw)).collect()
 }
 
 simd_kernel! {
@@ -196,26 +189,47 @@ fn bn_forward_block_body(
 ) -> Vec<ChannelStats> {
     let count = (n * hw) as f64;
     let row = |ni: usize, ci: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
-    // Image by image, the block's rows are one contiguous run of memory (see
-    // `bn_backward_block_body`); each channel adds its row sums in image
-    // order, starting from the value `Iterator::sum` starts from.
-    let zero: f64 = std::iter::empty::<f64>().sum();
-    let mut sums = vec![zero; channels.len()];
     let (c0, c1) = (channels.start, channels.end);
-    // Image `ni`'s rows of the block, one contiguous run.
+    // Image by image, the block's rows are one contiguous run of memory (see
+    // `bn_backward_block_body`). Each position of the run gets its images'
+    // values summed in `f64`, in image order; then each channel adds its
+    // positions. Whole runs go through one loop whatever the plane size.
     let run = |ni: usize| row(ni, c0).start..row(ni, c1 - 1).end;
-    for ni in 0..n {
-        add_lane_sums(&x[run(ni)], hw, &mut sums, |v, _| v);
-    }
-    let means: Vec<f64> = sums.iter().map(|&s| s / count).collect();
-    let m32: Vec<f32> = means.iter().map(|&m| m as f32).collect();
-    sums.fill(zero);
-    for ni in 0..n {
-        add_lane_sums(&x[run(ni)], hw, &mut sums, |v, r| {
-            let m = m32[r];
-            (v - m) * (v - m)
-        });
-    }
+    let (means, sums) = if hw >= LANE_SUM_MIN {
+        let mut lanes = vec![[0f64; LANES]; channels.len()];
+        for ni in 0..n {
+            for (l, xr) in lanes.iter_mut().zip(x[run(ni)].chunks_exact(hw)) {
+                add_row_lanes(xr, l, |v| v);
+            }
+        }
+        let means: Vec<f64> = lanes.iter().map(|l| sum_f64(l) / count).collect();
+        lanes.fill([0.0; LANES]);
+        for ni in 0..n {
+            let rows = x[run(ni)].chunks_exact(hw);
+            for ((l, xr), &m) in lanes.iter_mut().zip(rows).zip(&means) {
+                let m = m as f32;
+                add_row_lanes(xr, l, |v| (v - m) * (v - m));
+            }
+        }
+        (means, lanes.iter().map(|l| sum_f64(l)).collect())
+    } else {
+        let mut acc = vec![0f64; run(0).len()];
+        for ni in 0..n {
+            for (a, &v) in acc.iter_mut().zip(&x[run(ni)]) {
+                *a += f64::from(v);
+            }
+        }
+        let means: Vec<f64> = channel_sums(&acc, hw).iter().map(|&s| s / count).collect();
+        let along = along_rows(means.iter().copied(), hw);
+        acc.fill(0.0);
+        for ni in 0..n {
+            for ((a, &v), &m) in acc.iter_mut().zip(&x[run(ni)]).zip(&along) {
+                let d = f64::from(v) - m;
+                *a += d * d;
+            }
+        }
+        (means, channel_sums(&acc, hw))
+    };
     let mut stats = Vec::with_capacity(channels.len());
     let mut affine = Vec::with_capacity(channels.len());
     for ((ci, &sum), &mean) in channels.clone().zip(&sums).zip(&means) {
@@ -232,18 +246,8 @@ fn bn_forward_block_body(
         });
         affine.push((scale, shift));
     }
-    // Each channel's scale and shift repeated along its row, so that an
-    // image's rows of the block go through one loop (rows of 4 or 16
-    // values one at a time cost several times their arithmetic); the same
-    // operations on each value.
-    let scales: Vec<f32> = affine
-        .iter()
-        .flat_map(|&(a, _)| std::iter::repeat_n(a, hw))
-        .collect();
-    let shifts: Vec<f32> = affine
-        .iter()
-        .flat_map(|&(_, b)| std::iter::repeat_n(b, hw))
-        .collect();
+    let scales = along_rows(affine.iter().map(|&(a, _)| a), hw);
+    let shifts = along_rows(affine.iter().map(|&(_, b)| b), hw);
     for ni in 0..n {
         let r = run(ni);
         // SAFETY: image ni's rows of this block belong to this task only.
@@ -488,171 +492,53 @@ fn relu_grad_pre(z: f32, g: f32) -> f32 {
 
 /// Where the BatchNorm backward's ReLU mask comes from, for a block's rows.
 #[derive(Clone, Copy)]
-pub(crate) enum Mask<'a> {
+enum Mask<'a> {
     /// No ReLU.
     Off,
     /// From the output `y`.
     Output,
     /// From the input, `z = x·scale + shift` as the forward computed it
-    /// (per row), without reading `y`: for a BatchNorm + ReLU with no
-    /// residual.
+    /// (each channel's repeated along its row), without reading `y`: for a
+    /// BatchNorm + ReLU with no residual.
     Input { scale: &'a [f32], shift: &'a [f32] },
 }
 
-/// [`Mask`] for one row.
-#[derive(Clone, Copy)]
-enum RowMask {
-    Off,
-    Output,
-    Input(f32, f32),
-}
-
-impl Mask<'_> {
-    fn row(self, r: usize) -> RowMask {
-        match self {
-            Mask::Off => RowMask::Off,
-            Mask::Output => RowMask::Output,
-            Mask::Input { scale, shift } => RowMask::Input(scale[r], shift[r]),
-        }
-    }
-}
-
-impl RowMask {
-    /// `g` through the ReLU, for input `x` and output `y`.
-    #[inline(always)]
-    fn apply(self, x: f32, y: f32, g: f32) -> f32 {
-        match self {
-            RowMask::Off => g,
-            RowMask::Output => relu_grad_of(y, g),
-            RowMask::Input(scale, shift) => relu_grad_pre(x * scale + shift, g),
-        }
-    }
-}
-
-/// Whole chunks of a row's `x`, `y` and `g`.
-type RowChunks<'a> = (&'a [[f32; LANES]], &'a [[f32; LANES]], &'a [[f32; LANES]]);
-
-/// [`grad_lane_sums_with`] for each kind of mask.
+/// Adds, at each position of one image's run of a block, `g'` to `sum_g`
+/// and `g'·(x − m)` to `sum_gx` in `f64`, `g'` the gradient through the
+/// ReLU that `mask` says (`m` is the channel's mean along its row). One
+/// loop per kind of mask, over zipped slices, so that each vectorises.
 #[inline(always)]
-fn grad_lane_sums((xc, yc, gc): RowChunks, m: f32, mask: RowMask) -> ([f32; LANES], [f32; LANES]) {
-    match mask {
-        RowMask::Off => grad_lane_sums_with::<0>(xc, yc, gc, m, (0.0, 0.0)),
-        RowMask::Output => grad_lane_sums_with::<1>(xc, yc, gc, m, (0.0, 0.0)),
-        RowMask::Input(scale, shift) => grad_lane_sums_with::<2>(xc, yc, gc, m, (scale, shift)),
-    }
-}
-
-/// Lane sums of `g'` and `g'·(x − m)` over whole chunks of a row, `g'`
-/// the gradient through the ReLU: none (`MODE` 0), from `y` (1), or from
-/// `x·scale + shift` (2, `y` unread). One loop per case and zipped lanes:
-/// with the flag tested inside, or the lanes indexed, LLVM left this loop
-/// scalar.
-#[inline(always)]
-fn grad_lane_sums_with<const MODE: u8>(
-    xc: &[[f32; LANES]],
-    yc: &[[f32; LANES]],
-    gc: &[[f32; LANES]],
-    m: f32,
-    (scale, shift): (f32, f32),
-) -> ([f32; LANES], [f32; LANES]) {
-    let mut acc_g = [0f32; LANES];
-    let mut acc_gx = [0f32; LANES];
-    for ((xs, ys), gs) in xc.iter().zip(yc).zip(gc) {
-        let mut gv = *gs;
-        if MODE == 1 {
-            for (g, &y) in gv.iter_mut().zip(ys) {
-                *g = relu_grad_of(y, *g);
-            }
-        } else if MODE == 2 {
-            for (g, &x) in gv.iter_mut().zip(xs) {
-                *g = relu_grad_pre(x * scale + shift, *g);
-            }
-        }
-        for (a, &g) in acc_g.iter_mut().zip(&gv) {
-            *a += g;
-        }
-        for ((a, &g), &x) in acc_gx.iter_mut().zip(&gv).zip(xs) {
-            *a += g * (x - m);
-        }
-    }
-    (acc_g, acc_gx)
-}
-
-/// [`add_grad_row`] for each of the consecutive rows of `hw` values in
-/// `(x, y, g)` (row `r` with mean `means[r]`, into `sums[r]`), the same
-/// operations in the same order per row, [`ROW_GROUP`] rows side by side
-/// (see [`add_lane_sums`]). The same bits as row by row.
-#[inline(always)]
-fn add_grad_rows(
+fn add_grad_sums(
+    (sum_g, sum_gx): (&mut [f64], &mut [f64]),
     (x, y, g): (&[f32], &[f32], &[f32]),
-    hw: usize,
-    means: &[f32],
+    means: &[f64],
     mask: Mask,
-    sums: &mut [(f64, f64)],
 ) {
-    const G: usize = ROW_GROUP;
-    let count = sums.len();
-    debug_assert!(x.len() == count * hw && y.len() == x.len() && g.len() == x.len());
-    let full = hw / LANES * LANES;
-    let start: f64 = std::iter::empty::<f64>().sum();
-    for base in (0..count / G * G).step_by(G) {
-        let at = |r: usize| (base + r) * hw..(base + r + 1) * hw;
-        let mut lanes_g = [[0f32; G]; LANES];
-        let mut lanes_gx = [[0f32; G]; LANES];
-        if hw >= LANES {
-            for r in 0..G {
-                let (xc, _) = x[at(r)].as_chunks::<LANES>();
-                let (yc, _) = y[at(r)].as_chunks::<LANES>();
-                let (gc, _) = g[at(r)].as_chunks::<LANES>();
-                let (acc_g, acc_gx) =
-                    grad_lane_sums((xc, yc, gc), means[base + r], mask.row(base + r));
-                for j in 0..LANES {
-                    lanes_g[j][r] = acc_g[j];
-                    lanes_gx[j][r] = acc_gx[j];
-                }
-            }
-        }
-        // The tail values go straight into the channel sums, then the
-        // lanes' total, as in `add_grad_row`.
-        let mut sg = [0f64; G];
-        let mut sgx = [0f64; G];
-        for (r, s) in sums[base..base + G].iter().enumerate() {
-            (sg[r], sgx[r]) = *s;
-        }
-        for k in full..hw {
-            for r in 0..G {
-                let i = (base + r) * hw + k;
-                let gv = mask.row(base + r).apply(x[i], y[i], g[i]);
-                sg[r] += f64::from(gv);
-                sgx[r] += f64::from(gv * (x[i] - means[base + r]));
-            }
-        }
-        if hw >= LANES {
-            let mut tg = [start; G];
-            let mut tgx = [start; G];
-            for (lg, lgx) in lanes_g.iter().zip(&lanes_gx) {
-                for r in 0..G {
-                    tg[r] += f64::from(lg[r]);
-                    tgx[r] += f64::from(lgx[r]);
-                }
-            }
-            for r in 0..G {
-                sg[r] += tg[r];
-                sgx[r] += tgx[r];
-            }
-        }
-        for (r, s) in sums[base..base + G].iter_mut().enumerate() {
-            *s = (sg[r], sgx[r]);
-        }
+    #[inline(always)]
+    fn add(sg: &mut f64, sgx: &mut f64, gv: f32, xv: f32, m: f64) {
+        let gv = f64::from(gv);
+        *sg += gv;
+        *sgx += gv * (f64::from(xv) - m);
     }
-    for r in count / G * G..count {
-        let (sum_g, sum_gx) = &mut sums[r];
-        let rows = (
-            &x[r * hw..(r + 1) * hw],
-            &y[r * hw..(r + 1) * hw],
-            &g[r * hw..(r + 1) * hw],
-        );
-        add_grad_row(rows, means[r], mask.row(r), (sum_g, sum_gx));
+    let sums = sum_g.iter_mut().zip(sum_gx.iter_mut());
+    let xm = x.iter().zip(means);
+    match mask {
+        Mask::Off => {
+            for ((sg, sgx), ((&xv, &m), &gv)) in sums.zip(xm.zip(g)) {
+                add(sg, sgx, gv, xv, m);
+            }
+        }
+        Mask::Output => {
+            for ((sg, sgx), ((&xv, &m), (&yv, &gv))) in sums.zip(xm.zip(y.iter().zip(g))) {
+                add(sg, sgx, relu_grad_of(yv, gv), xv, m);
+            }
+        }
+        Mask::Input { scale, shift } => {
+            let affine = scale.iter().zip(shift);
+            for ((sg, sgx), (((&xv, &m), &gv), (&sc, &sh))) in sums.zip(xm.zip(g).zip(affine)) {
+                add(sg, sgx, relu_grad_pre(xv * sc + sh, gv), xv, m);
+            }
+        }
     }
 }
 
@@ -669,35 +555,6 @@ simd_kernel! {
     )
 }
 
-/// Adds one row's `Σ g'` and `Σ g'·(x − m)` to a channel's running sums:
-/// the tail values one by one, then the row's lane sums.
-#[inline(always)]
-fn add_grad_row(
-    (xr, yr, gr): (&[f32], &[f32], &[f32]),
-    m: f32,
-    mask: RowMask,
-    (sum_g, sum_gx): (&mut f64, &mut f64),
-) {
-    // Chunks as arrays let the loop vectorise without bounds checks:
-    // indexing `xr[i + l]`, or `chunks_exact` slices indexed by lane,
-    // kept the checks and compiled to scalar code (this pass then cost
-    // several times the forward's).
-    let (xc, xt) = xr.as_chunks::<LANES>();
-    let (yc, yt) = yr.as_chunks::<LANES>();
-    let (gc, gt) = gr.as_chunks::<LANES>();
-    let (acc_g, acc_gx) = grad_lane_sums((xc, yc, gc), m, mask);
-    for ((&xv, &yv), &gv) in xt.iter().zip(yt).zip(gt) {
-        let gv = mask.apply(xv, yv, gv);
-        *sum_g += f64::from(gv);
-        *sum_gx += f64::from(gv * (xv - m));
-    }
-    // Rows shorter than the lanes have nothing in them (see `lane_sum`).
-    if xr.len() >= LANES {
-        *sum_g += acc_g.iter().map(|&v| f64::from(v)).sum::<f64>();
-        *sum_gx += acc_gx.iter().map(|&v| f64::from(v)).sum::<f64>();
-    }
-}
-
 #[inline(always)]
 fn bn_backward_block_body(
     op: &BatchNormGrad,
@@ -709,31 +566,40 @@ fn bn_backward_block_body(
     channels: Range<usize>,
 ) {
     let count = (n * hw) as f64;
-    let mask = match (op.relu, &op.relu_from_input) {
+    let affine = op.relu_from_input.as_ref().map(|(scale, shift)| {
+        (
+            along_rows(scale[channels.clone()].iter().copied(), hw),
+            along_rows(shift[channels.clone()].iter().copied(), hw),
+        )
+    });
+    let mask = match (op.relu, &affine) {
         (false, _) => Mask::Off,
         (true, None) => Mask::Output,
-        (true, Some((scale, shift))) => Mask::Input {
-            scale: &scale[channels.clone()],
-            shift: &shift[channels.clone()],
-        },
+        (true, Some((scale, shift))) => Mask::Input { scale, shift },
     };
     let row = |ni: usize, ci: usize| (ni * c + ci) * hw..(ni * c + ci + 1) * hw;
     // Image by image, the block's rows are one contiguous run of memory:
     // read in that order rather than a channel's rows one image apart.
-    // Each channel still sums its rows in image order, as before.
-    let mut sums = vec![(0f64, 0f64); channels.len()];
+    // Each position of the run sums its images' terms in `f64` in image
+    // order, then each channel adds its positions (as the forward does).
     let (c0, c1) = (channels.start, channels.end);
     // Image `ni`'s rows of the block, one contiguous run.
     let run = |ni: usize| row(ni, c0).start..row(ni, c1 - 1).end;
     let means = &op.mean[channels.clone()];
+    let means_along = along_rows(means.iter().map(|&m| f64::from(m)), hw);
+    let mut sum_g = vec![0f64; run(0).len()];
+    let mut sum_gx = sum_g.clone();
     for ni in 0..n {
         let r = run(ni);
         let rows = (&x[r.clone()], &y[r.clone()], &g[r]);
-        add_grad_rows(rows, hw, means, mask, &mut sums);
+        add_grad_sums((&mut sum_g, &mut sum_gx), rows, &means_along, mask);
     }
+    let sums = channel_sums(&sum_g, hw)
+        .into_iter()
+        .zip(channel_sums(&sum_gx, hw));
     // dx = w·σ⁻¹·(g − db/M − x̂·dw/M), x̂ = (x − mean)·σ⁻¹.
     let mut coefs = Vec::with_capacity(channels.len());
-    for (ci, &(sum_g, sum_gx)) in channels.clone().zip(&sums) {
+    for (ci, (sum_g, sum_gx)) in channels.clone().zip(sums) {
         let inv_std = f64::from(op.inv_std[ci]);
         let dw = sum_gx * inv_std;
         let db = sum_g;
@@ -760,17 +626,13 @@ fn bn_backward_block_body(
     if !op.need_x {
         return;
     }
-    // Each channel's coefficients and mean repeated along its row, so that
-    // an image's rows of the block go through one loop (see the forward).
-    let repeat = |f: &dyn Fn(usize) -> f32| -> Vec<f32> {
-        (0..channels.len())
-            .flat_map(|i| std::iter::repeat_n(f(i), hw))
-            .collect()
-    };
-    let (k1s, k2s) = (repeat(&|i| coefs[i].0), repeat(&|i| coefs[i].1));
-    let (k3s, ms) = (repeat(&|i| coefs[i].2), repeat(&|i| means[i]));
+    // Each channel's coefficients and mean repeated along its row (see
+    // `along_rows`).
+    let k1s = along_rows(coefs.iter().map(|c| c.0), hw);
+    let k2s = along_rows(coefs.iter().map(|c| c.1), hw);
+    let k3s = along_rows(coefs.iter().map(|c| c.2), hw);
+    let ms = along_rows(means.iter().copied(), hw);
     if let Mask::Input { scale, shift } = mask {
-        let (scales, shifts) = (repeat(&|i| scale[i]), repeat(&|i| shift[i]));
         for ni in 0..n {
             let r = run(ni);
             // SAFETY: image ni's rows of this block of dx belong to this
@@ -778,7 +640,7 @@ fn bn_backward_block_body(
             let dst = unsafe { ptr.slice(2 * c + r.start, r.len()) };
             let (xr, gr) = (&x[r.clone()], &g[r]);
             let coef = k1s.iter().zip(&k2s).zip(k3s.iter().zip(&ms));
-            let affine = scales.iter().zip(&shifts);
+            let affine = scale.iter().zip(shift);
             for ((d, (&xv, &gv)), (((&k1, &k2), (&k3, &m)), (&sc, &sh))) in
                 dst.iter_mut().zip(xr.iter().zip(gr)).zip(coef.zip(affine))
             {
@@ -1192,61 +1054,115 @@ mod tests {
             .collect()
     }
 
-    /// The grouped row sums give the bits of `lane_sum` and `add_grad_row`
-    /// row by row, for rows shorter and longer than the lanes, with and
-    /// without whole groups of rows and a remainder.
+    /// Runs the forward and backward block kernels over `[n, c, hw]` with
+    /// the channels split into blocks of `block`: the statistics, the
+    /// output, and for each kind of ReLU mask the backward's output (and
+    /// the masked gradient with the output's mask), all as bits.
+    fn block_results(x: &[f32], (n, c, hw): (usize, usize, usize), block: usize) -> Vec<u32> {
+        let (w, b) = (values(c, 5), values(c, 6));
+        let (y, g) = (values(x.len(), 7), values(x.len(), 8));
+        let mut bits = Vec::new();
+        let mut out = Uninit::new(x.len());
+        let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
+        let mut stats = Vec::new();
+        for c0 in (0..c).step_by(block) {
+            let channels = c0..(c0 + block).min(c);
+            stats.extend(bn_forward_block(
+                x,
+                (n, c, hw),
+                &w,
+                &b,
+                1e-5,
+                true,
+                None,
+                &ptr,
+                channels,
+            ));
+        }
+        // SAFETY: the blocks cover every channel.
+        bits.extend(unsafe { out.finish() }.iter().map(|v| v.to_bits()));
+        for s in &stats {
+            bits.extend([s.mean, s.var, s.inv_std, s.scale, s.shift].map(f32::to_bits));
+        }
+        let affine = (
+            stats.iter().map(|s| s.scale).collect::<Vec<_>>(),
+            stats.iter().map(|s| s.shift).collect::<Vec<_>>(),
+        );
+        for (relu, from_input, mask) in [
+            (false, false, false),
+            (true, false, true),
+            (true, true, false),
+        ] {
+            let op = BatchNormGrad {
+                mean: stats.iter().map(|s| s.mean).collect(),
+                inv_std: stats.iter().map(|s| s.inv_std).collect(),
+                weight: w.clone(),
+                relu,
+                relu_from_input: from_input.then(|| affine.clone()),
+                need_x: true,
+            };
+            let mut out = Uninit::new(2 * c + x.len());
+            let mut masked = Uninit::new(x.len());
+            let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
+            let mask_ptr = OutPtr(masked.as_mut_slice().as_mut_ptr());
+            for c0 in (0..c).step_by(block) {
+                let channels = c0..(c0 + block).min(c);
+                let outs = (&ptr, mask.then_some(&mask_ptr));
+                bn_backward_block(&op, x, &y, &g, (n, c, hw), outs, channels);
+            }
+            // SAFETY: the blocks cover every channel's entries and rows.
+            bits.extend(unsafe { out.finish() }.iter().map(|v| v.to_bits()));
+            if mask {
+                // SAFETY: as above, with the mask.
+                bits.extend(unsafe { masked.finish() }.iter().map(|v| v.to_bits()));
+            }
+        }
+        bits
+    }
+
+    /// A channel's statistics and gradients are the same bits whichever
+    /// block it is computed in (so whatever the thread count), on planes
+    /// summed by position and by lanes, with and without a tail; and the
+    /// statistics are those of `f64` arithmetic, to `f32` rounding.
     #[test]
-    fn grouped_row_sums_match_row_by_row() {
-        for hw in [1, 2, 3, 4, 7, 15, 16, 17, 31, 49, 64, 100] {
-            for count in [1, 7, 8, 9, 16, 21] {
-                let x = values(count * hw, (hw * 100 + count) as u32);
-                let y = values(count * hw, (hw * 100 + count + 7) as u32);
-                let g = values(count * hw, (hw * 100 + count + 13) as u32);
-                let means = values(count, (hw + count) as u32);
-                // Running sums as an earlier image leaves them.
-                let earlier: Vec<f64> = values(count, 99)
-                    .iter()
-                    .map(|&v| f64::from(v) * 1e7)
+    fn block_kernels_do_not_depend_on_the_block() {
+        for hw in [1, 3, 4, 16, 49, 63, 64, 81, 256] {
+            let (n, c) = (5, 7);
+            // An offset mean checks that the variance is computed stably.
+            let x: Vec<f32> = values(n * c * hw, hw as u32)
+                .iter()
+                .map(|v| v.clamp(-1e3, 1e3) + 30.0)
+                .collect();
+            let whole = block_results(&x, (n, c, hw), c);
+            for block in [1, 2, 3] {
+                assert!(
+                    block_results(&x, (n, c, hw), block) == whole,
+                    "hw {hw}, block {block}"
+                );
+            }
+            let mut out = Uninit::new(x.len());
+            let ptr = OutPtr(out.as_mut_slice().as_mut_ptr());
+            let ones = vec![1.0; c];
+            let stats =
+                bn_forward_block(&x, (n, c, hw), &ones, &ones, 1e-5, false, None, &ptr, 0..c);
+            for (ci, s) in stats.iter().enumerate() {
+                let vals: Vec<f64> = (0..n)
+                    .flat_map(|ni| &x[(ni * c + ci) * hw..(ni * c + ci + 1) * hw])
+                    .map(|&v| f64::from(v))
                     .collect();
-                let mut want = earlier.clone();
-                let mut got = earlier.clone();
-                for (r, w) in want.iter_mut().enumerate() {
-                    let m = means[r];
-                    *w += lane_sum(&x[r * hw..(r + 1) * hw], |v| (v - m) * (v - m));
-                }
-                add_lane_sums(&x, hw, &mut got, |v, r| (v - means[r]) * (v - means[r]));
-                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "lane sums, hw {hw}, {count} rows");
-                let (scale, shift) = (values(count, 7), values(count, 8));
-                let masks = [
-                    Mask::Off,
-                    Mask::Output,
-                    Mask::Input {
-                        scale: &scale,
-                        shift: &shift,
-                    },
-                ];
-                for (relu, mask) in masks.into_iter().enumerate() {
-                    let earlier: Vec<(f64, f64)> = earlier.iter().map(|&e| (e, -3.0 * e)).collect();
-                    let mut want = earlier.clone();
-                    for (r, (sg, sgx)) in want.iter_mut().enumerate() {
-                        let at = r * hw..(r + 1) * hw;
-                        let rows = (&x[at.clone()], &y[at.clone()], &g[at]);
-                        add_grad_row(rows, means[r], mask.row(r), (sg, sgx));
-                    }
-                    let mut got = earlier.clone();
-                    add_grad_rows((&x, &y, &g), hw, &means, mask, &mut got);
-                    let pairs = |v: &[(f64, f64)]| {
-                        v.iter()
-                            .map(|(a, b)| (a.to_bits(), b.to_bits()))
-                            .collect::<Vec<_>>()
-                    };
-                    assert_eq!(
-                        pairs(&got),
-                        pairs(&want),
-                        "grad sums, hw {hw}, {count} rows, relu {relu}"
-                    );
-                }
+                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+                let close = |a: f32, b: f64| (f64::from(a) - b).abs() <= 1e-6 * b.abs().max(1.0);
+                assert!(
+                    close(s.mean, mean),
+                    "hw {hw} channel {ci}: mean {} against {mean}",
+                    s.mean
+                );
+                assert!(
+                    close(s.var, var),
+                    "hw {hw} channel {ci}: var {} against {var}",
+                    s.var
+                );
             }
         }
     }
