@@ -29,7 +29,7 @@ const ADD_CHUNK: usize = 1 << 15;
 
 simd_kernel! {
     /// `a += b`, value by value.
-    fn add_into => add_into_body(a: &mut [f32], b: &[f32])
+    pub(super) fn add_into => add_into_body(a: &mut [f32], b: &[f32])
 }
 
 #[inline(always)]

@@ -34,6 +34,7 @@
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use super::block::add_into;
 use super::conv::Geometry;
 use super::direct::{self, Direct, NP, Task};
 use super::simd::simd_kernel;
@@ -1068,16 +1069,14 @@ pub(super) fn kernel_grad(g: &Geometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
                 return;
             }
             // The output channel's rows summed over the parts, in part order.
-            let rows: [Vec<f32>; XI] = std::array::from_fn(|xi| {
-                let mut sum = parts[0][row(xi)].to_vec();
+            let mut rows = vec![0f32; XI * c];
+            for (xi, sum) in rows.chunks_exact_mut(c).enumerate() {
+                sum.copy_from_slice(&parts[0][row(xi)]);
                 for part in &parts[1..] {
-                    for (a, &b) in sum.iter_mut().zip(&part[row(xi)]) {
-                        *a += b;
-                    }
+                    add_into(sum, &part[row(xi)]);
                 }
-                sum
-            });
-            kernel_grad_rows(std::array::from_fn(|xi| &rows[xi][..]), dst);
+            }
+            kernel_grad_rows(std::array::from_fn(|xi| &rows[xi * c..(xi + 1) * c]), dst);
         });
     // SAFETY: each output channel's `C·9` values were written.
     unsafe { dw.finish() }
