@@ -114,3 +114,10 @@ bench-resnet *ARGS:
 # (see benches/cpu.rs for every flag)
 bench-cpu *ARGS:
     cargo bench -p multilabel --bench cpu -- {{ARGS}}
+
+# (Our kernels at MULTILABEL_SIMD=avx2, gemm built without its AVX-512 kernels in target/avx2,
+# PyTorch at ATEN_CPU_CAPABILITY=avx2 with oneDNN capped at AVX2; the bench prints each side's level.)
+# bench-cpu as an AVX2-only machine would run it, on an AVX-512 machine, e.g. `just bench-cpu-avx2 --matrix`
+bench-cpu-avx2 *ARGS:
+    MULTILABEL_SIMD=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 CARGO_TARGET_DIR=target/avx2 \
+        cargo bench -p multilabel --no-default-features --bench cpu -- {{ARGS}}

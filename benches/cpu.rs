@@ -139,6 +139,9 @@ Flags (each also read from MULTILABEL_BENCH_<FLAG>, e.g. MULTILABEL_BENCH_BATCH_
                       both sides (the data pipeline is CPU work and is measured only on cpu;
                       --e2e only on cpu); on a GPU use more steps, e.g. --warmup 3 --iters 20
   --no-pytorch        measure our side only
+
+`just bench-cpu-avx2 [FLAGS]` runs the same with an AVX2-only machine's paths on an AVX-512
+one: gemm built without its AVX-512 kernels, ours at MULTILABEL_SIMD=avx2, PyTorch at AVX2.
 ";
 
 #[derive(Debug, Clone)]
@@ -786,24 +789,23 @@ fn machine() -> Value {
 }
 
 /// The widest vectors `gemm` (the convolutions' products) uses on this
-/// CPU, and the level our own kernels run at (both chosen at run time; ours
-/// can be lowered with `MULTILABEL_SIMD=baseline|avx2`).
+/// CPU in this build, and the level our own kernels run at (both chosen at
+/// run time; ours can be lowered with `MULTILABEL_SIMD=baseline|avx2`,
+/// `gemm`'s only by building without the `gemm-avx512` feature).
 fn simd_level() -> String {
-    let ours = multilabel_resnet::cpu::simd_level().name();
-    #[cfg(target_arch = "x86_64")]
-    let gemm = if std::arch::is_x86_feature_detected!("avx512f") {
-        "AVX-512 (x86-v4)"
-    } else if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        "AVX2+FMA (x86-v3)"
+    use multilabel_resnet::cpu::{SimdLevel, gemm_simd_level, simd_level};
+    let ours = simd_level().name();
+    let gemm = if cfg!(target_arch = "aarch64") {
+        "NEON"
+    } else if !cfg!(target_arch = "x86_64") {
+        "scalar"
     } else {
-        "SSE2 (baseline)"
+        match gemm_simd_level() {
+            SimdLevel::Avx512 => "AVX-512 (x86-v4)",
+            SimdLevel::Avx2 => "AVX2+FMA (x86-v3)",
+            SimdLevel::Baseline => "SSE2 (baseline)",
+        }
     };
-    #[cfg(target_arch = "aarch64")]
-    let gemm = "NEON";
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let gemm = "scalar";
     format!("gemm {gemm}, own kernels {ours}")
 }
 

@@ -105,3 +105,18 @@ fn every_simd_level_gives_the_same_bits() {
     }
     cpu::set_simd_level(detected).unwrap();
 }
+
+/// `gemm`'s level follows the CPU, capped by the build: with the default
+/// `gemm-avx512` feature it is the detected level on any AVX2 machine.
+/// (Not checked here: that lowering our kernels' level leaves it alone,
+/// since the other test changes that level concurrently.)
+#[test]
+fn gemm_level_follows_the_cpu_and_the_build() {
+    let detected = cpu::detected_simd_level();
+    let cap = if cfg!(feature = "gemm-avx512") {
+        SimdLevel::Avx512
+    } else {
+        SimdLevel::Avx2
+    };
+    assert_eq!(cpu::gemm_simd_level(), detected.min(cap));
+}

@@ -44,7 +44,7 @@ pub use conv::{
 };
 pub use conv_bn::{conv2d_batch_norm_add_relu_train, conv2d_batch_norm_train};
 pub use norm::{add_relu, batch_norm_train, scale_shift};
-pub use simd::{SimdLevel, detected_simd_level, set_simd_level, simd_level};
+pub use simd::{SimdLevel, detected_simd_level, gemm_simd_level, set_simd_level, simd_level};
 pub use winograd::{set_winograd, set_winograd_large_tiles, winograd_enabled};
 
 /// Keeps freed memory in the process for reuse instead of handing it back

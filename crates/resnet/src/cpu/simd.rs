@@ -93,6 +93,19 @@ pub fn detected_simd_level() -> SimdLevel {
     }
 }
 
+/// The widest level `gemm` (the products of im2col and Winograd) runs at on
+/// this CPU: its AVX-512 kernels are compiled in with the `gemm-avx512`
+/// feature (on by default), its AVX2 ones always. Unlike our own kernels'
+/// [`simd_level`], it cannot be lowered at run time.
+pub fn gemm_simd_level() -> SimdLevel {
+    let built = if cfg!(feature = "gemm-avx512") {
+        SimdLevel::Avx512
+    } else {
+        SimdLevel::Avx2
+    };
+    detected_simd_level().min(built)
+}
+
 /// Not yet decided.
 const UNSET: u8 = u8::MAX;
 static LEVEL: AtomicU8 = AtomicU8::new(UNSET);
