@@ -887,8 +887,7 @@ fn residual_block_matches_its_layers() {
                 .unwrap()
                 .backward()
                 .unwrap();
-            let grad =
-                |store: &candle_core::backprop::GradStore, v: &Var| store.get(v).map(|t| bits(t));
+            let grad = |store: &candle_core::backprop::GradStore, v: &Var| store.get(v).map(bits);
             assert!(grad(&g, &x).is_some(), "{what}: no input gradient");
             check(
                 format!("{what}: input gradient"),
